@@ -1,0 +1,413 @@
+"""LSPT, GaPT, VPT and the linear probe around any timm VisionTransformer: one block loop.
+
+Every method runs the same loop over one token buffer `[prefix (k) | prompts (Np) | patches (N)]`
+(built once, after the position embedding). What differs between methods is two small hooks:
+`_run_block` (GaPT divides the attention logits by a temperature) and `_after_block` (what the
+prompt slot becomes before the next block), which write the next prompts straight into the slot
+of the block's output. The backbone is frozen and kept in eval mode, as the official VPT/GaPT code
+does. The maths is ../shared/METHOD.md's.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ops import lspt_step
+
+__all__ = ["PromptEncoder", "LinearProbe", "VPTEncoder", "GaPTEncoder", "LSPTEncoder"]
+
+
+def _check_vit(vit) -> None:
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError as exc:  # pragma: no cover - timm is a dependency
+        raise ImportError("lspt_kernels needs timm") from exc
+    if not isinstance(vit, VisionTransformer):
+        raise TypeError("expected a timm VisionTransformer (e.g. timm.create_model('vit_base_patch16_224')),"
+                        f" got {type(vit).__module__}.{type(vit).__name__}")
+
+
+def prompt_init_bound(vit) -> float:
+    """VPT/GaPT's uniform init bound sqrt(6 / (3 p^2 + D)), p the patch size (pixels)."""
+    patch = vit.patch_embed.patch_size
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    return math.sqrt(6.0 / float(3 * patch * patch + vit.embed_dim))
+
+
+class PromptEncoder(nn.Module):
+    """A frozen timm ViT, a prompt slot of `num_prompts` tokens, a trainable linear head.
+
+    Subclasses set the trainable parameters and override `_after_block` / `_run_block`.
+    """
+
+    method = "base"
+
+    def __init__(self, vit: nn.Module, num_prompts: int, num_classes: int, prompt_dropout: float = 0.0):
+        super().__init__()
+        _check_vit(vit)
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        self.vit = vit
+        for p in vit.parameters():
+            p.requires_grad_(False)
+        vit.eval()
+        self.num_prompts = num_prompts
+        self.num_prefix_tokens = vit.num_prefix_tokens
+        self.depth = len(vit.blocks)
+        self.embed_dim = vit.embed_dim
+        self.prompt_dropout = nn.Dropout(prompt_dropout)
+        self.head = nn.Linear(self.embed_dim, num_classes)
+        self._config = dict(num_prompts=num_prompts, num_classes=num_classes, prompt_dropout=prompt_dropout)
+
+    # --- the frozen backbone stays in eval mode (no dropout / drop-path inside it) ------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vit.eval()
+        return self
+
+    # --- parameters ---------------------------------------------------------------------------------
+    def _init_prompts(self, shape) -> nn.Parameter:
+        v = prompt_init_bound(self.vit)
+        return nn.Parameter(torch.empty(shape).uniform_(-v, v))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters an optimizer should see (the backbone's are frozen)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def tuned_state_dict(self) -> dict[str, Tensor]:
+        """Only the tuned parameters (prompts, LSTM/gates/temperatures, head), by public name."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def parameter_report(self) -> dict:
+        """Trainable count and the paper tables' "Total Params": (backbone + trainable) / backbone,
+        the backbone counted without its own classifier head."""
+        backbone = sum(p.numel() for n, p in self.vit.named_parameters() if not n.startswith("head."))
+        groups: dict[str, int] = {}
+        for n, p in self.named_parameters():
+            if p.requires_grad:
+                groups[n.split(".")[0]] = groups.get(n.split(".")[0], 0) + p.numel()
+        trainable = sum(groups.values())
+        return dict(method=self.method, trainable=trainable, backbone=backbone, groups=groups,
+                    total_params_ratio=(backbone + trainable) / backbone)
+
+    def config(self) -> dict:
+        return dict(method=self.method, **self._config)
+
+    def save_tuned(self, path) -> None:
+        """Write the tuned parameters (not the backbone) to a safetensors file."""
+        from safetensors.torch import save_file
+        tensors = {n: t.contiguous().cpu() for n, t in self.tuned_state_dict().items()}
+        save_file(tensors, str(path), metadata={"lspt_kernels": json.dumps(self.config())})
+
+    def load_tuned(self, path) -> None:
+        """Load parameters written by `save_tuned` into this encoder (same method and shapes)."""
+        from .checkpoints import load_tuned_file
+        load_tuned_file(self, path)
+
+    # --- the block loop -----------------------------------------------------------------------------
+    def _check_images(self, images) -> None:
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must be a (B, C, H, W) tensor, got {got}")
+        pe = self.vit.patch_embed
+        in_chans = pe.proj.in_channels
+        B, C, H, W = images.shape
+        if C != in_chans:
+            raise ValueError(f"images must have {in_chans} channels (B, {in_chans}, H, W), got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a floating-point tensor, got {images.dtype}")
+        weight = pe.proj.weight
+        if images.device != weight.device:
+            raise ValueError(f"images are on {images.device} but the model is on {weight.device}")
+        if getattr(pe, "dynamic_img_size", False):
+            ph, pw = pe.patch_size
+            if not getattr(pe, "dynamic_img_pad", False) and (H % ph or W % pw):
+                raise ValueError(f"image size ({H}, {W}) must be a multiple of the patch size {(ph, pw)}")
+        elif pe.img_size is not None and getattr(pe, "strict_img_size", True) and (H, W) != tuple(pe.img_size):
+            raise ValueError(f"images must be {tuple(pe.img_size)} pixels for this ViT (B, {in_chans}, "
+                             f"{pe.img_size[0]}, {pe.img_size[1]}), got {tuple(images.shape)}; build the "
+                             "model with img_size=... or dynamic_img_size=True for other sizes")
+
+    def _embed(self, images: Tensor) -> Tensor:
+        vit = self.vit
+        x = vit.patch_embed(images)
+        x = vit._pos_embed(x)            # prefix tokens and position embedding (timm's own)
+        x = vit.patch_drop(x)
+        return vit.norm_pre(x)
+
+    def _first_prompts(self) -> Tensor | None:
+        """(Np, D) prompts for the slot before block 1; None for no prompts."""
+        return None
+
+    def _init_state(self, x: Tensor):
+        return None
+
+    def _run_block(self, l: int, block: nn.Module, x: Tensor) -> Tensor:
+        return block(x)
+
+    def _after_block(self, l: int, x_in: Tensor, x: Tensor, state) -> None:
+        """Write the prompts for block l + 1 into x's prompt slot (in place). l is 0-based."""
+
+    def prompt_slot(self, x: Tensor) -> Tensor:
+        k = self.num_prefix_tokens
+        return x[:, k:k + self.num_prompts]
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        self._check_images(images)
+        x = self._embed(images)                                             # (B, k + N, D)
+        first = self._first_prompts()
+        if first is not None:
+            k = self.num_prefix_tokens
+            first = self.prompt_dropout(first.to(x.dtype)).expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :k], first, x[:, k:]], dim=1)             # the one token buffer
+        state = self._init_state(x)
+        for l, block in enumerate(self.vit.blocks):
+            x_in, x = x, self._run_block(l, block, x)
+            if l < self.depth - 1:
+                self._after_block(l, x_in, x, state)
+        x = self.vit.norm(x)
+        return self.vit.forward_head(x, pre_logits=True)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.forward_features(images))
+
+
+class LinearProbe(PromptEncoder):
+    """Frozen backbone, trainable head only."""
+
+    method = "linear"
+
+    def __init__(self, vit: nn.Module, num_classes: int):
+        super().__init__(vit, 0, num_classes)
+
+
+def _check_num_prompts(num_prompts) -> None:
+    if not isinstance(num_prompts, int) or num_prompts < 1:
+        raise ValueError(f"num_prompts must be an int >= 1, got {num_prompts!r}")
+
+
+class VPTEncoder(PromptEncoder):
+    """VPT (Jia et al. 2022). deep=True: P (L, Np, D), block l's prompt slot is P[l-1];
+    deep=False (shallow): P (Np, D) enters once and the prompt outputs flow on."""
+
+    def __init__(self, vit: nn.Module, num_prompts: int = 10, num_classes: int = 1000, deep: bool = True,
+                 prompt_dropout: float = 0.0):
+        _check_num_prompts(num_prompts)
+        super().__init__(vit, num_prompts, num_classes, prompt_dropout)
+        self.deep = deep
+        self.method = "vpt-deep" if deep else "vpt-shallow"
+        self._config["deep"] = deep
+        D = self.embed_dim
+        self.prompts = self._init_prompts((self.depth, num_prompts, D) if deep else (num_prompts, D))
+
+    def _first_prompts(self):
+        return self.prompts[0] if self.deep else self.prompts
+
+    def _after_block(self, l, x_in, x, state):
+        if self.deep:
+            self.prompt_slot(x).copy_(self.prompt_dropout(self.prompts[l + 1].to(x.dtype)).expand_as(
+                self.prompt_slot(x)))
+
+
+def _attention(attn: nn.Module, x: Tensor, temperature: Tensor) -> Tensor:
+    """timm's Attention forward with the logits q.k^T.scale divided by `temperature`."""
+    B, T, C = x.shape
+    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    # SDPA takes a float scale; a learnable temperature divides q instead (same logits).
+    out = F.scaled_dot_product_attention(q / temperature.to(q.dtype), k, v, scale=attn.scale)
+    out = out.transpose(1, 2).reshape(B, T, -1)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    return attn.proj(out)
+
+
+class GaPTEncoder(PromptEncoder):
+    """GaPT (Yoo et al. 2023, ryongithub/GatedPromptTuning): VPT-shallow prompts; after block l < L the
+    prompt slot becomes g*out + (1-g)*in with g = sigmoid(gate_logits[l]); block l's attention logits
+    are divided by temperatures[l] (clamped to [0.01, 10])."""
+
+    method = "gapt"
+
+    def __init__(self, vit: nn.Module, num_prompts: int = 10, num_classes: int = 1000, gate_init: float = 5.0,
+                 prompt_dropout: float = 0.0):
+        _check_num_prompts(num_prompts)
+        super().__init__(vit, num_prompts, num_classes, prompt_dropout)
+        for i, block in enumerate(vit.blocks):
+            attn = getattr(block, "attn", None)
+            if not all(hasattr(block, a) for a in ("norm1", "ls1", "norm2", "mlp", "ls2")) or \
+                    not all(hasattr(attn, a) for a in ("qkv", "num_heads", "scale", "proj")):
+                raise TypeError(f"GaPT's temperatures need timm's Block/Attention layout; block {i} is "
+                                f"{type(block).__name__} with attention {type(attn).__name__}")
+        self._config["gate_init"] = gate_init
+        self.prompts = self._init_prompts((num_prompts, self.embed_dim))
+        self.gate_logits = nn.Parameter(torch.full((self.depth - 1,), -float(gate_init)))
+        self.temperatures = nn.Parameter(torch.ones(self.depth))
+
+    def _first_prompts(self):
+        return self.prompts
+
+    def _run_block(self, l, block, x):
+        t = self.temperatures[l].clamp(0.01, 10.0)
+        x = x + block.drop_path1(block.ls1(_attention(block.attn, block.norm1(x), t)))
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+    def _after_block(self, l, x_in, x, state):
+        g = torch.sigmoid(self.gate_logits[l]).to(x.dtype)
+        slot, slot_in = self.prompt_slot(x), self.prompt_slot(x_in)
+        # in + g * (out - in): autograd saves the difference, not a view of the slot written below.
+        slot.copy_(slot_in + g * (slot - slot_in))
+
+
+def kmeans_centroids(patches: Tensor, num_clusters: int, steps: int) -> Tensor:
+    """Batched Lloyd's k-means over each image's patch tokens (B, N, D) -> (B, Np, D).
+
+    Initialised from the patches at indices floor(j*N/Np); assignments carry no gradient, the
+    centroids (means of their members) do; an empty cluster keeps its centroid."""
+    B, N, D = patches.shape
+    idx = (torch.arange(num_clusters, device=patches.device) * N) // num_clusters
+    centroids = patches[:, idx]
+    for _ in range(steps):
+        with torch.no_grad():
+            dist = (patches.unsqueeze(2) - centroids.unsqueeze(1)).pow(2).sum(-1)    # (B, N, Np)
+            onehot = F.one_hot(dist.argmin(-1), num_clusters).to(patches.dtype)     # (B, N, Np)
+            counts = onehot.sum(1).unsqueeze(-1)                                      # (B, Np, 1)
+        sums = onehot.transpose(1, 2) @ patches                                       # (B, Np, D)
+        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
+    return centroids
+
+
+class LSPTEncoder(PromptEncoder):
+    """LSPT (Mo et al. 2024): deep prompts P (L, Np, D), and after every block l < L
+
+        Xhat_SP = block prompt outputs + mean of the patch tokens          (CSPC)
+        X_P, C  = LSTMCell(input=P[l], hidden=Xhat_SP, cell=C)             (LPC, shared over blocks)
+
+    written into the prompt slot for block l + 1. The default configuration runs the fused
+    `lspt_step` op (`backend` picks its kernels); the ablation options (METHOD.md) run in PyTorch:
+    cspc "mean" | "kmeans" | "none"; lpc "lstm" | "gru" | "transformer" | "none"; lstm_layers 1 | 2;
+    shared_lstm True | False (one module per block l < L).
+    """
+
+    method = "lspt"
+
+    def __init__(self, vit: nn.Module, num_prompts: int = 10, num_classes: int = 1000, *, cspc: str = "mean",
+                 lpc: str = "lstm", lstm_layers: int = 1, shared_lstm: bool = True, kmeans_steps: int = 3,
+                 backend: str = "auto", prompt_dropout: float = 0.0):
+        _check_num_prompts(num_prompts)
+        for name, value, allowed in (("cspc", cspc, ("mean", "kmeans", "none")),
+                                     ("lpc", lpc, ("lstm", "gru", "transformer", "none")),
+                                     ("lstm_layers", lstm_layers, (1, 2)),
+                                     ("shared_lstm", shared_lstm, (True, False))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if lstm_layers != 1 and lpc != "lstm":
+            raise ValueError(f"lstm_layers={lstm_layers} needs lpc='lstm', got lpc={lpc!r}")
+        from .ops import BACKENDS
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        super().__init__(vit, num_prompts, num_classes, prompt_dropout)
+        self.cspc, self.lpc, self.lstm_layers, self.shared_lstm = cspc, lpc, lstm_layers, shared_lstm
+        self.kmeans_steps, self.backend = kmeans_steps, backend
+        self._config.update(cspc=cspc, lpc=lpc, lstm_layers=lstm_layers, shared_lstm=shared_lstm,
+                            kmeans_steps=kmeans_steps)
+        D, L = self.embed_dim, self.depth
+        self.prompts = self._init_prompts((L, num_prompts, D))
+        # Module layout (kept equal to python/lspt_reference for one-to-one checkpoints): the default
+        # is one nn.LSTMCell `lstm`; otherwise ModuleList[block or 0][layer] for the LSTM, and one
+        # module or a ModuleList per block for the GRU / transformer.
+        if lpc == "lstm":
+            if shared_lstm and lstm_layers == 1:
+                self.lstm = nn.LSTMCell(D, D)
+            else:
+                self.lstm = nn.ModuleList(nn.ModuleList(nn.LSTMCell(D, D) for _ in range(lstm_layers))
+                                          for _ in range(1 if shared_lstm else L - 1))
+        elif lpc == "gru":
+            self.gru = nn.GRUCell(D, D) if shared_lstm else nn.ModuleList(nn.GRUCell(D, D) for _ in range(L - 1))
+        elif lpc == "transformer":
+            # Same parameter budget as the LSTM (8 D^2): attention 4 D^2 + a 2 D-wide MLP 4 D^2.
+            make = lambda: nn.TransformerEncoderLayer(  # noqa: E731
+                D, vit.blocks[0].attn.num_heads, dim_feedforward=2 * D, dropout=0.0, activation="gelu",
+                batch_first=True, norm_first=True)
+            self.transformer = make() if shared_lstm else nn.ModuleList(make() for _ in range(L - 1))
+
+    @property
+    def fused(self) -> bool:
+        """Whether the step runs as the fused `lspt_step` op (the default configuration)."""
+        return self.cspc == "mean" and self.lpc == "lstm" and self.lstm_layers == 1
+
+    def _first_prompts(self):
+        return self.prompts[0]
+
+    def _lpc_module(self, attr: str, l: int):
+        m = getattr(self, attr)
+        return m[0 if self.shared_lstm else l] if isinstance(m, nn.ModuleList) else m
+
+    def _init_state(self, x):
+        B, D, n = x.shape[0], self.embed_dim, self.num_prompts
+        autocast = torch.is_autocast_enabled(x.device.type)
+        # The cell state is carried in fp32 under autocast (it accumulates over L - 1 steps).
+        dtype = torch.float32 if autocast else x.dtype
+        cells = [torch.zeros(B, n, D, dtype=dtype, device=x.device) for _ in range(self.lstm_layers)]
+        gemm_dtype = torch.get_autocast_dtype(x.device.type) if autocast else None
+        return dict(cells=cells, gemm_dtype=gemm_dtype, weights={})
+
+    def _step_weights(self, cell: nn.LSTMCell, state) -> tuple[Tensor, ...]:
+        """The cell's tensors in the GEMM dtype, cast once per forward (not once per block) under
+        autocast, so backward keeps one low-precision copy of a shared cell, not L - 1."""
+        tensors = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+        if state["gemm_dtype"] is None:
+            return tensors
+        key = id(cell)
+        if key not in state["weights"]:
+            state["weights"][key] = tuple(t.to(state["gemm_dtype"]) for t in tensors)
+        return state["weights"][key]
+
+    def _after_block(self, l, x_in, x, state):
+        cells = state["cells"]
+        P = self.prompt_dropout(self.prompts[l + 1])                    # (Np, D)
+        slot = self.prompt_slot(x)
+        k, B, n, D = self.num_prefix_tokens, x.shape[0], self.num_prompts, self.embed_dim
+        if self.fused:
+            cell = self._lpc_module("lstm", l)
+            if isinstance(cell, nn.ModuleList):
+                cell = cell[0]
+            w_ih, w_hh, b_ih, b_hh = self._step_weights(cell, state)
+            hidden, cells[0] = lspt_step(x, cells[0], P, w_ih, w_hh, b_ih, b_hh,
+                                         num_prefix_tokens=k, backend=self.backend)
+            slot.copy_(hidden)
+            return
+        patches = x[:, k + n:]
+        if self.cspc == "mean":
+            spatial = patches.mean(1, keepdim=True)
+        elif self.cspc == "kmeans":
+            spatial = kmeans_centroids(patches, n, self.kmeans_steps)
+        else:
+            spatial = None
+        # Xhat_SP; a copy when it is the slot itself, which is overwritten below.
+        x_sp = slot + spatial if spatial is not None else slot.clone()
+        P_b = P.to(x.dtype).expand(B, -1, -1)
+        if self.lpc == "lstm":
+            layers = self._lpc_module("lstm", l)
+            layers = [layers] if isinstance(layers, nn.LSTMCell) else layers     # stacked layers
+            inp = P_b.reshape(B * n, D)
+            for j, layer in enumerate(layers):
+                h, c = layer(inp, (x_sp.reshape(B * n, D), cells[j].reshape(B * n, D)))
+                cells[j] = c.view(B, n, D)
+                inp = h
+            new = h.view(B, n, D)
+        elif self.lpc == "gru":
+            new = self._lpc_module("gru", l)(P_b.reshape(B * n, D), x_sp.reshape(B * n, D)).view(B, n, D)
+        elif self.lpc == "transformer":
+            new = self._lpc_module("transformer", l)(torch.cat([x_sp, P_b], dim=1))[:, :n]
+        else:
+            new = P_b + spatial if spatial is not None else P_b
+        slot.copy_(new)
