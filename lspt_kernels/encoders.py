@@ -125,11 +125,11 @@ class PromptEncoder(nn.Module):
         weight = pe.proj.weight
         if images.device != weight.device:
             raise ValueError(f"images are on {images.device} but the model is on {weight.device}")
-        if getattr(pe, "dynamic_img_size", False):
-            ph, pw = pe.patch_size
+        ph, pw = pe.patch_size
+        if not getattr(pe, "strict_img_size", True) or getattr(self.vit, "dynamic_img_size", False):
             if not getattr(pe, "dynamic_img_pad", False) and (H % ph or W % pw):
                 raise ValueError(f"image size ({H}, {W}) must be a multiple of the patch size {(ph, pw)}")
-        elif pe.img_size is not None and getattr(pe, "strict_img_size", True) and (H, W) != tuple(pe.img_size):
+        elif pe.img_size is not None and (H, W) != tuple(pe.img_size):
             raise ValueError(f"images must be {tuple(pe.img_size)} pixels for this ViT (B, {in_chans}, "
                              f"{pe.img_size[0]}, {pe.img_size[1]}), got {tuple(images.shape)}; build the "
                              "model with img_size=... or dynamic_img_size=True for other sizes")

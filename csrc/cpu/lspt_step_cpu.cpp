@@ -1,0 +1,493 @@
+// Fused LSPT step on the CPU.
+//
+// Forward:  xhat = prompt rows + patch mean      (pass 1, one sweep over the patch tokens)
+//           gates = xhat W_hh^T                  (ATen GEMM, the only large product)
+//           hidden, new_cell = LSTM cell(gates + Pg)   (pass 2, one sweep over the B*Np rows)
+// Backward: gates recomputed (one GEMM), one fused pass producing dgates (in place over the
+//           recomputed gates), dcell_prev and dPg (the batch sum of dgates), the GEMMs, and one
+//           pass writing grad_tokens.
+//
+// The gate math is written as plain loops over contiguous columns with call-free exp/tanh so
+// that the compiler vectorises them without architecture flags; the heavy lifting is the GEMMs,
+// which ATen hands to MKL/oneDNN with their own runtime CPU dispatch.
+#include "cpu/lspt_step_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace lspt {
+namespace {
+
+using at::ScalarType;
+using at::Tensor;
+
+// ------------------------------------------------------------------------------------------------
+// Gate math. fp32 uses branch-free approximations (a few ulp) so the loops vectorise; fp64 (used by
+// gradcheck) uses libm, where accuracy matters more than speed.
+// ------------------------------------------------------------------------------------------------
+template <typename A>
+struct Math;
+
+template <>
+struct Math<float> {
+  // Cephes expf: exp(x) = 2^n * exp(r), |r| <= ln2/2. The clamp keeps 2^n a normal float, which
+  // saturates sigmoid/tanh exactly where fp32 itself does.
+  static inline float exp(float x) {
+    x = std::min(std::max(x, -87.0f), 88.0f);
+    // Round to nearest by adding 1.5*2^23: unlike std::round this vectorises on plain SSE2.
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return y * scale;
+  }
+  static inline float sigmoid(float x) { return 1.0f / (1.0f + exp(-x)); }
+  // Eigen's rational tanh: relative error < 4e-7 everywhere, including near 0 where
+  // 1 - 2/(1+exp(2x)) would lose all relative precision.
+  static inline float tanh(float x) {
+    const float xc = std::min(std::max(x, -7.90531110763549805f), 7.90531110763549805f);
+    const float x2 = xc * xc;
+    float p = -2.76076847742355e-16f;
+    p = p * x2 + 2.00018790482477e-13f;
+    p = p * x2 + -8.60467152213735e-11f;
+    p = p * x2 + 5.12229709037114e-08f;
+    p = p * x2 + 1.48572235717979e-05f;
+    p = p * x2 + 6.37261928875436e-04f;
+    p = p * x2 + 4.89352455891786e-03f;
+    p = p * xc;
+    float q = 1.19825839466702e-06f;
+    q = q * x2 + 1.18534705686654e-04f;
+    q = q * x2 + 2.26843463243900e-03f;
+    q = q * x2 + 4.89352518554385e-03f;
+    return p / q;
+  }
+};
+
+template <>
+struct Math<double> {
+  static inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+  static inline double tanh(double x) { return std::tanh(x); }
+};
+
+// Means and gate math run in fp32, or fp64 when the tokens are fp64.
+template <typename tok_t>
+using acc_type = std::conditional_t<std::is_same_v<tok_t, double>, double, float>;
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<w_t>, Tag<tok_t>, Tag<cell_t>) for the dtype combinations the contract allows:
+// tokens are W or fp32, the cell is the tokens' dtype or fp32 (checked before dispatching).
+template <typename F>
+void dispatch_dtypes(ScalarType w, ScalarType tok, ScalarType cell, const F& f) {
+  auto with_cell = [&](auto wt, auto tt) {
+    using tok_t = typename decltype(tt)::type;
+    if (cell == c10::CppTypeToScalarType<tok_t>::value) {
+      f(wt, tt, tt);
+    } else {
+      f(wt, tt, Tag<float>{});
+    }
+  };
+  auto with_tok = [&](auto wt) {
+    using w_t = typename decltype(wt)::type;
+    if (tok == c10::CppTypeToScalarType<w_t>::value) {
+      with_cell(wt, wt);
+    } else {
+      with_cell(wt, Tag<float>{});
+    }
+  };
+  switch (w) {
+    case ScalarType::Float: with_tok(Tag<float>{}); break;
+    case ScalarType::Double: with_tok(Tag<double>{}); break;
+    case ScalarType::Half: with_tok(Tag<c10::Half>{}); break;
+    case ScalarType::BFloat16: with_tok(Tag<c10::BFloat16>{}); break;
+    default: TORCH_CHECK(false, "lspt cpu: unsupported weight dtype ", w);
+  }
+}
+
+// Column chunk for passes whose work items are (outer index, column chunk): enough items to keep
+// every thread busy when `outer` is small, whole rows otherwise (longest contiguous runs).
+int64_t column_chunk(int64_t D, int64_t outer) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t wanted = (4 * threads + std::max<int64_t>(outer, 1) - 1) / std::max<int64_t>(outer, 1);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(wanted, D / 64));
+  int64_t chunk = (D + chunks - 1) / chunks;
+  chunk = (chunk + 15) / 16 * 16;  // whole vectors
+  return std::max<int64_t>(1, std::min(chunk, D));
+}
+
+// Items per thread below which a pass runs serially: an OpenMP fork costs microseconds, so a
+// thread should get at least ~32k elements of work.
+int64_t grain_for(int64_t work_per_item) {
+  constexpr int64_t kMinWork = 32768;
+  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(work_per_item, 1));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Pass 1: xhat[b,p] = tokens[b,k+p] + mean_n tokens[b,k+Np+n]. Items (b, column chunk): the patch
+// rows are read once, the mean stays in a chunk-sized buffer.
+// ------------------------------------------------------------------------------------------------
+template <typename tok_t, typename w_t>
+void mean_add_prompts(const tok_t* tokens, int64_t sB, int64_t sT, int64_t B, int64_t Np,
+                      int64_t N, int64_t D, int64_t k, w_t* xhat) {
+  using acc_t = acc_type<tok_t>;
+  const int64_t chunk = column_chunk(D, B);
+  const int64_t nchunks = (D + chunk - 1) / chunk;
+  at::parallel_for(0, B * nchunks, grain_for((N + Np) * chunk), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> mean_buf(chunk);
+    acc_t* __restrict__ mean = mean_buf.data();
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / nchunks, d0 = (item % nchunks) * chunk;
+      const int64_t len = std::min(chunk, D - d0);
+      const tok_t* base = tokens + b * sB + d0;
+      std::fill(mean, mean + len, acc_t(0));
+      for (int64_t n = 0; n < N; ++n) {
+        const tok_t* __restrict__ row = base + (k + Np + n) * sT;
+        for (int64_t j = 0; j < len; ++j) mean[j] += static_cast<acc_t>(row[j]);
+      }
+      for (int64_t j = 0; j < len; ++j) mean[j] /= static_cast<acc_t>(N);
+      for (int64_t p = 0; p < Np; ++p) {
+        const tok_t* __restrict__ row = base + (k + p) * sT;
+        w_t* __restrict__ out = xhat + (b * Np + p) * D + d0;
+        for (int64_t j = 0; j < len; ++j) out[j] = static_cast<w_t>(static_cast<acc_t>(row[j]) + mean[j]);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Pass 2 (forward): gates (rows, 4D) from the GEMM plus pg (Np, 4D, bias included) -> hidden,
+// new_cell. Row r is image r / Np, prompt r % Np.
+// ------------------------------------------------------------------------------------------------
+template <typename tok_t, typename cell_t, typename w_t>
+void lstm_cell_forward(const w_t* gates, const acc_type<tok_t>* pg, const cell_t* cell,
+                       tok_t* hidden, cell_t* new_cell, int64_t rows, int64_t Np, int64_t D) {
+  using acc_t = acc_type<tok_t>;
+  using M = Math<acc_t>;
+  at::parallel_for(0, rows, grain_for(8 * D), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const w_t* __restrict__ gi = gates + r * 4 * D;
+      const w_t* __restrict__ gf = gi + D;
+      const w_t* __restrict__ gg = gi + 2 * D;
+      const w_t* __restrict__ go = gi + 3 * D;
+      const acc_t* __restrict__ pi = pg + (r % Np) * 4 * D;
+      const acc_t* __restrict__ pf = pi + D;
+      const acc_t* __restrict__ pgg = pi + 2 * D;
+      const acc_t* __restrict__ po = pi + 3 * D;
+      const cell_t* __restrict__ c = cell + r * D;
+      tok_t* __restrict__ h = hidden + r * D;
+      cell_t* __restrict__ nc = new_cell + r * D;
+      for (int64_t j = 0; j < D; ++j) {
+        const acc_t i = M::sigmoid(static_cast<acc_t>(gi[j]) + pi[j]);
+        const acc_t f = M::sigmoid(static_cast<acc_t>(gf[j]) + pf[j]);
+        const acc_t g = M::tanh(static_cast<acc_t>(gg[j]) + pgg[j]);
+        const acc_t o = M::sigmoid(static_cast<acc_t>(go[j]) + po[j]);
+        const acc_t c2 = f * static_cast<acc_t>(c[j]) + i * g;
+        nc[j] = static_cast<cell_t>(c2);
+        h[j] = static_cast<tok_t>(o * M::tanh(c2));
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward pass A: recomputed gates -> dgates (written over the gates, same layout), dcell_prev,
+// and dpg[p] = sum_b dgates[b,p]. Items are (p, column chunk) so each thread owns its dpg slice and
+// the batch sum needs no atomics or second pass.
+// ------------------------------------------------------------------------------------------------
+template <typename tok_t, typename cell_t, typename w_t>
+void lstm_cell_backward(w_t* gates, const acc_type<tok_t>* pg, const cell_t* cell,
+                        const tok_t* grad_hidden, const cell_t* grad_cell, cell_t* grad_cell_prev,
+                        acc_type<tok_t>* dpg, int64_t B, int64_t Np, int64_t D) {
+  using acc_t = acc_type<tok_t>;
+  using M = Math<acc_t>;
+  const int64_t chunk = column_chunk(D, Np);
+  const int64_t nchunks = (D + chunk - 1) / chunk;
+  at::parallel_for(0, Np * nchunks, grain_for(B * chunk * 12), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sums(4 * chunk);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t p = item / nchunks, d0 = (item % nchunks) * chunk;
+      const int64_t len = std::min(chunk, D - d0);
+      acc_t* __restrict__ si = sums.data();
+      acc_t* __restrict__ sf = si + chunk;
+      acc_t* __restrict__ sg = si + 2 * chunk;
+      acc_t* __restrict__ so = si + 3 * chunk;
+      std::fill(sums.begin(), sums.end(), acc_t(0));
+      const acc_t* __restrict__ pi = pg + p * 4 * D + d0;
+      const acc_t* __restrict__ pf = pi + D;
+      const acc_t* __restrict__ pgg = pi + 2 * D;
+      const acc_t* __restrict__ po = pi + 3 * D;
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t r = b * Np + p;
+        // Read and written in place: each column's four gates are read before its four dgates
+        // are stored, so no restrict here.
+        w_t* gi = gates + r * 4 * D + d0;
+        w_t* gf = gi + D;
+        w_t* gg = gi + 2 * D;
+        w_t* go = gi + 3 * D;
+        const cell_t* __restrict__ c = cell + r * D + d0;
+        const tok_t* __restrict__ dh = grad_hidden + r * D + d0;
+        const cell_t* __restrict__ dc2 = grad_cell + r * D + d0;
+        cell_t* __restrict__ dcp = grad_cell_prev + r * D + d0;
+#pragma GCC ivdep
+        for (int64_t j = 0; j < len; ++j) {
+          const acc_t i = M::sigmoid(static_cast<acc_t>(gi[j]) + pi[j]);
+          const acc_t f = M::sigmoid(static_cast<acc_t>(gf[j]) + pf[j]);
+          const acc_t g = M::tanh(static_cast<acc_t>(gg[j]) + pgg[j]);
+          const acc_t o = M::sigmoid(static_cast<acc_t>(go[j]) + po[j]);
+          const acc_t cp = static_cast<acc_t>(c[j]);
+          const acc_t tc = M::tanh(f * cp + i * g);
+          const acc_t dhj = static_cast<acc_t>(dh[j]);
+          const acc_t dc = static_cast<acc_t>(dc2[j]) + dhj * o * (acc_t(1) - tc * tc);
+          const acc_t dgi = dc * g * i * (acc_t(1) - i);
+          const acc_t dgf = dc * cp * f * (acc_t(1) - f);
+          const acc_t dgg = dc * i * (acc_t(1) - g * g);
+          const acc_t dgo = dhj * tc * o * (acc_t(1) - o);
+          dcp[j] = static_cast<cell_t>(dc * f);
+          gi[j] = static_cast<w_t>(dgi);
+          gf[j] = static_cast<w_t>(dgf);
+          gg[j] = static_cast<w_t>(dgg);
+          go[j] = static_cast<w_t>(dgo);
+          si[j] += dgi;
+          sf[j] += dgf;
+          sg[j] += dgg;
+          so[j] += dgo;
+        }
+      }
+      acc_t* out = dpg + p * 4 * D + d0;
+      for (int64_t q = 0; q < 4; ++q) std::copy(si + q * chunk, si + q * chunk + len, out + q * D);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward pass B: grad_tokens (B,T,D) = [0 (k rows) | dxhat (Np rows) | sum_p dxhat / N (N rows)].
+// Every element is written exactly once (no zero-fill pass over the buffer first).
+// ------------------------------------------------------------------------------------------------
+template <typename tok_t, typename w_t>
+void write_grad_tokens(const w_t* dxhat, tok_t* grad_tokens, int64_t B, int64_t T, int64_t Np,
+                       int64_t D, int64_t k) {
+  using acc_t = acc_type<tok_t>;
+  const int64_t N = T - k - Np;
+  const int64_t chunk = column_chunk(D, B);
+  const int64_t nchunks = (D + chunk - 1) / chunk;
+  at::parallel_for(0, B * nchunks, grain_for(T * chunk), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum_buf(chunk);
+    std::vector<tok_t> patch_buf(chunk);
+    acc_t* __restrict__ sum = sum_buf.data();
+    tok_t* __restrict__ patch = patch_buf.data();
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / nchunks, d0 = (item % nchunks) * chunk;
+      const int64_t len = std::min(chunk, D - d0);
+      tok_t* base = grad_tokens + b * T * D + d0;
+      for (int64_t t = 0; t < k; ++t) std::fill(base + t * D, base + t * D + len, tok_t(0));
+      std::fill(sum, sum + len, acc_t(0));
+      for (int64_t p = 0; p < Np; ++p) {
+        const w_t* __restrict__ in = dxhat + (b * Np + p) * D + d0;
+        tok_t* __restrict__ out = base + (k + p) * D;
+        for (int64_t j = 0; j < len; ++j) {
+          const acc_t v = static_cast<acc_t>(in[j]);
+          sum[j] += v;
+          out[j] = static_cast<tok_t>(v);
+        }
+      }
+      for (int64_t j = 0; j < len; ++j) patch[j] = static_cast<tok_t>(sum[j] / static_cast<acc_t>(N));
+      for (int64_t n = 0; n < N; ++n) std::memcpy(base + (k + Np + n) * D, patch, len * sizeof(tok_t));
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Contract checks. ops.py validates with friendlier messages first; these keep a direct call from
+// reading out of bounds or reinterpreting memory with the wrong dtype.
+// ------------------------------------------------------------------------------------------------
+bool is_float_dtype(ScalarType t) {
+  return t == ScalarType::Float || t == ScalarType::Double || t == ScalarType::Half ||
+         t == ScalarType::BFloat16;
+}
+
+bool is_low_precision(ScalarType t) { return t == ScalarType::Half || t == ScalarType::BFloat16; }
+
+void check_cpu(const char* fn, const char* name, const Tensor& t) {
+  TORCH_CHECK(t.defined(), fn, ": ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(is_float_dtype(t.scalar_type()), fn, ": ", name,
+              " must be float32/float64/float16/bfloat16, got ", t.scalar_type());
+}
+
+void check_shape(const char* fn, const char* name, const Tensor& t, at::IntArrayRef shape) {
+  TORCH_CHECK(t.sizes() == shape, fn, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+// Parameters (prompt, weights, biases) share one dtype W; returns it.
+ScalarType check_params(const char* fn, const Tensor& prompt, const Tensor& w_ih,
+                        const Tensor& w_hh, const Tensor& b_ih, const Tensor& b_hh, int64_t D) {
+  check_cpu(fn, "prompt", prompt);
+  check_cpu(fn, "w_ih", w_ih);
+  check_cpu(fn, "w_hh", w_hh);
+  check_cpu(fn, "b_ih", b_ih);
+  check_cpu(fn, "b_hh", b_hh);
+  TORCH_CHECK(prompt.dim() == 2 && prompt.size(1) == D && prompt.size(0) >= 1, fn,
+              ": prompt must be (Np, D) with Np >= 1 and D = ", D, ", got ", prompt.sizes());
+  check_shape(fn, "w_ih", w_ih, {4 * D, D});
+  check_shape(fn, "w_hh", w_hh, {4 * D, D});
+  check_shape(fn, "b_ih", b_ih, {4 * D});
+  check_shape(fn, "b_hh", b_hh, {4 * D});
+  const ScalarType w = w_hh.scalar_type();
+  TORCH_CHECK(prompt.scalar_type() == w && w_ih.scalar_type() == w && b_ih.scalar_type() == w &&
+                  b_hh.scalar_type() == w,
+              fn, ": prompt, w_ih, w_hh, b_ih and b_hh must share one dtype, got ",
+              prompt.scalar_type(), ", ", w_ih.scalar_type(), ", ", w, ", ", b_ih.scalar_type(),
+              ", ", b_hh.scalar_type());
+  return w;
+}
+
+// tokens-side dtype is W, or fp32 with low-precision W (autocast); the cell is that or fp32.
+void check_activation_dtypes(const char* fn, const char* tok_name, ScalarType tok,
+                             const char* cell_name, ScalarType cell, ScalarType w) {
+  TORCH_CHECK(tok == w || (tok == ScalarType::Float && is_low_precision(w)), fn, ": ", tok_name,
+              " (", tok, ") must have the weights' dtype (", w,
+              "), or be float32 with float16/bfloat16 weights");
+  TORCH_CHECK(cell == tok || cell == ScalarType::Float, fn, ": ", cell_name, " (", cell,
+              ") must be ", tok, " (like ", tok_name, ") or float32");
+}
+
+// pg = prompt W_ih^T + b_ih + b_hh in the gate-math dtype: batch independent, computed once per
+// call and re-read from cache by every image's rows.
+Tensor prompt_gates(const Tensor& prompt, const Tensor& w_ih, const Tensor& b_ih,
+                    const Tensor& b_hh, ScalarType acc) {
+  Tensor pg = at::addmm(b_ih, prompt, w_ih.t()).to(acc);
+  pg.add_(b_hh);
+  return pg.contiguous();
+}
+
+ScalarType acc_dtype(ScalarType tok) {
+  return tok == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> cpu_forward(const Tensor& tokens, const Tensor& cell_in,
+                                               const Tensor& prompt, const Tensor& w_ih,
+                                               const Tensor& w_hh, const Tensor& b_ih,
+                                               const Tensor& b_hh, int64_t k) {
+  constexpr const char* fn = "lspt cpu_forward";
+  check_cpu(fn, "tokens", tokens);
+  check_cpu(fn, "cell", cell_in);
+  TORCH_CHECK(tokens.dim() == 3, fn, ": tokens must be (B, T, D), got ", tokens.sizes());
+  const int64_t B = tokens.size(0), T = tokens.size(1), D = tokens.size(2);
+  const ScalarType w = check_params(fn, prompt, w_ih, w_hh, b_ih, b_hh, D);
+  const int64_t Np = prompt.size(0);
+  TORCH_CHECK(k >= 0, fn, ": num_prefix_tokens k must be >= 0, got ", k);
+  TORCH_CHECK(k + Np < T, fn, ": tokens has T = ", T, " but k + Np = ", k, " + ", Np,
+              " leaves no patch token");
+  TORCH_CHECK(tokens.stride(2) == 1 || D <= 1, fn,
+              ": tokens must have stride(-1) == 1, got strides ", tokens.strides());
+  check_shape(fn, "cell", cell_in, {B, Np, D});
+  check_activation_dtypes(fn, "tokens", tokens.scalar_type(), "cell", cell_in.scalar_type(), w);
+
+  const Tensor cell = cell_in.contiguous();
+  const ScalarType acc = acc_dtype(tokens.scalar_type());
+  const int64_t N = T - k - Np;
+  Tensor xhat = at::empty({B, Np, D}, w_hh.options());
+  Tensor hidden = at::empty({B, Np, D}, tokens.options());
+  Tensor new_cell = at::empty({B, Np, D}, cell.options());
+  const Tensor pg = prompt_gates(prompt, w_ih, b_ih, b_hh, acc);
+
+  dispatch_dtypes(w, tokens.scalar_type(), cell.scalar_type(), [&](auto wt, auto tt, auto ct) {
+    using w_t = typename decltype(wt)::type;
+    using tok_t = typename decltype(tt)::type;
+    using cell_t = typename decltype(ct)::type;
+    using acc_t = acc_type<tok_t>;
+    mean_add_prompts<tok_t, w_t>(tokens.data_ptr<tok_t>(), tokens.stride(0), tokens.stride(1), B,
+                                 Np, N, D, k, xhat.data_ptr<w_t>());
+    const Tensor gates = at::mm(xhat.view({B * Np, D}), w_hh.t()).contiguous();  // (B*Np, 4D)
+    lstm_cell_forward<tok_t, cell_t, w_t>(gates.data_ptr<w_t>(), pg.data_ptr<acc_t>(),
+                                          cell.data_ptr<cell_t>(), hidden.data_ptr<tok_t>(),
+                                          new_cell.data_ptr<cell_t>(), B * Np, Np, D);
+  });
+  return {hidden, new_cell, xhat};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_backward(
+    const Tensor& grad_hidden_in, const Tensor& grad_cell_in, const Tensor& xhat_in,
+    const Tensor& cell_in, const Tensor& prompt, const Tensor& w_ih, const Tensor& w_hh,
+    const Tensor& b_ih, const Tensor& b_hh, int64_t k, int64_t num_tokens) {
+  constexpr const char* fn = "lspt cpu_backward";
+  check_cpu(fn, "grad_hidden", grad_hidden_in);
+  check_cpu(fn, "grad_cell", grad_cell_in);
+  check_cpu(fn, "xhat", xhat_in);
+  check_cpu(fn, "cell", cell_in);
+  TORCH_CHECK(xhat_in.dim() == 3, fn, ": xhat must be (B, Np, D), got ", xhat_in.sizes());
+  const int64_t B = xhat_in.size(0), Np = xhat_in.size(1), D = xhat_in.size(2);
+  const int64_t T = num_tokens;
+  const ScalarType w = check_params(fn, prompt, w_ih, w_hh, b_ih, b_hh, D);
+  TORCH_CHECK(prompt.size(0) == Np, fn, ": prompt has ", prompt.size(0), " rows but xhat has Np = ", Np);
+  TORCH_CHECK(k >= 0, fn, ": num_prefix_tokens k must be >= 0, got ", k);
+  TORCH_CHECK(k + Np < T, fn, ": num_tokens T = ", T, " but k + Np = ", k, " + ", Np,
+              " leaves no patch token");
+  check_shape(fn, "grad_hidden", grad_hidden_in, {B, Np, D});
+  check_shape(fn, "grad_cell", grad_cell_in, {B, Np, D});
+  check_shape(fn, "cell", cell_in, {B, Np, D});
+  TORCH_CHECK(xhat_in.scalar_type() == w, fn, ": xhat (", xhat_in.scalar_type(),
+              ") must have the weights' dtype (", w, ")");
+  check_activation_dtypes(fn, "grad_hidden", grad_hidden_in.scalar_type(), "cell",
+                          cell_in.scalar_type(), w);
+  TORCH_CHECK(grad_cell_in.scalar_type() == cell_in.scalar_type(), fn, ": grad_cell (",
+              grad_cell_in.scalar_type(), ") must have the cell's dtype (", cell_in.scalar_type(), ")");
+
+  const Tensor grad_hidden = grad_hidden_in.contiguous();
+  const Tensor grad_cell = grad_cell_in.contiguous();
+  const Tensor xhat = xhat_in.contiguous().view({B * Np, D});
+  const Tensor cell = cell_in.contiguous();
+  const ScalarType acc = acc_dtype(grad_hidden.scalar_type());
+  const Tensor pg = prompt_gates(prompt, w_ih, b_ih, b_hh, acc);
+
+  // Recomputed gates; pass A overwrites them with dgates (one B*Np*4D buffer instead of two).
+  Tensor dgates = at::mm(xhat, w_hh.t()).contiguous();  // (B*Np, 4D)
+  Tensor grad_cell_prev = at::empty({B, Np, D}, cell.options());
+  Tensor dpg = at::empty({Np, 4 * D}, pg.options());
+  Tensor grad_tokens = at::empty({B, T, D}, grad_hidden.options());
+
+  dispatch_dtypes(w, grad_hidden.scalar_type(), cell.scalar_type(), [&](auto wt, auto tt, auto ct) {
+    using w_t = typename decltype(wt)::type;
+    using tok_t = typename decltype(tt)::type;
+    using cell_t = typename decltype(ct)::type;
+    using acc_t = acc_type<tok_t>;
+    lstm_cell_backward<tok_t, cell_t, w_t>(
+        dgates.data_ptr<w_t>(), pg.data_ptr<acc_t>(), cell.data_ptr<cell_t>(),
+        grad_hidden.data_ptr<tok_t>(), grad_cell.data_ptr<cell_t>(),
+        grad_cell_prev.data_ptr<cell_t>(), dpg.data_ptr<acc_t>(), B, Np, D);
+    const Tensor dxhat = at::mm(dgates, w_hh).contiguous();  // (B*Np, D)
+    write_grad_tokens<tok_t, w_t>(dxhat.data_ptr<w_t>(), grad_tokens.data_ptr<tok_t>(), B, T, Np,
+                                  D, k);
+  });
+
+  Tensor grad_w_hh = at::mm(dgates.t(), xhat);  // (4D, D)
+  const Tensor dpg_w = dpg.to(w);
+  Tensor grad_prompt = at::mm(dpg_w, w_ih);      // (Np, D)
+  Tensor grad_w_ih = at::mm(dpg_w.t(), prompt);  // (4D, D)
+  Tensor grad_b_ih = dpg.sum(0).to(w);
+  Tensor grad_b_hh = grad_b_ih.clone();  // the op returns two distinct tensors
+  return {grad_tokens, grad_cell_prev, grad_prompt, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+}
+
+}  // namespace lspt

@@ -1,0 +1,986 @@
+// Fused LSPT step (METHOD.md, "One LSTM step") on CUDA.
+//
+// tokens (B, T, D) = [prefix k | prompts Np | patches N]; W = the weights' dtype (GEMM precision);
+// A = the accumulation type (float, or double for fp64 tokens).
+//
+// Forward, three launches on the current stream:
+//   1. prologue_kernel, one grid with two kinds of blocks:
+//        - Pg blocks (scheduled first): Pg = prompt @ w_ih^T + b_ih + b_hh, (Np, 4D) in A. This is the
+//          batch-independent part (8·Np·D² FLOPs, 1/B of the main product): small tiles on CUDA cores
+//          in A, which overlap with the memory-bound xhat blocks instead of costing a launch of their own;
+//        - xhat blocks: one pass over the patch tokens of image b (mean in A) and the prompt rows,
+//          writing xhat[b, p] = W(tokens[b, k+p] + mean_n tokens[b, k+Np+n]).
+//   2. G = xhat (B·Np, D) @ w_hh^T (at::mm -> cuBLAS(Lt)), (B·Np, 4D) in W, like the reference's linear.
+//   3. epilogue_kernel: gates = G + Pg in A, the LSTM cell update, hidden (tokens dtype) and new_cell.
+//
+// Backward, six launches (only xhat and the incoming cell are saved; the gates are recomputed):
+//   1. prologue_kernel with Pg blocks only (also zeroes the tickets of the in-kernel reductions);
+//   2. G = xhat @ w_hh^T (cuBLAS);
+//   3. bwd_elementwise_kernel: recomputes the gates, writes dgates in W over G (in place: they are the
+//      input of the two cuBLAS GEMMs below, which run in W, as the reference's autograd does), the
+//      grad of the incoming cell, and dPg = batch-sum of the unrounded dgates in A. The batch-sum is
+//      split over grid.y chunks of the batch; the last block of each column tile (atomic ticket) adds
+//      the chunks' partial sums in a fixed order, so the result is deterministic (gradcheck checks
+//      that backward is reentrant; float atomics would not be);
+//   4. dxhat = dgates @ w_hh (cuBLAS, W);   5. grad_w_hh = dgates^T @ xhat (cuBLAS, W);
+//   6. tail_kernel, one grid with four kinds of blocks: grad_prompt = dPg @ w_ih (tiles with a
+//      deterministic split-K), grad_w_ih = dPg^T @ prompt, grad_b_ih = grad_b_hh = sum_p dPg, and
+//      grad_tokens (prefix rows 0, prompt rows dxhat, patch rows sum_p dxhat / N).
+//
+// Vectorised (16-byte where the dtype allows) loads and stores when D and every pointer and stride
+// are aligned; the same kernels instantiated with VEC = 1 otherwise.
+#include "lspt_step_cuda.h"
+
+// Only c10's CUDA headers (not ATen/cuda/CUDAContext.h, which pulls in the cuBLAS/cuSPARSE/
+// cuSOLVER headers that a minimal toolkit lacks): c10::cuda::getCurrentCUDAStream is the function
+// that at::cuda::getCurrentCUDAStream names; cuBLAS runs through at::mm.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <type_traits>
+
+namespace lspt {
+namespace {
+
+constexpr int kThreads = 256;  // every kernel runs 256-thread blocks
+constexpr int kBK = 32;        // k-step of the small tile products
+
+// ------------------------------------------------------------------------------------------------
+// Conversions and vector access
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+constexpr bool is_16bit = std::is_same<T, c10::Half>::value || std::is_same<T, c10::BFloat16>::value;
+
+template <typename A, typename T>
+__device__ __forceinline__ A load_cast(T x) {
+  if constexpr (is_16bit<T>) return static_cast<A>(static_cast<float>(x));
+  else return static_cast<A>(x);
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ T store_cast(A x) {
+  if constexpr (is_16bit<T>) return T(static_cast<float>(x));
+  else return static_cast<T>(x);
+}
+
+// N contiguous elements moved as one access (N * sizeof(T) <= 16 bytes everywhere below).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int N, typename A, typename T>
+__device__ __forceinline__ void load_vec(const T* p, A (&out)[N]) {
+  static_assert(N * sizeof(T) <= 16, "one access is at most 16 bytes");
+  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = load_cast<A>(pk.v[i]);
+}
+
+template <int N, typename T, typename A>
+__device__ __forceinline__ void store_vec(T* p, const A (&in)[N]) {
+  static_assert(N * sizeof(T) <= 16, "one access is at most 16 bytes");
+  Pack<T, N> pk;
+#pragma unroll
+  for (int i = 0; i < N; ++i) pk.v[i] = store_cast<T>(in[i]);
+  *reinterpret_cast<Pack<T, N>*>(p) = pk;
+}
+
+__device__ __forceinline__ float sigmoid_acc(float x) { return 1.f / (1.f + __expf(-x)); }
+__device__ __forceinline__ double sigmoid_acc(double x) { return 1.0 / (1.0 + exp(-x)); }
+__device__ __forceinline__ float tanh_acc(float x) { return tanhf(x); }
+__device__ __forceinline__ double tanh_acc(double x) { return tanh(x); }
+
+// ------------------------------------------------------------------------------------------------
+// Small tile product on CUDA cores: acc[i][j] += sum_{k in [k_begin,k_end)} A(m,k) B(k,n) for the
+// BM x BN tile at (m0, n0), m = m0 + ty + 16 i, n = n0 + tx + 16 j (256 threads as 16 x 16).
+// A(m,k) = a[m*lda + k] if A_K_CONTIG else a[k*lda + m]; B(k,n) = b[k*ldb + n] if B_N_CONTIG else
+// b[n*ldb + k]. Global loads run along the contiguous index (coalesced); the shared tiles are padded
+// by one element so that the transposing stores do not conflict.
+// ------------------------------------------------------------------------------------------------
+template <typename A, int BM, int BN>
+struct TileSmem {
+  A a[kBK][BM + 1];
+  A b[kBK][BN + 1];
+};
+
+template <typename A, int BM, int BN, bool A_K_CONTIG, bool B_N_CONTIG, typename TA, typename TB>
+__device__ __forceinline__ void tile_product(const TA* __restrict__ a, int64_t lda,
+                                             const TB* __restrict__ b, int64_t ldb, int M, int N,
+                                             int k_begin, int k_end, int m0, int n0,
+                                             TileSmem<A, BM, BN>& sm, A (&acc)[BM / 16][BN / 16]) {
+  static_assert((BM * kBK) % kThreads == 0 && (BN * kBK) % kThreads == 0, "tile shape");
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  for (int k0 = k_begin; k0 < k_end; k0 += kBK) {
+#pragma unroll
+    for (int r = 0; r < BM * kBK / kThreads; ++r) {
+      const int e = tid + r * kThreads;
+      const int ml = A_K_CONTIG ? e / kBK : e % BM;
+      const int kl = A_K_CONTIG ? e % kBK : e / BM;
+      const int m = m0 + ml, k = k0 + kl;
+      A v = A(0);
+      if (m < M && k < k_end)
+        v = load_cast<A>(A_K_CONTIG ? a[int64_t(m) * lda + k] : a[int64_t(k) * lda + m]);
+      sm.a[kl][ml] = v;
+    }
+#pragma unroll
+    for (int r = 0; r < BN * kBK / kThreads; ++r) {
+      const int e = tid + r * kThreads;
+      const int nl = B_N_CONTIG ? e % BN : e / kBK;
+      const int kl = B_N_CONTIG ? e / BN : e % kBK;
+      const int n = n0 + nl, k = k0 + kl;
+      A v = A(0);
+      if (n < N && k < k_end)
+        v = load_cast<A>(B_N_CONTIG ? b[int64_t(k) * ldb + n] : b[int64_t(n) * ldb + k]);
+      sm.b[kl][nl] = v;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int kk = 0; kk < kBK; ++kk) {
+      A af[BM / 16], bf[BN / 16];
+#pragma unroll
+      for (int i = 0; i < BM / 16; ++i) af[i] = sm.a[kk][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < BN / 16; ++j) bf[j] = sm.b[kk][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < BM / 16; ++i)
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j) acc[i][j] = fma(af[i], bf[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+}
+
+template <typename A, int BM, int BN>
+__device__ __forceinline__ void zero_acc(A (&acc)[BM / 16][BN / 16]) {
+#pragma unroll
+  for (int i = 0; i < BM / 16; ++i)
+#pragma unroll
+    for (int j = 0; j < BN / 16; ++j) acc[i][j] = A(0);
+}
+
+template <typename A, int VEC>
+constexpr size_t red_bytes() { return size_t(kThreads) * VEC * sizeof(A); }
+
+constexpr size_t cmax(size_t x, size_t y) { return x > y ? x : y; }
+
+// Sums red[(nl*DT + dlane)*VEC + v] over the NL row lanes in a fixed order into row 0 (threads of
+// row lane 0), then makes row 0 visible to every thread. All threads of the block must call it.
+template <typename A, int VEC>
+__device__ __forceinline__ void reduce_row_lanes(A* red, const A (&acc)[VEC], int dt_shift) {
+  const int tid = threadIdx.x, dlane = tid & ((1 << dt_shift) - 1), nlane = tid >> dt_shift;
+  const int nl_count = kThreads >> dt_shift;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) red[tid * VEC + v] = acc[v];
+  __syncthreads();
+  if (nlane == 0) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      A s = A(0);
+      for (int nl = 0; nl < nl_count; ++nl) s += red[((nl << dt_shift) + dlane) * VEC + v];
+      red[dlane * VEC + v] = s;
+    }
+  }
+  __syncthreads();
+}
+
+// ------------------------------------------------------------------------------------------------
+// 1. Prologue: Pg blocks + xhat blocks
+// ------------------------------------------------------------------------------------------------
+template <typename T, typename W, typename A>
+struct PrologueArgs {
+  // Pg = prompt @ w_ih^T + b_ih + b_hh
+  const W* prompt;
+  const W* w_ih;
+  const W* b_ih;
+  const W* b_hh;
+  A* pg;
+  int pg_bm, pg_tiles_m, n_pg_blocks;
+  // xhat
+  const T* tokens;
+  int64_t tok_sb, tok_st;
+  W* xhat;
+  int B, Np, N, D, k;
+  int dt_shift, n_dtiles;
+  // tickets to zero for the backward's in-kernel reductions (block 0)
+  int* zero_ptr;
+  int zero_count;
+};
+
+template <typename T, typename W, typename A, int BM>
+__device__ __forceinline__ void pg_tile(const PrologueArgs<T, W, A>& p, int bid, unsigned char* smem) {
+  auto& sm = *reinterpret_cast<TileSmem<A, BM, 64>*>(smem);
+  const int D4 = 4 * p.D;
+  const int m0 = (bid % p.pg_tiles_m) * BM, n0 = (bid / p.pg_tiles_m) * 64;
+  A acc[BM / 16][4];
+  zero_acc<A, BM, 64>(acc);
+  tile_product<A, BM, 64, true, false>(p.prompt, p.D, p.w_ih, p.D, p.Np, D4, 0, p.D, m0, n0, sm, acc);
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int n = n0 + tx + 16 * j;
+    if (n >= D4) continue;
+    const A bias = load_cast<A>(p.b_ih[n]) + load_cast<A>(p.b_hh[n]);
+#pragma unroll
+    for (int i = 0; i < BM / 16; ++i) {
+      const int m = m0 + ty + 16 * i;
+      if (m < p.Np) p.pg[int64_t(m) * D4 + n] = acc[i][j] + bias;
+    }
+  }
+}
+
+template <typename T, typename W, typename A, int VEC>
+__global__ void __launch_bounds__(kThreads)
+prologue_kernel(const PrologueArgs<T, W, A> p) {
+  constexpr size_t kSmem = cmax(sizeof(TileSmem<A, 32, 64>), red_bytes<A, VEC>());
+  __shared__ __align__(16) unsigned char smem[kSmem];
+  const int tid = threadIdx.x;
+  if (blockIdx.x == 0 && p.zero_ptr != nullptr)
+    for (int i = tid; i < p.zero_count; i += kThreads) p.zero_ptr[i] = 0;
+
+  if (int(blockIdx.x) < p.n_pg_blocks) {
+    if (p.pg_bm == 16) pg_tile<T, W, A, 16>(p, blockIdx.x, smem);
+    else pg_tile<T, W, A, 32>(p, blockIdx.x, smem);
+    return;
+  }
+  // xhat block: image b, VEC-wide column lanes [dtile*DT, dtile*DT + DT) x NL row lanes.
+  const int x = blockIdx.x - p.n_pg_blocks;
+  const int b = x / p.n_dtiles, dtile = x - b * p.n_dtiles;
+  const int DT = 1 << p.dt_shift, NL = kThreads >> p.dt_shift;
+  const int dlane = tid & (DT - 1), nlane = tid >> p.dt_shift;
+  const int d0 = (dtile * DT + dlane) * VEC;
+  const bool active = d0 < p.D;
+  const T* img = p.tokens + int64_t(b) * p.tok_sb + d0;
+
+  A acc[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) acc[v] = A(0);
+  if (active) {
+    const T* patch = img + int64_t(p.k + p.Np) * p.tok_st;
+#pragma unroll 4
+    for (int n = nlane; n < p.N; n += NL) {
+      A t[VEC];
+      load_vec<VEC>(patch + int64_t(n) * p.tok_st, t);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] += t[v];
+    }
+  }
+  A* red = reinterpret_cast<A*>(smem);
+  reduce_row_lanes<A, VEC>(red, acc, p.dt_shift);
+  if (!active) return;
+  A mean[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) mean[v] = red[dlane * VEC + v] / A(p.N);
+  const T* prm = img + int64_t(p.k) * p.tok_st;
+  W* out = p.xhat + int64_t(b) * p.Np * p.D + d0;
+  for (int q = nlane; q < p.Np; q += NL) {
+    A t[VEC];
+    load_vec<VEC>(prm + int64_t(q) * p.tok_st, t);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) t[v] += mean[v];
+    store_vec<VEC>(out + int64_t(q) * p.D, t);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 3. Forward epilogue: gates = G + Pg, cell update
+// ------------------------------------------------------------------------------------------------
+template <typename T, typename C, typename W, typename A>
+struct EpilogueArgs {
+  const W* gates;  // (B*Np, 4D)
+  const A* pg;     // (Np, 4D)
+  const C* cell;   // (B*Np, D)
+  T* hidden;
+  C* new_cell;
+  int Np, D, Dv;
+  int64_t total;  // B*Np*Dv
+};
+
+template <typename T, typename C, typename W, typename A, int VEC>
+__global__ void __launch_bounds__(kThreads)
+epilogue_kernel(const EpilogueArgs<T, C, W, A> p) {
+  const int64_t D4 = 4 * int64_t(p.D);
+  for (int64_t idx = int64_t(blockIdx.x) * kThreads + threadIdx.x; idx < p.total;
+       idx += int64_t(gridDim.x) * kThreads) {
+    const int64_t row = idx / p.Dv;
+    const int d0 = int(idx - row * p.Dv) * VEC;
+    const int q = int(row % p.Np);
+    const W* g = p.gates + row * D4 + d0;
+    const A* pg = p.pg + q * D4 + d0;
+    A z[4][VEC], c[VEC];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      A bias[VEC];
+      load_vec<VEC>(g + s * p.D, z[s]);
+      load_vec<VEC>(pg + s * p.D, bias);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) z[s][v] += bias[v];
+    }
+    load_vec<VEC>(p.cell + row * p.D + d0, c);
+    A h[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const A i = sigmoid_acc(z[0][v]), f = sigmoid_acc(z[1][v]);
+      const A gg = tanh_acc(z[2][v]), o = sigmoid_acc(z[3][v]);
+      c[v] = f * c[v] + i * gg;
+      h[v] = o * tanh_acc(c[v]);
+    }
+    store_vec<VEC>(p.new_cell + row * p.D + d0, c);
+    store_vec<VEC>(p.hidden + row * p.D + d0, h);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward 3: dgates (in place over G), grad of the incoming cell, dPg = sum_b dgates
+// ------------------------------------------------------------------------------------------------
+template <typename T, typename C, typename W, typename A>
+struct BwdElemArgs {
+  W* gates;           // in: G = xhat @ w_hh^T; out: dgates (B*Np, 4D)
+  const A* pg;        // (Np, 4D)
+  const C* cell;      // incoming cell (B*Np, D)
+  const T* grad_h;    // (B*Np, D)
+  const C* grad_c;    // (B*Np, D)
+  C* grad_cell_prev;  // (B*Np, D)
+  A* dpg;             // (Np, 4D)
+  A* partial;         // (nchunks, Np, 4D) when nchunks > 1
+  int* tickets;       // one per column tile (grid.x), zeroed by the prologue
+  int B, Np, D, Dv, chunk_b, nchunks;
+};
+
+template <typename T, typename C, typename W, typename A, int VEC>
+__global__ void __launch_bounds__(kThreads)
+bwd_elementwise_kernel(const BwdElemArgs<T, C, W, A> p) {
+  __shared__ int s_last;
+  const int64_t D4 = 4 * int64_t(p.D);
+  const int col = blockIdx.x * kThreads + threadIdx.x;  // (prompt q, column group dv)
+  const bool active = col < p.Np * p.Dv;
+  const int q = active ? col / p.Dv : 0;
+  const int d0 = (col - q * p.Dv) * VEC;
+  const int b_begin = blockIdx.y * p.chunk_b, b_end = min(p.B, b_begin + p.chunk_b);
+
+  A acc[4][VEC];
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[s][v] = A(0);
+
+  if (active) {
+    A bias[4][VEC];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) load_vec<VEC>(p.pg + q * D4 + s * p.D + d0, bias[s]);
+    for (int b = b_begin; b < b_end; ++b) {
+      const int64_t row = int64_t(b) * p.Np + q;
+      W* g = p.gates + row * D4 + d0;
+      A z[4][VEC], c[VEC], dh[VEC], dcn[VEC];
+#pragma unroll
+      for (int s = 0; s < 4; ++s) load_vec<VEC>(g + s * p.D, z[s]);
+      load_vec<VEC>(p.cell + row * p.D + d0, c);
+      load_vec<VEC>(p.grad_h + row * p.D + d0, dh);
+      load_vec<VEC>(p.grad_c + row * p.D + d0, dcn);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const A i = sigmoid_acc(z[0][v] + bias[0][v]), f = sigmoid_acc(z[1][v] + bias[1][v]);
+        const A gg = tanh_acc(z[2][v] + bias[2][v]), o = sigmoid_acc(z[3][v] + bias[3][v]);
+        const A tc = tanh_acc(f * c[v] + i * gg);
+        const A dc = dcn[v] + dh[v] * o * (A(1) - tc * tc);
+        z[0][v] = dc * gg * i * (A(1) - i);       // d i-gate
+        z[1][v] = dc * c[v] * f * (A(1) - f);     // d f-gate
+        z[2][v] = dc * i * (A(1) - gg * gg);      // d g-gate
+        z[3][v] = dh[v] * tc * o * (A(1) - o);    // d o-gate
+        c[v] = dc * f;                            // grad of the incoming cell
+      }
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        store_vec<VEC>(g + s * p.D, z[s]);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[s][v] += z[s][v];
+      }
+      store_vec<VEC>(p.grad_cell_prev + row * p.D + d0, c);
+    }
+  }
+
+  if (p.nchunks == 1) {
+    if (active) {
+#pragma unroll
+      for (int s = 0; s < 4; ++s) store_vec<VEC>(p.dpg + q * D4 + s * p.D + d0, acc[s]);
+    }
+    return;
+  }
+  // Deterministic cross-block batch-sum: partials, then the last block of this column tile adds
+  // the nchunks partials in chunk order.
+  if (active) {
+    A* part = p.partial + (int64_t(blockIdx.y) * p.Np + q) * D4 + d0;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) store_vec<VEC>(part + s * p.D, acc[s]);
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(&p.tickets[blockIdx.x], 1) == p.nchunks - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  if (!active) return;
+  const int64_t chunk_stride = int64_t(p.Np) * D4;
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    const A* part = p.partial + q * D4 + s * p.D + d0;
+    A sum[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) sum[v] = A(0);
+    for (int ch = 0; ch < p.nchunks; ++ch)
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) sum[v] += __ldcg(part + ch * chunk_stride + v);
+    store_vec<VEC>(p.dpg + q * D4 + s * p.D + d0, sum);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward 6: tail (grad_prompt, grad_w_ih, grad biases, grad_tokens)
+// ------------------------------------------------------------------------------------------------
+template <typename T, typename W, typename A>
+struct TailArgs {
+  const A* dpg;  // (Np, 4D)
+  const W* prompt;
+  const W* w_ih;
+  W* grad_prompt;
+  W* grad_w_ih;
+  W* grad_b_ih;
+  W* grad_b_hh;
+  A* partial;    // (dp_splits, Np, D) when dp_splits > 1
+  int* tickets;  // one per grad_prompt tile, zeroed by the prologue
+  int dp_bm, dp_tiles_m, dp_tiles_n, dp_splits, dp_kchunk, n_dp_blocks;
+  int wi_tiles_m, n_wi_blocks;
+  int n_db_blocks;
+  const W* dxhat;  // (B*Np, D)
+  T* grad_tokens;  // (B, T, D) contiguous
+  int B, Np, N, D, k, T_total;
+  int dt_shift, n_dtiles;
+};
+
+template <typename T, typename W, typename A, int BM>
+__device__ __forceinline__ void grad_prompt_tile(const TailArgs<T, W, A>& p, int bid,
+                                                 unsigned char* smem, int* s_flag) {
+  auto& sm = *reinterpret_cast<TileSmem<A, BM, 64>*>(smem);
+  const int D4 = 4 * p.D, tiles = p.dp_tiles_m * p.dp_tiles_n;
+  const int tile = bid % tiles, split = bid / tiles;
+  const int m0 = (tile % p.dp_tiles_m) * BM, n0 = (tile / p.dp_tiles_m) * 64;
+  const int kb = split * p.dp_kchunk, ke = min(D4, kb + p.dp_kchunk);
+  A acc[BM / 16][4];
+  zero_acc<A, BM, 64>(acc);
+  tile_product<A, BM, 64, true, true>(p.dpg, D4, p.w_ih, p.D, p.Np, p.D, kb, ke, m0, n0, sm, acc);
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  if (p.dp_splits == 1) {
+#pragma unroll
+    for (int i = 0; i < BM / 16; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+        if (m < p.Np && n < p.D) p.grad_prompt[int64_t(m) * p.D + n] = store_cast<W>(acc[i][j]);
+      }
+    return;
+  }
+  const int64_t split_stride = int64_t(p.Np) * p.D;
+#pragma unroll
+  for (int i = 0; i < BM / 16; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+      if (m < p.Np && n < p.D) p.partial[split * split_stride + int64_t(m) * p.D + n] = acc[i][j];
+    }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) *s_flag = atomicAdd(&p.tickets[tile], 1) == p.dp_splits - 1;
+  __syncthreads();
+  if (!*s_flag) return;
+  __threadfence();
+#pragma unroll
+  for (int i = 0; i < BM / 16; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+      if (m < p.Np && n < p.D) {
+        const A* src = p.partial + int64_t(m) * p.D + n;
+        A s = A(0);
+        for (int sp = 0; sp < p.dp_splits; ++sp) s += __ldcg(src + sp * split_stride);
+        p.grad_prompt[int64_t(m) * p.D + n] = store_cast<W>(s);
+      }
+    }
+}
+
+template <typename T, typename W, typename A>
+__device__ __forceinline__ void grad_w_ih_tile(const TailArgs<T, W, A>& p, int bid, unsigned char* smem) {
+  auto& sm = *reinterpret_cast<TileSmem<A, 64, 64>*>(smem);
+  const int D4 = 4 * p.D;
+  const int m0 = (bid % p.wi_tiles_m) * 64, n0 = (bid / p.wi_tiles_m) * 64;
+  A acc[4][4];
+  zero_acc<A, 64, 64>(acc);
+  // grad_w_ih (4D, D) = dPg^T (4D, Np) @ prompt (Np, D)
+  tile_product<A, 64, 64, false, true>(p.dpg, D4, p.prompt, p.D, D4, p.D, 0, p.Np, m0, n0, sm, acc);
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+      if (m < D4 && n < p.D) p.grad_w_ih[int64_t(m) * p.D + n] = store_cast<W>(acc[i][j]);
+    }
+}
+
+template <typename T, typename W, typename A, int VEC>
+__global__ void __launch_bounds__(kThreads)
+tail_kernel(const TailArgs<T, W, A> p) {
+  constexpr size_t kSmem = cmax(sizeof(TileSmem<A, 64, 64>), red_bytes<A, VEC>());
+  __shared__ __align__(16) unsigned char smem[kSmem];
+  __shared__ int s_flag;
+  const int tid = threadIdx.x;
+  int bid = blockIdx.x;
+  if (bid < p.n_dp_blocks) {  // longest blocks first (K = 4D)
+    if (p.dp_bm == 16) grad_prompt_tile<T, W, A, 16>(p, bid, smem, &s_flag);
+    else grad_prompt_tile<T, W, A, 32>(p, bid, smem, &s_flag);
+    return;
+  }
+  bid -= p.n_dp_blocks;
+  if (bid < p.n_wi_blocks) {
+    grad_w_ih_tile<T, W, A>(p, bid, smem);
+    return;
+  }
+  bid -= p.n_wi_blocks;
+  if (bid < p.n_db_blocks) {
+    const int D4 = 4 * p.D, j = bid * kThreads + tid;
+    if (j < D4) {
+      A s = A(0);
+      for (int q = 0; q < p.Np; ++q) s += p.dpg[int64_t(q) * D4 + j];
+      p.grad_b_ih[j] = store_cast<W>(s);
+      p.grad_b_hh[j] = store_cast<W>(s);
+    }
+    return;
+  }
+  bid -= p.n_db_blocks;
+  // grad_tokens block: image b, VEC-wide column lanes x row lanes (as the prologue's xhat blocks).
+  const int b = bid / p.n_dtiles, dtile = bid - b * p.n_dtiles;
+  const int DT = 1 << p.dt_shift, NL = kThreads >> p.dt_shift;
+  const int dlane = tid & (DT - 1), nlane = tid >> p.dt_shift;
+  const int d0 = (dtile * DT + dlane) * VEC;
+  const bool active = d0 < p.D;
+  T* img = p.grad_tokens + int64_t(b) * p.T_total * p.D + d0;
+  A acc[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) acc[v] = A(0);
+  if (active) {
+    const W* src = p.dxhat + int64_t(b) * p.Np * p.D + d0;
+    for (int q = nlane; q < p.Np; q += NL) {
+      A t[VEC];
+      load_vec<VEC>(src + int64_t(q) * p.D, t);
+      store_vec<VEC>(img + int64_t(p.k + q) * p.D, t);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] += t[v];
+    }
+  }
+  A* red = reinterpret_cast<A*>(smem);
+  reduce_row_lanes<A, VEC>(red, acc, p.dt_shift);
+  if (!active) return;
+  A val[VEC], zero[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    val[v] = red[dlane * VEC + v] / A(p.N);
+    zero[v] = A(0);
+  }
+  for (int r = nlane; r < p.k; r += NL) store_vec<VEC>(img + int64_t(r) * p.D, zero);
+  T* patch = img + int64_t(p.k + p.Np) * p.D;
+#pragma unroll 4
+  for (int n = nlane; n < p.N; n += NL) store_vec<VEC>(patch + int64_t(n) * p.D, val);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side
+// ------------------------------------------------------------------------------------------------
+template <typename X>
+struct Tag {
+  using type = X;
+};
+
+// Calls f(Tag<T>, Tag<C>, Tag<W>) for the dtype combinations of the contract (ops.py): every
+// tensor W; or the cell fp32; or tokens and cell fp32 with W fp16/bf16 (autocast).
+template <typename F>
+void dispatch_dtypes(at::ScalarType t, at::ScalarType c, at::ScalarType w, F&& f) {
+  using at::ScalarType;
+  auto with_w = [&](auto wt) -> bool {
+    using Wt = typename decltype(wt)::type;
+    if (t == w && c == w) {
+      f(Tag<Wt>{}, Tag<Wt>{}, wt);
+      return true;
+    }
+    if constexpr (!std::is_same<Wt, float>::value) {
+      if (t == w && c == ScalarType::Float) {
+        f(Tag<Wt>{}, Tag<float>{}, wt);
+        return true;
+      }
+    }
+    if constexpr (is_16bit<Wt>) {
+      if (t == ScalarType::Float && c == ScalarType::Float) {
+        f(Tag<float>{}, Tag<float>{}, wt);
+        return true;
+      }
+    }
+    return false;
+  };
+  bool ok = false;
+  switch (w) {
+    case ScalarType::Float: ok = with_w(Tag<float>{}); break;
+    case ScalarType::Double: ok = with_w(Tag<double>{}); break;
+    case ScalarType::Half: ok = with_w(Tag<c10::Half>{}); break;
+    case ScalarType::BFloat16: ok = with_w(Tag<c10::BFloat16>{}); break;
+    default: break;
+  }
+  TORCH_CHECK(ok, "lspt cuda: unsupported dtype combination: tokens ", t, ", cell ", c, ", weights ", w,
+              ". Supported: everything in one dtype (float32/float16/bfloat16/float64); the cell in "
+              "float32 with tokens in the weights' dtype; or tokens and cell float32 with float16/"
+              "bfloat16 weights (torch.autocast)");
+}
+
+void check_cuda_tensor(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.defined(), "lspt cuda: ", name, " is an undefined tensor");
+  TORCH_CHECK(t.is_cuda(), "lspt cuda: ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == device, "lspt cuda: ", name, " is on ", t.device(),
+              " but tokens/grad_hidden are on ", device, "; all tensors must be on one device");
+}
+
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef shape, bool contiguous = true) {
+  TORCH_CHECK(t.sizes() == shape, "lspt cuda: ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(!contiguous || t.is_contiguous(), "lspt cuda: ", name, " must be contiguous");
+}
+
+// The parameters shared by forward and backward: prompt (Np, D), w_ih/w_hh (4D, D), b_ih/b_hh (4D),
+// all contiguous, all one floating dtype.
+void check_params(const at::Tensor& prompt, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                  const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Device& device, int64_t D) {
+  check_cuda_tensor(prompt, "prompt", device);
+  check_cuda_tensor(w_ih, "w_ih", device);
+  check_cuda_tensor(w_hh, "w_hh", device);
+  check_cuda_tensor(b_ih, "b_ih", device);
+  check_cuda_tensor(b_hh, "b_hh", device);
+  TORCH_CHECK(D >= 1, "lspt cuda: the width D must be >= 1");
+  TORCH_CHECK(4 * D <= INT_MAX / 4, "lspt cuda: D = ", D, " is too large");
+  TORCH_CHECK(prompt.dim() == 2 && prompt.size(1) == D && prompt.size(0) >= 1,
+              "lspt cuda: prompt must be (Np, D) with Np >= 1 and D = ", D, ", got ", prompt.sizes());
+  TORCH_CHECK(prompt.is_contiguous(), "lspt cuda: prompt must be contiguous");
+  check_shape(w_ih, "w_ih", {4 * D, D});
+  check_shape(w_hh, "w_hh", {4 * D, D});
+  check_shape(b_ih, "b_ih", {4 * D});
+  check_shape(b_hh, "b_hh", {4 * D});
+  const auto w = w_hh.scalar_type();
+  TORCH_CHECK(prompt.scalar_type() == w && w_ih.scalar_type() == w && b_ih.scalar_type() == w &&
+                  b_hh.scalar_type() == w,
+              "lspt cuda: prompt, w_ih, w_hh, b_ih and b_hh must share one dtype, got ",
+              prompt.scalar_type(), ", ", w_ih.scalar_type(), ", ", w, ", ", b_ih.scalar_type(), ", ",
+              b_hh.scalar_type());
+}
+
+bool aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+// Multiprocessor count of the current device (the guard has made it current).
+int sm_count() {
+  int device = 0, count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return std::max(count, 1);
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Column lanes DT (a power of two, 8..32) of the row-reduction blocks (xhat and grad_tokens): as
+// wide as the row allows, narrower when that leaves too few blocks to fill the GPU.
+int pick_dt_shift(int64_t Dv, int64_t B, int sms) {
+  int shift = 5;
+  while (shift > 3 && (int64_t(1) << (shift - 1)) >= Dv) --shift;
+  while (shift > 3 && B * ceil_div(Dv, int64_t(1) << shift) < 2 * sms) --shift;
+  return shift;
+}
+
+template <typename T, typename W, typename A>
+void launch_prologue(PrologueArgs<T, W, A> p, int vec, int64_t B, int sms, cudaStream_t stream) {
+  const auto launch = [&](auto vec_tag) {
+    constexpr int V = decltype(vec_tag)::value;
+    const int64_t Dv = ceil_div(p.D, V);
+    p.dt_shift = pick_dt_shift(Dv, B, sms);
+    p.n_dtiles = int(ceil_div(Dv, int64_t(1) << p.dt_shift));
+    const int64_t blocks = p.n_pg_blocks + (p.xhat != nullptr ? B * p.n_dtiles : 0);
+    TORCH_CHECK(blocks <= INT_MAX, "lspt cuda: problem too large");
+    prologue_kernel<T, W, A, V><<<unsigned(blocks), kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  constexpr int kVec = 16 / sizeof(T);
+  if (vec == kVec) launch(std::integral_constant<int, kVec>{});
+  else launch(std::integral_constant<int, 1>{});
+}
+
+// Pg blocks of the prologue: (Np x 4D) output tiles of 16 or 32 rows by 64 columns.
+template <typename T, typename W, typename A>
+void set_pg(PrologueArgs<T, W, A>& p, const at::Tensor& prompt, const at::Tensor& w_ih,
+            const at::Tensor& b_ih, const at::Tensor& b_hh, at::Tensor& pg) {
+  p.prompt = prompt.data_ptr<W>();
+  p.w_ih = w_ih.data_ptr<W>();
+  p.b_ih = b_ih.data_ptr<W>();
+  p.b_hh = b_hh.data_ptr<W>();
+  p.pg = pg.data_ptr<A>();
+  p.pg_bm = p.Np <= 16 ? 16 : 32;
+  p.pg_tiles_m = int(ceil_div(p.Np, p.pg_bm));
+  p.n_pg_blocks = int(p.pg_tiles_m * ceil_div(4 * int64_t(p.D), 64));
+}
+
+template <typename A>
+at::ScalarType acc_type() { return std::is_same<A, double>::value ? at::kDouble : at::kFloat; }
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(
+    const at::Tensor& tokens, const at::Tensor& cell, const at::Tensor& prompt,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b_ih,
+    const at::Tensor& b_hh, int64_t k) {
+  TORCH_CHECK(tokens.defined() && tokens.is_cuda(), "lspt cuda: tokens must be a CUDA tensor, got ",
+              tokens.defined() ? tokens.device().str() : std::string("an undefined tensor"));
+  const at::Device device = tokens.device();
+  TORCH_CHECK(tokens.dim() == 3, "lspt cuda: tokens must be (B, T, D), got ", tokens.sizes());
+  const int64_t B = tokens.size(0), T = tokens.size(1), D = tokens.size(2);
+  check_params(prompt, w_ih, w_hh, b_ih, b_hh, device, D);
+  const int64_t Np = prompt.size(0);
+  check_cuda_tensor(cell, "cell", device);
+  check_shape(cell, "cell", {B, Np, D});
+  TORCH_CHECK(tokens.stride(2) == 1 || D == 1, "lspt cuda: tokens must have stride(-1) == 1, got ",
+              tokens.strides());
+  TORCH_CHECK(k >= 0, "lspt cuda: num_prefix_tokens must be >= 0, got ", k);
+  TORCH_CHECK(k + Np < T, "lspt cuda: tokens has T=", T, " tokens but num_prefix_tokens + Np = ", k,
+              " + ", Np, " leaves no patch token (need T > k + Np)");
+  TORCH_CHECK(B * Np <= INT_MAX && T <= INT_MAX, "lspt cuda: problem too large");
+  const int64_t N = T - k - Np;
+
+  c10::cuda::CUDAGuard guard(device);
+  auto xhat = at::empty({B, Np, D}, w_hh.options());
+  auto hidden = at::empty({B, Np, D}, tokens.options());
+  auto new_cell = at::empty({B, Np, D}, cell.options());
+  if (B == 0) return {hidden, new_cell, xhat};
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count();
+
+  dispatch_dtypes(tokens.scalar_type(), cell.scalar_type(), w_hh.scalar_type(),
+                  [&](auto t_tag, auto c_tag, auto w_tag) {
+    using Tt = typename decltype(t_tag)::type;
+    using Ct = typename decltype(c_tag)::type;
+    using Wt = typename decltype(w_tag)::type;
+    using At = typename std::conditional<std::is_same<Tt, double>::value, double, float>::type;
+    at::Tensor pg = at::empty({Np, 4 * D}, tokens.options().dtype(acc_type<At>()));
+
+    // 1. prologue: Pg + xhat
+    PrologueArgs<Tt, Wt, At> pa{};
+    pa.B = int(B); pa.Np = int(Np); pa.N = int(N); pa.D = int(D); pa.k = int(k);
+    set_pg(pa, prompt, w_ih, b_ih, b_hh, pg);
+    pa.tokens = tokens.data_ptr<Tt>();
+    pa.tok_sb = tokens.stride(0);
+    pa.tok_st = tokens.stride(1);
+    pa.xhat = xhat.data_ptr<Wt>();
+    constexpr int kVecT = 16 / sizeof(Tt);
+    const bool vec_t = D % kVecT == 0 && aligned(pa.tokens, 16) && pa.tok_sb % kVecT == 0 &&
+                       pa.tok_st % kVecT == 0 && aligned(pa.xhat, kVecT * sizeof(Wt));
+    launch_prologue(pa, vec_t ? kVecT : 1, B, sms, stream);
+
+    // 2. G = xhat @ w_hh^T (cuBLAS)
+    auto gates = at::mm(xhat.view({B * Np, D}), w_hh.t());
+
+    // 3. epilogue
+    EpilogueArgs<Tt, Ct, Wt, At> ea{};
+    ea.gates = gates.data_ptr<Wt>();
+    ea.pg = pg.data_ptr<At>();
+    ea.cell = cell.data_ptr<Ct>();
+    ea.hidden = hidden.data_ptr<Tt>();
+    ea.new_cell = new_cell.data_ptr<Ct>();
+    ea.Np = int(Np); ea.D = int(D);
+    constexpr int kVecE = sizeof(At) == 8 ? 2 : 4;
+    const bool vec_e = D % kVecE == 0 && aligned(ea.gates, kVecE * sizeof(Wt)) &&
+                       aligned(ea.pg, kVecE * sizeof(At)) && aligned(ea.cell, kVecE * sizeof(Ct)) &&
+                       aligned(ea.hidden, kVecE * sizeof(Tt)) && aligned(ea.new_cell, kVecE * sizeof(Ct));
+    const auto launch = [&](auto vec_tag) {
+      constexpr int V = decltype(vec_tag)::value;
+      ea.Dv = int(D / V);
+      ea.total = B * Np * ea.Dv;
+      const int64_t blocks = std::min<int64_t>(ceil_div(ea.total, kThreads), int64_t(sms) * 16);
+      epilogue_kernel<Tt, Ct, Wt, At, V><<<unsigned(blocks), kThreads, 0, stream>>>(ea);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec_e) launch(std::integral_constant<int, kVecE>{});
+    else launch(std::integral_constant<int, 1>{});
+  });
+  return {hidden, new_cell, xhat};
+}
+
+// ------------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+cuda_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const at::Tensor& xhat,
+              const at::Tensor& cell, const at::Tensor& prompt, const at::Tensor& w_ih,
+              const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh, int64_t k,
+              int64_t num_tokens) {
+  TORCH_CHECK(grad_hidden.defined() && grad_hidden.is_cuda(),
+              "lspt cuda: grad_hidden must be a CUDA tensor, got ",
+              grad_hidden.defined() ? grad_hidden.device().str() : std::string("an undefined tensor"));
+  const at::Device device = grad_hidden.device();
+  TORCH_CHECK(grad_hidden.dim() == 3, "lspt cuda: grad_hidden must be (B, Np, D), got ",
+              grad_hidden.sizes());
+  const int64_t B = grad_hidden.size(0), Np = grad_hidden.size(1), D = grad_hidden.size(2);
+  check_params(prompt, w_ih, w_hh, b_ih, b_hh, device, D);
+  TORCH_CHECK(prompt.size(0) == Np, "lspt cuda: prompt has ", prompt.size(0),
+              " rows but grad_hidden has Np = ", Np);
+  check_cuda_tensor(grad_cell, "grad_cell", device);
+  check_cuda_tensor(xhat, "xhat", device);
+  check_cuda_tensor(cell, "cell", device);
+  check_shape(grad_hidden, "grad_hidden", {B, Np, D});
+  check_shape(grad_cell, "grad_cell", {B, Np, D});
+  check_shape(xhat, "xhat", {B, Np, D});
+  check_shape(cell, "cell", {B, Np, D});
+  TORCH_CHECK(grad_cell.scalar_type() == cell.scalar_type(), "lspt cuda: grad_cell (",
+              grad_cell.scalar_type(), ") must have the cell's dtype (", cell.scalar_type(), ")");
+  TORCH_CHECK(xhat.scalar_type() == w_hh.scalar_type(), "lspt cuda: xhat (", xhat.scalar_type(),
+              ") must have the weights' dtype (", w_hh.scalar_type(), ")");
+  TORCH_CHECK(k >= 0, "lspt cuda: num_prefix_tokens must be >= 0, got ", k);
+  TORCH_CHECK(k + Np < num_tokens, "lspt cuda: num_tokens T=", num_tokens,
+              " but num_prefix_tokens + Np = ", k, " + ", Np, " leaves no patch token (need T > k + Np)");
+  TORCH_CHECK(B * Np <= INT_MAX && num_tokens <= INT_MAX, "lspt cuda: problem too large");
+  const int64_t T = num_tokens, N = T - k - Np, D4 = 4 * D;
+
+  c10::cuda::CUDAGuard guard(device);
+  const auto wopt = w_hh.options();
+  auto grad_tokens = at::empty({B, T, D}, grad_hidden.options());
+  auto grad_cell_prev = at::empty({B, Np, D}, cell.options());
+  if (B == 0) {
+    return {grad_tokens, grad_cell_prev, at::zeros_like(prompt), at::zeros_like(w_ih),
+            at::zeros_like(w_hh), at::zeros_like(b_ih), at::zeros_like(b_hh)};
+  }
+  auto grad_prompt = at::empty({Np, D}, wopt);
+  auto grad_w_ih = at::empty({D4, D}, wopt);
+  auto grad_b_ih = at::empty({D4}, wopt);
+  auto grad_b_hh = at::empty({D4}, wopt);
+  at::Tensor grad_w_hh;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count();
+
+  dispatch_dtypes(grad_hidden.scalar_type(), cell.scalar_type(), w_hh.scalar_type(),
+                  [&](auto t_tag, auto c_tag, auto w_tag) {
+    using Tt = typename decltype(t_tag)::type;
+    using Ct = typename decltype(c_tag)::type;
+    using Wt = typename decltype(w_tag)::type;
+    using At = typename std::conditional<std::is_same<Tt, double>::value, double, float>::type;
+    const at::TensorOptions aopt = grad_hidden.options().dtype(acc_type<At>());
+    constexpr int kVecE = sizeof(At) == 8 ? 2 : 4;
+    constexpr int kVecT = 16 / sizeof(Tt);
+    const bool vec_e = D % kVecE == 0 && aligned(grad_hidden.data_ptr(), kVecE * sizeof(Tt)) &&
+                       aligned(grad_cell.data_ptr(), kVecE * sizeof(Ct)) &&
+                       aligned(cell.data_ptr(), kVecE * sizeof(Ct));  // the rest is allocated here
+    const int64_t Dv_e = vec_e ? D / kVecE : D;
+
+    // Batch chunks of the elementwise kernel: enough blocks to fill the GPU, but no more chunks
+    // than ~2 sqrt(B), so that the last block's sum over chunks stays short.
+    const int64_t col_blocks = ceil_div(Np * Dv_e, kThreads);
+    const int64_t cap = std::min<int64_t>(B, 2 * int64_t(std::ceil(std::sqrt(double(B)))));
+    int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(4 * sms, col_blocks), cap));
+    nchunks = std::min<int64_t>(nchunks, 65535);
+    const int64_t chunk_b = ceil_div(B, nchunks);
+    nchunks = ceil_div(B, chunk_b);
+
+    // grad_prompt = dPg (Np, 4D) @ w_ih (4D, D): tiles of 16/32 x 64, split-K for parallelism.
+    const int dp_bm = Np <= 16 ? 16 : 32;
+    const int64_t dp_tiles_m = ceil_div(Np, dp_bm), dp_tiles_n = ceil_div(D, 64);
+    const int64_t dp_tiles = dp_tiles_m * dp_tiles_n, ksteps = ceil_div(D4, kBK);
+    int64_t splits = std::max<int64_t>(1, std::min<int64_t>(ceil_div(2 * sms, dp_tiles), ksteps / 4));
+    const int64_t kchunk = ceil_div(ksteps, splits) * kBK;
+    splits = ceil_div(D4, kchunk);
+
+    const int64_t n_tickets_e = nchunks > 1 ? col_blocks : 0, n_tickets_dp = splits > 1 ? dp_tiles : 0;
+    auto tickets = at::empty({std::max<int64_t>(1, n_tickets_e + n_tickets_dp)},
+                             grad_hidden.options().dtype(at::kInt));
+    const int64_t part_numel = std::max<int64_t>(nchunks > 1 ? nchunks * Np * D4 : 0,
+                                                 splits > 1 ? splits * Np * D : 0);
+    at::Tensor partial = at::empty({std::max<int64_t>(1, part_numel)}, aopt);
+    at::Tensor pg = at::empty({Np, D4}, aopt);
+    at::Tensor dpg = at::empty({Np, D4}, aopt);
+
+    // 1. prologue: Pg only, and zero the tickets
+    PrologueArgs<Tt, Wt, At> pa{};
+    pa.B = int(B); pa.Np = int(Np); pa.N = int(N); pa.D = int(D); pa.k = int(k);
+    set_pg(pa, prompt, w_ih, b_ih, b_hh, pg);
+    pa.xhat = nullptr;
+    pa.zero_ptr = tickets.data_ptr<int>();
+    pa.zero_count = int(n_tickets_e + n_tickets_dp);
+    launch_prologue(pa, 1, B, sms, stream);
+
+    // 2. recompute G = xhat @ w_hh^T (cuBLAS)
+    const auto xhat2d = xhat.view({B * Np, D});
+    auto gates = at::mm(xhat2d, w_hh.t());
+
+    // 3. dgates (over G), grad of the incoming cell, dPg
+    BwdElemArgs<Tt, Ct, Wt, At> ba{};
+    ba.gates = gates.data_ptr<Wt>();
+    ba.pg = pg.data_ptr<At>();
+    ba.cell = cell.data_ptr<Ct>();
+    ba.grad_h = grad_hidden.data_ptr<Tt>();
+    ba.grad_c = grad_cell.data_ptr<Ct>();
+    ba.grad_cell_prev = grad_cell_prev.data_ptr<Ct>();
+    ba.dpg = dpg.data_ptr<At>();
+    ba.partial = partial.data_ptr<At>();
+    ba.tickets = tickets.data_ptr<int>();
+    ba.B = int(B); ba.Np = int(Np); ba.D = int(D); ba.Dv = int(Dv_e);
+    ba.chunk_b = int(chunk_b); ba.nchunks = int(nchunks);
+    const dim3 egrid{unsigned(col_blocks), unsigned(nchunks)};
+    if (vec_e) bwd_elementwise_kernel<Tt, Ct, Wt, At, kVecE><<<egrid, kThreads, 0, stream>>>(ba);
+    else bwd_elementwise_kernel<Tt, Ct, Wt, At, 1><<<egrid, kThreads, 0, stream>>>(ba);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    // 4., 5. dxhat = dgates @ w_hh, grad_w_hh = dgates^T @ xhat (cuBLAS)
+    auto dxhat = at::mm(gates, w_hh);
+    grad_w_hh = at::mm(gates.t(), xhat2d);
+
+    // 6. tail
+    TailArgs<Tt, Wt, At> ta{};
+    ta.dpg = dpg.data_ptr<At>();
+    ta.prompt = prompt.data_ptr<Wt>();
+    ta.w_ih = w_ih.data_ptr<Wt>();
+    ta.grad_prompt = grad_prompt.data_ptr<Wt>();
+    ta.grad_w_ih = grad_w_ih.data_ptr<Wt>();
+    ta.grad_b_ih = grad_b_ih.data_ptr<Wt>();
+    ta.grad_b_hh = grad_b_hh.data_ptr<Wt>();
+    ta.partial = partial.data_ptr<At>();
+    ta.tickets = tickets.data_ptr<int>() + n_tickets_e;
+    ta.dp_bm = dp_bm;
+    ta.dp_tiles_m = int(dp_tiles_m); ta.dp_tiles_n = int(dp_tiles_n);
+    ta.dp_splits = int(splits); ta.dp_kchunk = int(kchunk);
+    ta.n_dp_blocks = int(dp_tiles * splits);
+    ta.wi_tiles_m = int(ceil_div(D4, 64));
+    ta.n_wi_blocks = int(ta.wi_tiles_m * ceil_div(D, 64));
+    ta.n_db_blocks = int(ceil_div(D4, kThreads));
+    ta.dxhat = dxhat.data_ptr<Wt>();
+    ta.grad_tokens = grad_tokens.data_ptr<Tt>();
+    ta.B = int(B); ta.Np = int(Np); ta.N = int(N); ta.D = int(D); ta.k = int(k); ta.T_total = int(T);
+    const bool vec_t = D % kVecT == 0 && aligned(ta.dxhat, kVecT * sizeof(Wt)) &&
+                       aligned(ta.grad_tokens, 16);
+    const auto launch = [&](auto vec_tag) {
+      constexpr int V = decltype(vec_tag)::value;
+      const int64_t Dv = ceil_div(D, V);
+      ta.dt_shift = pick_dt_shift(Dv, B, sms);
+      ta.n_dtiles = int(ceil_div(Dv, int64_t(1) << ta.dt_shift));
+      const int64_t blocks = int64_t(ta.n_dp_blocks) + ta.n_wi_blocks + ta.n_db_blocks + B * ta.n_dtiles;
+      TORCH_CHECK(blocks <= INT_MAX, "lspt cuda: problem too large");
+      tail_kernel<Tt, Wt, At, V><<<unsigned(blocks), kThreads, 0, stream>>>(ta);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec_t) launch(std::integral_constant<int, kVecT>{});
+    else launch(std::integral_constant<int, 1>{});
+  });
+  return {grad_tokens, grad_cell_prev, grad_prompt, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+}
+
+}  // namespace lspt

@@ -1,0 +1,503 @@
+"""Triton backend of the fused LSPT step (the contract is in lspt_kernels/ops.py).
+
+One step, with k prefix tokens, Np prompts and N = T - k - Np patches per image:
+
+    m[b]        = mean_n tokens[b, k+Np+n]                      (fp32; fp64 for fp64 inputs)
+    xhat[b, p]  = tokens[b, k+p] + m[b]                         (stored in the weight dtype W)
+    gates[b, p] = xhat[b, p] @ w_hh^T + prompt[p] @ w_ih^T + b_ih + b_hh
+    i, f, g, o  = sigmoid, sigmoid, tanh, sigmoid of the four D-wide chunks (nn.LSTMCell order)
+    new_cell    = f * cell + i * g;   hidden = o * tanh(new_cell)
+
+Launches
+--------
+forward (3 launches):
+    torch.mm          Pw = prompt @ w_ih^T                           (Np, 4D) in W; batch-independent
+    _xhat_kernel      grid (B, D/BLOCK_D): mean over the N patch rows (fp32 accumulation), then
+                      xhat[b, p, :] = tokens[b, k+p, :] + mean for all Np prompts
+    _lstm_fwd_kernel  grid (B*Np/BLOCK_M, D/BLOCK_N): four tl.dot accumulators (rows g*D + n of
+                      w_hh, g = i, f, g, o) over K = D, then the epilogue adds Pw[row % Np] + b_ih +
+                      b_hh in fp32, applies the LSTM gate math in fp32 and writes hidden and new_cell.
+                      The gates never touch memory.
+backward (recomputes the gates from xhat and the incoming cell, the only saved activations):
+    torch.mm          Pw again
+    _lstm_bwd_kernel  the same tiled GEMM as the forward, then the LSTM backward in fp32; writes
+                      dgates (B*Np, 4D) in W and grad_cell
+    torch (cuBLAS)    dxhat = dgates @ w_hh; dW_hh = dgates^T @ xhat; dPg = sum_b dgates (fp32
+                      accumulation); db_ih = db_hh = sum_p dPg; dprompt = dPg @ w_ih;
+                      dW_ih = dPg^T @ prompt
+    _grad_tokens_kernel  grid (B, D/BLOCK_D, T/BLOCK_T): prefix rows 0, prompt rows dxhat, patch
+                      rows (sum_p dxhat[b, p]) / N, in grad_hidden's dtype (the tokens' dtype)
+
+Why dgates is stored in W (not fp32): the reference's autograd produces the gate gradient in W too
+(the gates are computed in W and cast to fp32, whose backward casts the gradient back), so W matches
+its rounding; every consumer of dgates is a GEMM that cuBLAS runs on tensor cores only when both
+operands share W (an fp32 dgates would need an fp32 copy of w_hh, or fp32 GEMMs); and it halves
+the bytes written and read for fp16/bf16. The batch and bias reductions of dgates accumulate in
+fp32 (torch.sum(dtype=...)).
+
+Block configurations are a small fixed table keyed on D and the weight dtype (see GEMM_CONFIGS and
+gemm_config): no autotuning, so nothing needs a GPU to decide, the choice is reproducible, and every
+configuration a launcher can pick is compile-checked for sm_80 and sm_90 by
+tests/test_triton_compile.py without a GPU.
+
+Under TRITON_INTERPRET=1 (set before this module is imported) the kernels run on CPU tensors.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _tanh(x):
+    # tanh through the sigmoid: core Triton has no tanh (libdevice is GPU-only), this is exact to
+    # a few ulp of 1 and saturates correctly at +-inf.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _xhat_kernel(tok_ptr, xhat_ptr, stride_tb, stride_tt, k, Np, N, D,
+                 ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """xhat[b, p, d] = tokens[b, k+p, d] + mean_n tokens[b, k+Np+n, d]; one program per (b, d-block)."""
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = d < D
+    tok_b = tok_ptr + b * stride_tb
+    t = tl.arange(0, BLOCK_T)
+    first = k + Np
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=ACC)
+    for n0 in range(0, N, BLOCK_T):
+        rows = first + n0 + t
+        m = ((n0 + t) < N)[:, None] & dmask[None, :]
+        x = tl.load(tok_b + rows[:, None] * stride_tt + d[None, :], mask=m, other=0.0)
+        acc += x.to(ACC)
+    mean = tl.sum(acc, axis=0) / N
+    xhat_b = xhat_ptr + b * Np * D
+    for p in range(0, Np):
+        x = tl.load(tok_b + (k + p) * stride_tt + d, mask=dmask, other=0.0)
+        y = x.to(ACC) + mean
+        tl.store(xhat_b + p * D + d, y.to(xhat_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _gate_preacts(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, rm, rn, mmask, nmask, Np, D,
+                  ACC: tl.constexpr, PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Pre-activations of the four gates for rows rm (of B*Np) and columns rn (of D), in ACC:
+    xhat[rm] @ w_hh[g*D + rn]^T + Pw[rm % Np, g*D + rn] + b_ih[g*D + rn] + b_hh[g*D + rn]."""
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = xhat_ptr + rm[:, None] * D + rk[None, :]                    # [BLOCK_M, BLOCK_K]
+    # w_hh is (4D, D) row-major: the (kk, n) element of gate g's B tile is w_hh[g*D + n, kk].
+    w_ptrs = w_ptr + rn[None, :] * D + rk[:, None]                       # [BLOCK_K, BLOCK_N]
+    gate_stride = D * D
+    acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    acc_f = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    acc_o = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for k0 in range(0, D, BLOCK_K):
+        kmask = rk < D - k0
+        a = tl.load(a_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        wmask = kmask[:, None] & nmask[None, :]
+        w_i = tl.load(w_ptrs, mask=wmask, other=0.0)
+        w_f = tl.load(w_ptrs + gate_stride, mask=wmask, other=0.0)
+        w_g = tl.load(w_ptrs + 2 * gate_stride, mask=wmask, other=0.0)
+        w_o = tl.load(w_ptrs + 3 * gate_stride, mask=wmask, other=0.0)
+        acc_i = tl.dot(a, w_i, acc_i, input_precision=PREC)
+        acc_f = tl.dot(a, w_f, acc_f, input_precision=PREC)
+        acc_g = tl.dot(a, w_g, acc_g, input_precision=PREC)
+        acc_o = tl.dot(a, w_o, acc_o, input_precision=PREC)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    # Batch-independent part: Pw (Np, 4D) in W plus both biases, added in ACC.
+    p = rm % Np
+    mask2 = mmask[:, None] & nmask[None, :]
+    pw_ptrs = pw_ptr + p[:, None] * (4 * D) + rn[None, :]
+    acc_i += tl.load(pw_ptrs, mask=mask2, other=0.0).to(ACC)
+    acc_f += tl.load(pw_ptrs + D, mask=mask2, other=0.0).to(ACC)
+    acc_g += tl.load(pw_ptrs + 2 * D, mask=mask2, other=0.0).to(ACC)
+    acc_o += tl.load(pw_ptrs + 3 * D, mask=mask2, other=0.0).to(ACC)
+    b_i = tl.load(bih_ptr + rn, mask=nmask, other=0.0).to(ACC) + tl.load(bhh_ptr + rn, mask=nmask, other=0.0).to(ACC)
+    b_f = (tl.load(bih_ptr + D + rn, mask=nmask, other=0.0).to(ACC)
+           + tl.load(bhh_ptr + D + rn, mask=nmask, other=0.0).to(ACC))
+    b_g = (tl.load(bih_ptr + 2 * D + rn, mask=nmask, other=0.0).to(ACC)
+           + tl.load(bhh_ptr + 2 * D + rn, mask=nmask, other=0.0).to(ACC))
+    b_o = (tl.load(bih_ptr + 3 * D + rn, mask=nmask, other=0.0).to(ACC)
+           + tl.load(bhh_ptr + 3 * D + rn, mask=nmask, other=0.0).to(ACC))
+    return (acc_i + b_i[None, :], acc_f + b_f[None, :], acc_g + b_g[None, :], acc_o + b_o[None, :])
+
+
+@triton.jit
+def _lstm_fwd_kernel(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, cell_ptr, hid_ptr, ncell_ptr,
+                     M, Np, D,
+                     ACC: tl.constexpr, PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """hidden, new_cell for a BLOCK_M x BLOCK_N tile of the (B*Np, D) outputs."""
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = rm < M
+    nmask = rn < D
+    gi, gf, gg, go = _gate_preacts(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, rm, rn, mmask, nmask,
+                                   Np, D, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    i = tl.sigmoid(gi)
+    f = tl.sigmoid(gf)
+    g = _tanh(gg)
+    o = tl.sigmoid(go)
+    offs = rm[:, None] * D + rn[None, :]
+    mask = mmask[:, None] & nmask[None, :]
+    c = tl.load(cell_ptr + offs, mask=mask, other=0.0).to(ACC)
+    c_new = f * c + i * g
+    h = o * _tanh(c_new)
+    tl.store(hid_ptr + offs, h.to(hid_ptr.dtype.element_ty), mask=mask)
+    tl.store(ncell_ptr + offs, c_new.to(ncell_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lstm_bwd_kernel(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, cell_ptr, gh_ptr, gc_ptr,
+                     dgates_ptr, gcell_ptr, M, Np, D,
+                     ACC: tl.constexpr, PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Recompute the gates of a tile and write dgates (B*Np, 4D) and grad_cell (B*Np, D)."""
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = rm < M
+    nmask = rn < D
+    gi, gf, gg, go = _gate_preacts(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, rm, rn, mmask, nmask,
+                                   Np, D, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    i = tl.sigmoid(gi)
+    f = tl.sigmoid(gf)
+    g = _tanh(gg)
+    o = tl.sigmoid(go)
+    offs = rm[:, None] * D + rn[None, :]
+    mask = mmask[:, None] & nmask[None, :]
+    c = tl.load(cell_ptr + offs, mask=mask, other=0.0).to(ACC)
+    dh = tl.load(gh_ptr + offs, mask=mask, other=0.0).to(ACC)
+    dcn = tl.load(gc_ptr + offs, mask=mask, other=0.0).to(ACC)
+    tc = _tanh(f * c + i * g)
+    d_o = dh * tc
+    dc = dcn + dh * o * (1.0 - tc * tc)
+    tl.store(gcell_ptr + offs, (dc * f).to(gcell_ptr.dtype.element_ty), mask=mask)
+    dty = dgates_ptr.dtype.element_ty
+    goffs = rm[:, None] * (4 * D) + rn[None, :]
+    tl.store(dgates_ptr + goffs, (dc * g * i * (1.0 - i)).to(dty), mask=mask)
+    tl.store(dgates_ptr + goffs + D, (dc * c * f * (1.0 - f)).to(dty), mask=mask)
+    tl.store(dgates_ptr + goffs + 2 * D, (dc * i * (1.0 - g * g)).to(dty), mask=mask)
+    tl.store(dgates_ptr + goffs + 3 * D, (d_o * o * (1.0 - o)).to(dty), mask=mask)
+
+
+@triton.jit
+def _grad_tokens_kernel(dx_ptr, out_ptr, k, Np, N, T, D,
+                        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad_tokens[b, t, d]: 0 for prefix rows, dxhat[b, t-k, d] for prompt rows and
+    sum_p dxhat[b, p, d] / N for patch rows; one program per (b, d-block, t-block)."""
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t0 = tl.program_id(2) * BLOCK_T
+    t = t0 + tl.arange(0, BLOCK_T)
+    dmask = d < D
+    dx_b = dx_ptr + b * Np * D
+    s = tl.zeros([BLOCK_D], dtype=ACC)
+    if t0 + BLOCK_T > k + Np:  # this block holds patch rows: they need the column sums
+        for p in range(0, Np):
+            s += tl.load(dx_b + p * D + d, mask=dmask, other=0.0).to(ACC)
+    s = s / N
+    is_prompt = (t >= k) & (t < k + Np)
+    v = tl.load(dx_b + (t - k)[:, None] * D + d[None, :], mask=is_prompt[:, None] & dmask[None, :],
+                other=0.0).to(ACC)
+    v = tl.where((t >= k + Np)[:, None], s[None, :], v)
+    out_b = out_ptr + b * T * D
+    tl.store(out_b + t[:, None] * D + d[None, :], v.to(out_ptr.dtype.element_ty),
+             mask=(t < T)[:, None] & dmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations: a fixed table (no autotuning), keyed on D and the weight dtype.
+# ----------------------------------------------------------------------------------------------
+class GemmConfig(NamedTuple):
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+
+
+class RowConfig(NamedTuple):
+    BLOCK_T: int
+    BLOCK_D: int
+    num_warps: int
+
+
+# The two GEMM kernels (_lstm_fwd_kernel, _lstm_bwd_kernel) compute a BLOCK_M x (4*BLOCK_N) output
+# tile (four gate accumulators). Shared memory per pipeline stage is
+# (BLOCK_M + 4*BLOCK_N) * BLOCK_K * itemsize; fp32 accumulators per thread are
+# 4*BLOCK_M*BLOCK_N / (32*num_warps).
+GEMM_CONFIGS: dict[str, GemmConfig] = {
+    # D <= 64 (tests, tiny models): one or two tiles cover D; small tiles keep the edge masks cheap.
+    "small": GemmConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
+    # fp16/bf16, 64 < D < 512: 64 x 256 effective tile, 40 KiB/stage -> 120 KiB for 3 stages (fits
+    # sm_80's 163 KiB and sm_90's 227 KiB), 64 accumulator registers per thread with 8 warps. A
+    # 64-row tile keeps B*Np = a few hundred rows spread over enough programs.
+    "half_mid": GemmConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+    # fp16/bf16, D >= 512 (ViT-B/L/H): 128 x 256 effective tile (the classic Triton Hopper/Ampere
+    # matmul shape) halves the w_hh traffic per FLOP; 48 KiB/stage -> 144 KiB for 3 stages,
+    # 128 accumulator registers per thread with 8 warps.
+    "half_large": GemmConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+    # fp32 (tf32 or ieee), D > 64: same 64 x 256 tile with BLOCK_K=32: 40 KiB/stage, 3 stages.
+    "fp32": GemmConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    # fp64 (gradcheck, validation only): small tile, fp64 accumulators take two registers each.
+    "fp64": GemmConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2),
+}
+
+# The memory-bound kernels (_xhat_kernel, _grad_tokens_kernel): tiles of BLOCK_T rows x BLOCK_D
+# columns; 64 columns are one 128-byte line per row for 16-bit dtypes, and small enough that
+# B * D / 64 programs fill the GPU at ViT widths.
+ROW_CONFIGS: dict[str, RowConfig] = {
+    "narrow": RowConfig(BLOCK_T=32, BLOCK_D=32, num_warps=4),   # D <= 64
+    "wide": RowConfig(BLOCK_T=64, BLOCK_D=64, num_warps=4),     # D > 64
+}
+
+
+def gemm_config_name(D: int, w_dtype: torch.dtype) -> str:
+    if w_dtype == torch.float64:
+        return "fp64"
+    if D <= 64:
+        return "small"
+    if w_dtype in _HALF:
+        return "half_large" if D >= 512 else "half_mid"
+    return "fp32"
+
+
+def gemm_config_names(w_dtype: torch.dtype) -> list[str]:
+    """Every GEMM configuration the launchers can pick for weights of dtype w_dtype."""
+    return sorted({gemm_config_name(D, w_dtype) for D in (1, 64, 65, 511, 512, 1 << 16)})
+
+
+def row_config_name(D: int) -> str:
+    return "narrow" if D <= 64 else "wide"
+
+
+def dot_precision(w_dtype: torch.dtype) -> str:
+    """tl.dot input_precision: "ieee" for fp64, and for fp32 when PyTorch's fp32 matmul precision is
+    "highest" (its default, which is what the reference's fp32 GEMMs use); "tf32" otherwise
+    (ignored by Triton for fp16/bf16 operands)."""
+    if w_dtype == torch.float64:
+        return "ieee"
+    if w_dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _acc(w_dtype: torch.dtype):
+    """(tl dtype, torch dtype) of the accumulation: fp64 for fp64 weights, else fp32."""
+    return (tl.float64, torch.float64) if w_dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (cheap; guarantees no launch indexes out of bounds)
+# ----------------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return not isinstance(_xhat_kernel, triton.runtime.JITFunction)
+
+
+def _fail(exc, msg):
+    raise exc(f"lspt_step (triton backend): {msg}")
+
+
+def _check_common(named: dict, w_hh: Tensor, B: int, n_p: int, D: int) -> None:
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            _fail(TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            _fail(TypeError, f"{name} must be float32/float16/bfloat16/float64, got {t.dtype}")
+    device = w_hh.device
+    for name, t in named.items():
+        if t.device != device:
+            _fail(ValueError, f"{name} is on {t.device} but weight_hh is on {device}: all tensors "
+                              "must be on one device")
+    if device.type != "cuda" and not (_interpreting() and device.type == "cpu"):
+        _fail(ValueError, f"tensors must be CUDA tensors, got {device}"
+              + (" (set TRITON_INTERPRET=1 before importing to run on the CPU)" if device.type == "cpu" else ""))
+    if _interpreting() and device.type != "cpu":
+        _fail(ValueError, f"the kernels were loaded for the Triton interpreter (TRITON_INTERPRET=1) "
+                          f"and need CPU tensors, got {device}")
+    expect = dict(prompt=(n_p, D), weight_ih=(4 * D, D), weight_hh=(4 * D, D), bias_ih=(4 * D,),
+                  bias_hh=(4 * D,))
+    w = w_hh.dtype
+    for name, shape in expect.items():
+        t = named[name]
+        if tuple(t.shape) != shape:
+            _fail(ValueError, f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.dtype != w:
+            _fail(TypeError, f"{name} must share weight_hh's dtype {w}, got {t.dtype}")
+        if not t.is_contiguous():
+            _fail(ValueError, f"{name} must be contiguous")
+    if n_p < 1:
+        _fail(ValueError, "prompt must hold at least one prompt token (Np >= 1)")
+
+
+def _check_act_dtypes(tok_name: str, tok_dtype, cell_name: str, cell_dtype, w) -> None:
+    if not (tok_dtype == w or (tok_dtype == torch.float32 and w in _HALF)):
+        _fail(TypeError, f"{tok_name} ({tok_dtype}) must have the weights' dtype {w}, or be float32 "
+                         "with float16/bfloat16 weights (autocast)")
+    if cell_dtype not in (tok_dtype, torch.float32):
+        _fail(TypeError, f"{cell_name} must be {tok_dtype} or float32, got {cell_dtype}")
+
+
+def _check_k(k, n_p: int, T: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        _fail(ValueError, f"num_prefix_tokens must be an int >= 0, got {k!r}")
+    if k + n_p >= T:
+        _fail(ValueError, f"T={T} tokens but num_prefix_tokens + Np = {k} + {n_p} leaves no patch token")
+
+
+def _check_forward(tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh, k) -> None:
+    named = dict(tokens=tokens, cell=cell, prompt=prompt, weight_ih=w_ih, weight_hh=w_hh,
+                 bias_ih=b_ih, bias_hh=b_hh)
+    if isinstance(tokens, Tensor) and tokens.dim() != 3:
+        _fail(ValueError, f"tokens must be (B, T, D), got shape {tuple(tokens.shape)}")
+    if not isinstance(prompt, Tensor) or prompt.dim() != 2:
+        _fail(ValueError, "prompt must be an (Np, D) tensor")
+    B, T, D = tokens.shape
+    n_p = prompt.shape[0]
+    _check_common(named, w_hh, B, n_p, D)
+    if tokens.stride(-1) != 1 and D > 1:
+        _fail(ValueError, f"tokens must have stride(-1) == 1, got strides {tokens.stride()}")
+    if tuple(cell.shape) != (B, n_p, D):
+        _fail(ValueError, f"cell must be (B, Np, D) = {(B, n_p, D)}, got {tuple(cell.shape)}")
+    if not cell.is_contiguous():
+        _fail(ValueError, "cell must be contiguous")
+    _check_act_dtypes("tokens", tokens.dtype, "cell", cell.dtype, w_hh.dtype)
+    _check_k(k, n_p, T)
+
+
+def _check_backward(grad_hidden, grad_cell, xhat, cell, prompt, w_ih, w_hh, b_ih, b_hh, k, T) -> None:
+    named = dict(grad_hidden=grad_hidden, grad_cell=grad_cell, xhat=xhat, cell=cell, prompt=prompt,
+                 weight_ih=w_ih, weight_hh=w_hh, bias_ih=b_ih, bias_hh=b_hh)
+    if not isinstance(xhat, Tensor) or xhat.dim() != 3:
+        _fail(ValueError, "xhat must be a (B, Np, D) tensor")
+    B, n_p, D = xhat.shape
+    if not isinstance(prompt, Tensor) or prompt.dim() != 2:
+        _fail(ValueError, "prompt must be an (Np, D) tensor")
+    _check_common(named, w_hh, B, prompt.shape[0], D)
+    for name in ("grad_hidden", "grad_cell", "xhat", "cell"):
+        t = named[name]
+        if tuple(t.shape) != (B, n_p, D):
+            _fail(ValueError, f"{name} must be (B, Np, D) = {(B, n_p, D)}, got {tuple(t.shape)}")
+        if not t.is_contiguous():
+            _fail(ValueError, f"{name} must be contiguous")
+    if xhat.dtype != w_hh.dtype:
+        _fail(TypeError, f"xhat must have the weights' dtype {w_hh.dtype}, got {xhat.dtype}")
+    if grad_cell.dtype != cell.dtype:
+        _fail(TypeError, f"grad_cell must have cell's dtype {cell.dtype}, got {grad_cell.dtype}")
+    _check_act_dtypes("grad_hidden", grad_hidden.dtype, "cell", cell.dtype, w_hh.dtype)
+    if isinstance(T, bool) or not isinstance(T, int):
+        _fail(ValueError, f"num_tokens must be an int, got {T!r}")
+    _check_k(k, n_p, T)
+
+
+class _on_device:
+    """Launch on the tensors' CUDA device (Triton launches on the current device)."""
+
+    def __init__(self, t: Tensor):
+        self.ctx = torch.cuda.device(t.device) if t.device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _launch_xhat(tokens: Tensor, xhat: Tensor, k: int, n_p: int, acc) -> None:
+    B, T, D = tokens.shape
+    cfg = ROW_CONFIGS[row_config_name(D)]
+    grid = (B, triton.cdiv(D, cfg.BLOCK_D))
+    _xhat_kernel[grid](tokens, xhat, tokens.stride(0), tokens.stride(1), k, n_p, T - k - n_p, D,
+                       ACC=acc, BLOCK_T=cfg.BLOCK_T, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps)
+
+
+def _gemm_launch_args(M: int, D: int, w_dtype: torch.dtype):
+    cfg = GEMM_CONFIGS[gemm_config_name(D, w_dtype)]
+    grid = (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(D, cfg.BLOCK_N))
+    meta = dict(ACC=_acc(w_dtype)[0], PREC=dot_precision(w_dtype), BLOCK_M=cfg.BLOCK_M,
+                BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+    return grid, meta
+
+
+def forward(tokens: Tensor, cell: Tensor, prompt: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
+            b_hh: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """-> hidden (B,Np,D) tokens.dtype, new_cell (B,Np,D) cell.dtype, xhat (B,Np,D) w_hh.dtype."""
+    _check_forward(tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh, k)
+    B, T, D = tokens.shape
+    n_p = prompt.shape[0]
+    w = w_hh.dtype
+    acc_tl, _ = _acc(w)
+    hidden = tokens.new_empty((B, n_p, D))
+    new_cell = torch.empty_like(cell, memory_format=torch.contiguous_format)
+    xhat = tokens.new_empty((B, n_p, D), dtype=w)
+    if B * D == 0:  # empty batch or width: nothing to compute (and no zero-size grid to launch)
+        return hidden, new_cell, xhat
+    pw = torch.mm(prompt, w_ih.t())                                           # (Np, 4D) in W
+    M = B * n_p
+    grid, meta = _gemm_launch_args(M, D, w)
+    with _on_device(tokens):
+        _launch_xhat(tokens, xhat, k, n_p, acc_tl)
+        _lstm_fwd_kernel[grid](xhat, w_hh, pw, b_ih, b_hh, cell, hidden, new_cell, M, n_p, D, **meta)
+    return hidden, new_cell, xhat
+
+
+def backward(grad_hidden: Tensor, grad_cell: Tensor, xhat: Tensor, cell: Tensor, prompt: Tensor,
+             w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, k: int, num_tokens: int):
+    """-> grad_tokens (B,T,D) grad_hidden.dtype, grad_cell (cell.dtype), grad_prompt, grad_w_ih,
+    grad_w_hh, grad_b_ih, grad_b_hh (w_hh.dtype)."""
+    _check_backward(grad_hidden, grad_cell, xhat, cell, prompt, w_ih, w_hh, b_ih, b_hh, k, num_tokens)
+    B, n_p, D = xhat.shape
+    T = num_tokens
+    w = w_hh.dtype
+    acc_tl, acc_torch = _acc(w)
+    M = B * n_p
+    grad_tokens = grad_hidden.new_empty((B, T, D))
+    grad_cell_prev = torch.empty_like(cell, memory_format=torch.contiguous_format)
+    if M * D == 0:
+        grad_tokens.zero_()
+        grad_cell_prev.zero_()
+        return (grad_tokens, grad_cell_prev, torch.zeros_like(prompt), torch.zeros_like(w_ih),
+                torch.zeros_like(w_hh), torch.zeros_like(b_ih), torch.zeros_like(b_hh))
+    pw = torch.mm(prompt, w_ih.t())                                           # (Np, 4D) in W
+    dgates = xhat.new_empty((M, 4 * D))                                       # in W (see top)
+    grid, meta = _gemm_launch_args(M, D, w)
+    with _on_device(xhat):
+        _lstm_bwd_kernel[grid](xhat, w_hh, pw, b_ih, b_hh, cell, grad_hidden, grad_cell, dgates,
+                               grad_cell_prev, M, n_p, D, **meta)
+        # Products on cuBLAS (each is a plain GEMM with no epilogue worth fusing).
+        dxhat = torch.mm(dgates, w_hh)                                        # (B*Np, D)
+        grad_w_hh = torch.mm(dgates.t(), xhat.view(M, D))                     # (4D, D)
+        dpg = dgates.view(B, n_p, 4 * D).sum(0, dtype=acc_torch)              # (Np, 4D) fp32
+        db = dpg.sum(0)                                                       # (4D,)
+        grad_b_ih = db.to(w, copy=True)
+        grad_b_hh = db.to(w, copy=True)
+        dpg_w = dpg.to(w)
+        grad_prompt = torch.mm(dpg_w, w_ih)                                   # (Np, D)
+        grad_w_ih = torch.mm(dpg_w.t(), prompt)                               # (4D, D)
+        cfg = ROW_CONFIGS[row_config_name(D)]
+        grid_t = (B, triton.cdiv(D, cfg.BLOCK_D), triton.cdiv(T, cfg.BLOCK_T))
+        _grad_tokens_kernel[grid_t](dxhat, grad_tokens, k, n_p, T - k - n_p, T, D, ACC=acc_tl,
+                                    BLOCK_T=cfg.BLOCK_T, BLOCK_D=cfg.BLOCK_D,
+                                    num_warps=cfg.num_warps)
+    return grad_tokens, grad_cell_prev, grad_prompt, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
