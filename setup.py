@@ -52,8 +52,7 @@ def _extensions():
         exts.append(cpp_extension.CUDAExtension(
             "lspt_kernels._lspt_cuda", rel(build.CUDA_SOURCES), include_dirs=[str(ROOT / "csrc")],
             extra_compile_args={"cxx": build.CXX_FLAGS + ["-DLSPT_WITH_CUDA"],
-                                "nvcc": build.NVCC_FLAGS + ["-DLSPT_WITH_CUDA"] + build.cuda_arch_flags()},
-            libraries=["cublas"]))
+                                "nvcc": build.NVCC_FLAGS + ["-DLSPT_WITH_CUDA"] + build.cuda_arch_flags()}))
     return exts, ({"build_ext": cpp_extension.BuildExtension} if exts else {})
 
 

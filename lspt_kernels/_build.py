@@ -17,8 +17,9 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # Shared by setup.py (ahead of time) and the JIT build below, so both compile the same thing.
 CPU_SOURCES = ["bindings.cpp", "cpu/lspt_step_cpu.cpp"]
 CUDA_SOURCES = CPU_SOURCES + ["cuda/lspt_step_cuda.cu"]
-CXX_FLAGS = ["-O3", "-std=c++17"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+# No -std: torch adds the standard its headers need (C++17 up to 2.13, C++20 from 2.14).
+CXX_FLAGS = ["-O3"]
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 
@@ -61,6 +62,5 @@ def _jit(kind: str, name: str):
                   extra_include_paths=[str(CSRC)], extra_cflags=CXX_FLAGS, verbose=False)
     if kind == "cuda":
         kwargs.update(extra_cflags=CXX_FLAGS + ["-DLSPT_WITH_CUDA"],
-                      extra_cuda_cflags=NVCC_FLAGS + ["-DLSPT_WITH_CUDA"] + cuda_arch_flags(),
-                      extra_ldflags=["-lcublas"])
+                      extra_cuda_cflags=NVCC_FLAGS + ["-DLSPT_WITH_CUDA"] + cuda_arch_flags())
     return cpp_extension.load(**kwargs)

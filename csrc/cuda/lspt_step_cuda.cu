@@ -6,8 +6,9 @@
 // Forward, three launches on the current stream:
 //   1. prologue_kernel, one grid with two kinds of blocks:
 //        - Pg blocks (scheduled first): Pg = prompt @ w_ih^T + b_ih + b_hh, (Np, 4D) in A. This is the
-//          batch-independent part (8·Np·D² FLOPs, 1/B of the main product): small tiles on CUDA cores
-//          in A, which overlap with the memory-bound xhat blocks instead of costing a launch of their own;
+//          batch-independent part (8·Np·D² FLOPs, 1/B of the main product): 16/32 x 64 tiles on CUDA
+//          cores in A (global loads prefetched one k-step ahead), which run beside the memory-bound
+//          xhat blocks instead of costing a cuBLAS launch of their own (a fourth launch);
 //        - xhat blocks: one pass over the patch tokens of image b (mean in A) and the prompt rows,
 //          writing xhat[b, p] = W(tokens[b, k+p] + mean_n tokens[b, k+Np+n]).
 //   2. G = xhat (B·Np, D) @ w_hh^T (at::mm -> cuBLAS(Lt)), (B·Np, 4D) in W, like the reference's linear.
@@ -50,7 +51,6 @@ namespace lspt {
 namespace {
 
 constexpr int kThreads = 256;  // every kernel runs 256-thread blocks
-constexpr int kBK = 32;        // k-step of the small tile products
 
 // ------------------------------------------------------------------------------------------------
 // Conversions and vector access
@@ -93,57 +93,104 @@ __device__ __forceinline__ void store_vec(T* p, const A (&in)[N]) {
   *reinterpret_cast<Pack<T, N>*>(p) = pk;
 }
 
+// Gate nonlinearities in the accumulation type. The build uses --use_fast_math, under which nvcc
+// turns tanhf into tanh.approx.f32 (relative error up to 2^-11: too coarse for fp32 parity), so
+// tanh is written out: an odd polynomial below 0.6 and 1 - 2/(e^{2|x|} + 1) above (both within
+// ~3 ulp of fp64 tanh when evaluated in fp32; e^{2|x|} = inf gives 1). exp is __expf (ex2.approx).
 __device__ __forceinline__ float sigmoid_acc(float x) { return 1.f / (1.f + __expf(-x)); }
 __device__ __forceinline__ double sigmoid_acc(double x) { return 1.0 / (1.0 + exp(-x)); }
-__device__ __forceinline__ float tanh_acc(float x) { return tanhf(x); }
+__device__ __forceinline__ float tanh_acc(float x) {
+  const float a = fabsf(x);
+  float r;
+  if (a >= 0.6f) {
+    r = 1.f - 2.f / (__expf(2.f * a) + 1.f);
+  } else {
+    const float s = x * x;
+    float q = fmaf(-5.70498872e-3f, s, 2.06390887e-2f);
+    q = fmaf(q, s, -5.37397642e-2f);
+    q = fmaf(q, s, 1.33314758e-1f);
+    q = fmaf(q, s, -3.33332413e-1f);
+    r = fmaf(q * s, a, a);
+  }
+  return copysignf(r, x);
+}
 __device__ __forceinline__ double tanh_acc(double x) { return tanh(x); }
 
 // ------------------------------------------------------------------------------------------------
 // Small tile product on CUDA cores: acc[i][j] += sum_{k in [k_begin,k_end)} A(m,k) B(k,n) for the
 // BM x BN tile at (m0, n0), m = m0 + ty + 16 i, n = n0 + tx + 16 j (256 threads as 16 x 16).
 // A(m,k) = a[m*lda + k] if A_K_CONTIG else a[k*lda + m]; B(k,n) = b[k*ldb + n] if B_N_CONTIG else
-// b[n*ldb + k]. Global loads run along the contiguous index (coalesced); the shared tiles are padded
-// by one element so that the transposing stores do not conflict.
+// b[n*ldb + k]. Global loads run along the contiguous index (coalesced) and are prefetched one
+// k-step ahead into registers, so their latency overlaps the previous step's FMAs (these products
+// are short and latency-bound); the shared tiles are padded by one element so that the transposing
+// stores do not conflict.
 // ------------------------------------------------------------------------------------------------
-template <typename A, int BM, int BN>
+// k-step: 64 in fp32 (the M = Np products walk K = D or 4D), 32 in fp64 (48 KiB of static smem).
+template <typename A>
+constexpr int small_bk() { return sizeof(A) == 8 ? 32 : 64; }
+constexpr int kBKW = 32;  // k-step of grad_w_ih (K = Np, usually short)
+
+template <typename A, int BM, int BN, int BK>
 struct TileSmem {
-  A a[kBK][BM + 1];
-  A b[kBK][BN + 1];
+  A a[BK][BM + 1];
+  A b[BK][BN + 1];
 };
 
-template <typename A, int BM, int BN, bool A_K_CONTIG, bool B_N_CONTIG, typename TA, typename TB>
+// One operand's share of a k-step: a ROWS x FAST block whose FAST index is contiguous in memory.
+// Thread t owns column t % FAST of rows t / FAST + r * (256 / FAST): one base pointer and one
+// stride per k-step, so the prefetch costs few registers.
+template <typename A, int FAST, int ROWS, typename TX>
+struct OperandFetch {
+  static constexpr int kStep = kThreads / FAST, kCount = ROWS / kStep;
+  static_assert(kThreads % FAST == 0 && ROWS % kStep == 0, "tile shape");
+  A v[kCount];
+  // rows [row0, row0 + ROWS) x columns [col0, col0 + FAST) of x (leading dimension ld), zero
+  // outside rows < row_end and columns < col_end.
+  __device__ __forceinline__ void fetch(const TX* __restrict__ x, int64_t ld, int row0, int row_end,
+                                        int col0, int col_end) {
+    const int col = col0 + int(threadIdx.x) % FAST, row = row0 + int(threadIdx.x) / FAST;
+    const bool col_ok = col < col_end;
+    const TX* ptr = x + int64_t(row) * ld + col;
+#pragma unroll
+    for (int r = 0; r < kCount; ++r) {
+      v[r] = (col_ok && row + r * kStep < row_end) ? load_cast<A>(ptr[int64_t(r) * kStep * ld]) : A(0);
+    }
+  }
+  // Stores into s[k][mn] (k-major shared tile); K_FAST says whether FAST runs along k.
+  template <bool K_FAST, int LD>
+  __device__ __forceinline__ void store(A (*s)[LD]) const {
+    const int c = int(threadIdx.x) % FAST, r0 = int(threadIdx.x) / FAST;
+#pragma unroll
+    for (int r = 0; r < kCount; ++r) {
+      if (K_FAST) s[c][r0 + r * kStep] = v[r];
+      else s[r0 + r * kStep][c] = v[r];
+    }
+  }
+};
+
+template <typename A, int BM, int BN, int BK, bool A_K_CONTIG, bool B_N_CONTIG, typename TA, typename TB>
 __device__ __forceinline__ void tile_product(const TA* __restrict__ a, int64_t lda,
                                              const TB* __restrict__ b, int64_t ldb, int M, int N,
                                              int k_begin, int k_end, int m0, int n0,
-                                             TileSmem<A, BM, BN>& sm, A (&acc)[BM / 16][BN / 16]) {
-  static_assert((BM * kBK) % kThreads == 0 && (BN * kBK) % kThreads == 0, "tile shape");
+                                             TileSmem<A, BM, BN, BK>& sm, A (&acc)[BM / 16][BN / 16]) {
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-  for (int k0 = k_begin; k0 < k_end; k0 += kBK) {
-#pragma unroll
-    for (int r = 0; r < BM * kBK / kThreads; ++r) {
-      const int e = tid + r * kThreads;
-      const int ml = A_K_CONTIG ? e / kBK : e % BM;
-      const int kl = A_K_CONTIG ? e % kBK : e / BM;
-      const int m = m0 + ml, k = k0 + kl;
-      A v = A(0);
-      if (m < M && k < k_end)
-        v = load_cast<A>(A_K_CONTIG ? a[int64_t(m) * lda + k] : a[int64_t(k) * lda + m]);
-      sm.a[kl][ml] = v;
-    }
-#pragma unroll
-    for (int r = 0; r < BN * kBK / kThreads; ++r) {
-      const int e = tid + r * kThreads;
-      const int nl = B_N_CONTIG ? e % BN : e / kBK;
-      const int kl = B_N_CONTIG ? e / BN : e % kBK;
-      const int n = n0 + nl, k = k0 + kl;
-      A v = A(0);
-      if (n < N && k < k_end)
-        v = load_cast<A>(B_N_CONTIG ? b[int64_t(k) * ldb + n] : b[int64_t(n) * ldb + k]);
-      sm.b[kl][nl] = v;
-    }
+  // A: FAST = k (rows m) when A_K_CONTIG, else FAST = m (rows k); B likewise with n.
+  OperandFetch<A, A_K_CONTIG ? BK : BM, A_K_CONTIG ? BM : BK, TA> fa;
+  OperandFetch<A, B_N_CONTIG ? BN : BK, B_N_CONTIG ? BK : BN, TB> fb;
+  auto fetch = [&](int k0) {
+    if (A_K_CONTIG) fa.fetch(a, lda, m0, M, k0, k_end);
+    else fa.fetch(a, lda, k0, k_end, m0, M);
+    if (B_N_CONTIG) fb.fetch(b, ldb, k0, k_end, n0, N);
+    else fb.fetch(b, ldb, n0, N, k0, k_end);
+  };
+  if (k_begin < k_end) fetch(k_begin);
+  for (int k0 = k_begin; k0 < k_end; k0 += BK) {
+    fa.template store<A_K_CONTIG, BM + 1>(sm.a);
+    fb.template store<!B_N_CONTIG, BN + 1>(sm.b);
     __syncthreads();
+    if (k0 + BK < k_end) fetch(k0 + BK);  // next step's loads are in flight during the FMAs
 #pragma unroll 8
-    for (int kk = 0; kk < kBK; ++kk) {
+    for (int kk = 0; kk < BK; ++kk) {
       A af[BM / 16], bf[BN / 16];
 #pragma unroll
       for (int i = 0; i < BM / 16; ++i) af[i] = sm.a[kk][ty + 16 * i];
@@ -216,12 +263,13 @@ struct PrologueArgs {
 
 template <typename T, typename W, typename A, int BM>
 __device__ __forceinline__ void pg_tile(const PrologueArgs<T, W, A>& p, int bid, unsigned char* smem) {
-  auto& sm = *reinterpret_cast<TileSmem<A, BM, 64>*>(smem);
+  constexpr int BK = small_bk<A>();
+  auto& sm = *reinterpret_cast<TileSmem<A, BM, 64, BK>*>(smem);
   const int D4 = 4 * p.D;
   const int m0 = (bid % p.pg_tiles_m) * BM, n0 = (bid / p.pg_tiles_m) * 64;
   A acc[BM / 16][4];
   zero_acc<A, BM, 64>(acc);
-  tile_product<A, BM, 64, true, false>(p.prompt, p.D, p.w_ih, p.D, p.Np, D4, 0, p.D, m0, n0, sm, acc);
+  tile_product<A, BM, 64, BK, true, false>(p.prompt, p.D, p.w_ih, p.D, p.Np, D4, 0, p.D, m0, n0, sm, acc);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -239,7 +287,7 @@ __device__ __forceinline__ void pg_tile(const PrologueArgs<T, W, A>& p, int bid,
 template <typename T, typename W, typename A, int VEC>
 __global__ void __launch_bounds__(kThreads)
 prologue_kernel(const PrologueArgs<T, W, A> p) {
-  constexpr size_t kSmem = cmax(sizeof(TileSmem<A, 32, 64>), red_bytes<A, VEC>());
+  constexpr size_t kSmem = cmax(sizeof(TileSmem<A, 32, 64, small_bk<A>()>), red_bytes<A, VEC>());
   __shared__ __align__(16) unsigned char smem[kSmem];
   const int tid = threadIdx.x;
   if (blockIdx.x == 0 && p.zero_ptr != nullptr)
@@ -300,18 +348,27 @@ struct EpilogueArgs {
   T* hidden;
   C* new_cell;
   int Np, D, Dv;
-  int64_t total;  // B*Np*Dv
+  int rows;  // B*Np
 };
 
 template <typename T, typename C, typename W, typename A, int VEC>
 __global__ void __launch_bounds__(kThreads)
 epilogue_kernel(const EpilogueArgs<T, C, W, A> p) {
   const int64_t D4 = 4 * int64_t(p.D);
-  for (int64_t idx = int64_t(blockIdx.x) * kThreads + threadIdx.x; idx < p.total;
-       idx += int64_t(gridDim.x) * kThreads) {
-    const int64_t row = idx / p.Dv;
-    const int d0 = int(idx - row * p.Dv) * VEC;
-    const int q = int(row % p.Np);
+  // Grid-stride over the (row, column group) items without 64-bit divisions (which would compile
+  // to a call): the grid has < 2^31 threads, so the start and the stride split in 32 bits.
+  const int stride = int(gridDim.x) * kThreads;
+  const int stride_rows = stride / p.Dv, stride_cols = stride - stride_rows * p.Dv;
+  const int start = int(blockIdx.x) * kThreads + int(threadIdx.x);
+  int r = start / p.Dv, dv = start - r * p.Dv;
+  for (; r < p.rows; r += stride_rows, dv += stride_cols) {
+    if (dv >= p.Dv) {
+      dv -= p.Dv;
+      if (++r >= p.rows) break;
+    }
+    const int64_t row = r;
+    const int d0 = dv * VEC;
+    const int q = r % p.Np;
     const W* g = p.gates + row * D4 + d0;
     const A* pg = p.pg + q * D4 + d0;
     A z[4][VEC], c[VEC];
@@ -455,7 +512,7 @@ struct TailArgs {
   W* grad_b_hh;
   A* partial;    // (dp_splits, Np, D) when dp_splits > 1
   int* tickets;  // one per grad_prompt tile, zeroed by the prologue
-  int dp_bm, dp_tiles_m, dp_tiles_n, dp_splits, dp_kchunk, n_dp_blocks;
+  int dp_tiles_m, dp_tiles_n, dp_splits, dp_kchunk, n_dp_blocks;
   int wi_tiles_m, n_wi_blocks;
   int n_db_blocks;
   const W* dxhat;  // (B*Np, D)
@@ -467,14 +524,15 @@ struct TailArgs {
 template <typename T, typename W, typename A, int BM>
 __device__ __forceinline__ void grad_prompt_tile(const TailArgs<T, W, A>& p, int bid,
                                                  unsigned char* smem, int* s_flag) {
-  auto& sm = *reinterpret_cast<TileSmem<A, BM, 64>*>(smem);
+  constexpr int BK = small_bk<A>();
+  auto& sm = *reinterpret_cast<TileSmem<A, BM, 64, BK>*>(smem);
   const int D4 = 4 * p.D, tiles = p.dp_tiles_m * p.dp_tiles_n;
   const int tile = bid % tiles, split = bid / tiles;
   const int m0 = (tile % p.dp_tiles_m) * BM, n0 = (tile / p.dp_tiles_m) * 64;
   const int kb = split * p.dp_kchunk, ke = min(D4, kb + p.dp_kchunk);
   A acc[BM / 16][4];
   zero_acc<A, BM, 64>(acc);
-  tile_product<A, BM, 64, true, true>(p.dpg, D4, p.w_ih, p.D, p.Np, p.D, kb, ke, m0, n0, sm, acc);
+  tile_product<A, BM, 64, BK, true, true>(p.dpg, D4, p.w_ih, p.D, p.Np, p.D, kb, ke, m0, n0, sm, acc);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   if (p.dp_splits == 1) {
 #pragma unroll
@@ -516,13 +574,13 @@ __device__ __forceinline__ void grad_prompt_tile(const TailArgs<T, W, A>& p, int
 
 template <typename T, typename W, typename A>
 __device__ __forceinline__ void grad_w_ih_tile(const TailArgs<T, W, A>& p, int bid, unsigned char* smem) {
-  auto& sm = *reinterpret_cast<TileSmem<A, 64, 64>*>(smem);
+  auto& sm = *reinterpret_cast<TileSmem<A, 64, 64, kBKW>*>(smem);
   const int D4 = 4 * p.D;
   const int m0 = (bid % p.wi_tiles_m) * 64, n0 = (bid / p.wi_tiles_m) * 64;
   A acc[4][4];
   zero_acc<A, 64, 64>(acc);
   // grad_w_ih (4D, D) = dPg^T (4D, Np) @ prompt (Np, D)
-  tile_product<A, 64, 64, false, true>(p.dpg, D4, p.prompt, p.D, D4, p.D, 0, p.Np, m0, n0, sm, acc);
+  tile_product<A, 64, 64, kBKW, false, true>(p.dpg, D4, p.prompt, p.D, D4, p.D, 0, p.Np, m0, n0, sm, acc);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
   for (int i = 0; i < 4; ++i)
@@ -534,16 +592,17 @@ __device__ __forceinline__ void grad_w_ih_tile(const TailArgs<T, W, A>& p, int b
 }
 
 template <typename T, typename W, typename A, int VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
 tail_kernel(const TailArgs<T, W, A> p) {
-  constexpr size_t kSmem = cmax(sizeof(TileSmem<A, 64, 64>), red_bytes<A, VEC>());
+  constexpr size_t kSmem = cmax(cmax(sizeof(TileSmem<A, 64, 64, kBKW>),
+                                     sizeof(TileSmem<A, 16, 64, small_bk<A>()>)),
+                                red_bytes<A, VEC>());
   __shared__ __align__(16) unsigned char smem[kSmem];
   __shared__ int s_flag;
   const int tid = threadIdx.x;
   int bid = blockIdx.x;
   if (bid < p.n_dp_blocks) {  // longest blocks first (K = 4D)
-    if (p.dp_bm == 16) grad_prompt_tile<T, W, A, 16>(p, bid, smem, &s_flag);
-    else grad_prompt_tile<T, W, A, 32>(p, bid, smem, &s_flag);
+    grad_prompt_tile<T, W, A, 16>(p, bid, smem, &s_flag);
     return;
   }
   bid -= p.n_dp_blocks;
@@ -759,7 +818,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(
   TORCH_CHECK(k >= 0, "lspt cuda: num_prefix_tokens must be >= 0, got ", k);
   TORCH_CHECK(k + Np < T, "lspt cuda: tokens has T=", T, " tokens but num_prefix_tokens + Np = ", k,
               " + ", Np, " leaves no patch token (need T > k + Np)");
-  TORCH_CHECK(B * Np <= INT_MAX && T <= INT_MAX, "lspt cuda: problem too large");
+  TORCH_CHECK(B * Np <= INT_MAX / 2 && T <= INT_MAX / 2, "lspt cuda: problem too large");
   const int64_t N = T - k - Np;
 
   c10::cuda::CUDAGuard guard(device);
@@ -792,7 +851,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(
     launch_prologue(pa, vec_t ? kVecT : 1, B, sms, stream);
 
     // 2. G = xhat @ w_hh^T (cuBLAS)
-    auto gates = at::mm(xhat.view({B * Np, D}), w_hh.t());
+    at::Tensor gates = at::mm(xhat.view({B * Np, D}), w_hh.t());
 
     // 3. epilogue
     EpilogueArgs<Tt, Ct, Wt, At> ea{};
@@ -809,8 +868,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(
     const auto launch = [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       ea.Dv = int(D / V);
-      ea.total = B * Np * ea.Dv;
-      const int64_t blocks = std::min<int64_t>(ceil_div(ea.total, kThreads), int64_t(sms) * 16);
+      ea.rows = int(B * Np);
+      const int64_t blocks = std::min<int64_t>(ceil_div(B * Np * ea.Dv, kThreads), int64_t(sms) * 16);
       epilogue_kernel<Tt, Ct, Wt, At, V><<<unsigned(blocks), kThreads, 0, stream>>>(ea);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
@@ -850,7 +909,7 @@ cuda_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const 
   TORCH_CHECK(k >= 0, "lspt cuda: num_prefix_tokens must be >= 0, got ", k);
   TORCH_CHECK(k + Np < num_tokens, "lspt cuda: num_tokens T=", num_tokens,
               " but num_prefix_tokens + Np = ", k, " + ", Np, " leaves no patch token (need T > k + Np)");
-  TORCH_CHECK(B * Np <= INT_MAX && num_tokens <= INT_MAX, "lspt cuda: problem too large");
+  TORCH_CHECK(B * Np <= INT_MAX / 2 && num_tokens <= INT_MAX / 2, "lspt cuda: problem too large");
   const int64_t T = num_tokens, N = T - k - Np, D4 = 4 * D;
 
   c10::cuda::CUDAGuard guard(device);
@@ -892,16 +951,18 @@ cuda_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const 
     const int64_t chunk_b = ceil_div(B, nchunks);
     nchunks = ceil_div(B, chunk_b);
 
-    // grad_prompt = dPg (Np, 4D) @ w_ih (4D, D): tiles of 16/32 x 64, split-K for parallelism.
-    const int dp_bm = Np <= 16 ? 16 : 32;
+    // grad_prompt = dPg (Np, 4D) @ w_ih (4D, D): 16 x 64 tiles (one tile shape keeps the tail
+    // kernel's registers low), split-K for parallelism.
+    const int dp_bm = 16;
     const int64_t dp_tiles_m = ceil_div(Np, dp_bm), dp_tiles_n = ceil_div(D, 64);
-    const int64_t dp_tiles = dp_tiles_m * dp_tiles_n, ksteps = ceil_div(D4, kBK);
+    constexpr int kBKdp = small_bk<At>();
+    const int64_t dp_tiles = dp_tiles_m * dp_tiles_n, ksteps = ceil_div(D4, kBKdp);
     int64_t splits = std::max<int64_t>(1, std::min<int64_t>(ceil_div(2 * sms, dp_tiles), ksteps / 4));
-    const int64_t kchunk = ceil_div(ksteps, splits) * kBK;
+    const int64_t kchunk = ceil_div(ksteps, splits) * kBKdp;
     splits = ceil_div(D4, kchunk);
 
     const int64_t n_tickets_e = nchunks > 1 ? col_blocks : 0, n_tickets_dp = splits > 1 ? dp_tiles : 0;
-    auto tickets = at::empty({std::max<int64_t>(1, n_tickets_e + n_tickets_dp)},
+    at::Tensor tickets = at::empty({std::max<int64_t>(1, n_tickets_e + n_tickets_dp)},
                              grad_hidden.options().dtype(at::kInt));
     const int64_t part_numel = std::max<int64_t>(nchunks > 1 ? nchunks * Np * D4 : 0,
                                                  splits > 1 ? splits * Np * D : 0);
@@ -919,8 +980,8 @@ cuda_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const 
     launch_prologue(pa, 1, B, sms, stream);
 
     // 2. recompute G = xhat @ w_hh^T (cuBLAS)
-    const auto xhat2d = xhat.view({B * Np, D});
-    auto gates = at::mm(xhat2d, w_hh.t());
+    const at::Tensor xhat2d = xhat.view({B * Np, D});
+    at::Tensor gates = at::mm(xhat2d, w_hh.t());
 
     // 3. dgates (over G), grad of the incoming cell, dPg
     BwdElemArgs<Tt, Ct, Wt, At> ba{};
@@ -941,7 +1002,7 @@ cuda_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     // 4., 5. dxhat = dgates @ w_hh, grad_w_hh = dgates^T @ xhat (cuBLAS)
-    auto dxhat = at::mm(gates, w_hh);
+    at::Tensor dxhat = at::mm(gates, w_hh);
     grad_w_hh = at::mm(gates.t(), xhat2d);
 
     // 6. tail
@@ -955,7 +1016,6 @@ cuda_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const 
     ta.grad_b_hh = grad_b_hh.data_ptr<Wt>();
     ta.partial = partial.data_ptr<At>();
     ta.tickets = tickets.data_ptr<int>() + n_tickets_e;
-    ta.dp_bm = dp_bm;
     ta.dp_tiles_m = int(dp_tiles_m); ta.dp_tiles_n = int(dp_tiles_n);
     ta.dp_splits = int(splits); ta.dp_kchunk = int(kchunk);
     ta.n_dp_blocks = int(dp_tiles * splits);
