@@ -35,16 +35,20 @@ operands share W (an fp32 dgates would need an fp32 copy of w_hh, or fp32 GEMMs)
 the bytes written and read for fp16/bf16. The batch and bias reductions of dgates accumulate in
 fp32 (torch.sum(dtype=...)).
 
-Block configurations are a small fixed table keyed on D and the weight dtype (see GEMM_CONFIGS and
-gemm_config): no autotuning, so nothing needs a GPU to decide, the choice is reproducible, and every
-configuration a launcher can pick is compile-checked for sm_80 and sm_90 by
-tests/test_triton_compile.py without a GPU.
+Launch parameters are a small fixed table (GEMM_CONFIGS, ROW_CONFIGS) picked by gemm_config_name /
+row_config_name from D, the weight dtype, the tl.dot precision and (for one 16-bit entry) B*Np: no
+autotuning, so nothing needs a GPU to decide, the choice is reproducible, and every configuration a
+launcher can pick is compiled for sm_80 and sm_90 (PTX, cubin, tensor-core instructions, no register
+spills) by tests/test_triton_compile.py without a GPU. Every launch passes its block sizes,
+num_warps, num_stages (GEMMs) and enable_fp_fusion explicitly.
+
+Index arithmetic is 32-bit inside the tiles (64-bit per-image bases); the launchers refuse shapes
+where that could overflow (B*Np*4D or 4D*D >= 2**31, or T*tokens.stride(1) >= 2**31).
 
 Under TRITON_INTERPRET=1 (set before this module is imported) the kernels run on CPU tensors.
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -91,15 +95,20 @@ def _xhat_kernel(tok_ptr, xhat_ptr, stride_tb, stride_tt, k, Np, N, D,
 
 
 @triton.jit
-def _gate_preacts(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, rm, rn, mmask, nmask, Np, D,
+def _gate_preacts(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, rm, rn, M, Np, D,
                   ACC: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Pre-activations of the four gates for rows rm (of B*Np) and columns rn (of D), in ACC:
-    xhat[rm] @ w_hh[g*D + rn]^T + Pw[rm % Np, g*D + rn] + b_ih[g*D + rn] + b_hh[g*D + rn]."""
+    xhat[rm] @ w_hh[g*D + rn]^T + Pw[rm % Np, g*D + rn] + b_ih[g*D + rn] + b_hh[g*D + rn].
+    Rows >= M and columns >= D are clamped (not masked) in the K loop, as in Triton's matmul
+    tutorial: they read valid memory, their results are never stored, and only the K tail needs a
+    mask (zero padding); that keeps predicates out of the inner loop."""
+    rm_c = tl.minimum(rm, M - 1)
+    rn_c = tl.minimum(rn, D - 1)
     rk = tl.arange(0, BLOCK_K)
-    a_ptrs = xhat_ptr + rm[:, None] * D + rk[None, :]                    # [BLOCK_M, BLOCK_K]
+    a_ptrs = xhat_ptr + rm_c[:, None] * D + rk[None, :]                  # [BLOCK_M, BLOCK_K]
     # w_hh is (4D, D) row-major: the (kk, n) element of gate g's B tile is w_hh[g*D + n, kk].
-    w_ptrs = w_ptr + rn[None, :] * D + rk[:, None]                       # [BLOCK_K, BLOCK_N]
+    w_ptrs = w_ptr + rn_c[None, :] * D + rk[:, None]                     # [BLOCK_K, BLOCK_N]
     gate_stride = D * D
     acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     acc_f = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
@@ -107,12 +116,11 @@ def _gate_preacts(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, rm, rn, mmask, nmas
     acc_o = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for k0 in range(0, D, BLOCK_K):
         kmask = rk < D - k0
-        a = tl.load(a_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
-        wmask = kmask[:, None] & nmask[None, :]
-        w_i = tl.load(w_ptrs, mask=wmask, other=0.0)
-        w_f = tl.load(w_ptrs + gate_stride, mask=wmask, other=0.0)
-        w_g = tl.load(w_ptrs + 2 * gate_stride, mask=wmask, other=0.0)
-        w_o = tl.load(w_ptrs + 3 * gate_stride, mask=wmask, other=0.0)
+        a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+        w_i = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+        w_f = tl.load(w_ptrs + gate_stride, mask=kmask[:, None], other=0.0)
+        w_g = tl.load(w_ptrs + 2 * gate_stride, mask=kmask[:, None], other=0.0)
+        w_o = tl.load(w_ptrs + 3 * gate_stride, mask=kmask[:, None], other=0.0)
         acc_i = tl.dot(a, w_i, acc_i, input_precision=PREC)
         acc_f = tl.dot(a, w_f, acc_f, input_precision=PREC)
         acc_g = tl.dot(a, w_g, acc_g, input_precision=PREC)
@@ -120,21 +128,16 @@ def _gate_preacts(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, rm, rn, mmask, nmas
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     # Batch-independent part: Pw (Np, 4D) in W plus both biases, added in ACC.
-    p = rm % Np
-    mask2 = mmask[:, None] & nmask[None, :]
-    pw_ptrs = pw_ptr + p[:, None] * (4 * D) + rn[None, :]
-    acc_i += tl.load(pw_ptrs, mask=mask2, other=0.0).to(ACC)
-    acc_f += tl.load(pw_ptrs + D, mask=mask2, other=0.0).to(ACC)
-    acc_g += tl.load(pw_ptrs + 2 * D, mask=mask2, other=0.0).to(ACC)
-    acc_o += tl.load(pw_ptrs + 3 * D, mask=mask2, other=0.0).to(ACC)
-    b_i = tl.load(bih_ptr + rn, mask=nmask, other=0.0).to(ACC) + tl.load(bhh_ptr + rn, mask=nmask, other=0.0).to(ACC)
-    b_f = (tl.load(bih_ptr + D + rn, mask=nmask, other=0.0).to(ACC)
-           + tl.load(bhh_ptr + D + rn, mask=nmask, other=0.0).to(ACC))
-    b_g = (tl.load(bih_ptr + 2 * D + rn, mask=nmask, other=0.0).to(ACC)
-           + tl.load(bhh_ptr + 2 * D + rn, mask=nmask, other=0.0).to(ACC))
-    b_o = (tl.load(bih_ptr + 3 * D + rn, mask=nmask, other=0.0).to(ACC)
-           + tl.load(bhh_ptr + 3 * D + rn, mask=nmask, other=0.0).to(ACC))
-    return (acc_i + b_i[None, :], acc_f + b_f[None, :], acc_g + b_g[None, :], acc_o + b_o[None, :])
+    pw_ptrs = pw_ptr + (rm_c % Np)[:, None] * (4 * D) + rn_c[None, :]
+    b_i = tl.load(bih_ptr + rn_c).to(ACC) + tl.load(bhh_ptr + rn_c).to(ACC)
+    b_f = tl.load(bih_ptr + D + rn_c).to(ACC) + tl.load(bhh_ptr + D + rn_c).to(ACC)
+    b_g = tl.load(bih_ptr + 2 * D + rn_c).to(ACC) + tl.load(bhh_ptr + 2 * D + rn_c).to(ACC)
+    b_o = tl.load(bih_ptr + 3 * D + rn_c).to(ACC) + tl.load(bhh_ptr + 3 * D + rn_c).to(ACC)
+    acc_i += tl.load(pw_ptrs).to(ACC) + b_i[None, :]
+    acc_f += tl.load(pw_ptrs + D).to(ACC) + b_f[None, :]
+    acc_g += tl.load(pw_ptrs + 2 * D).to(ACC) + b_g[None, :]
+    acc_o += tl.load(pw_ptrs + 3 * D).to(ACC) + b_o[None, :]
+    return acc_i, acc_f, acc_g, acc_o
 
 
 @triton.jit
@@ -143,12 +146,12 @@ def _lstm_fwd_kernel(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, cell_ptr, hid_pt
                      ACC: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """hidden, new_cell for a BLOCK_M x BLOCK_N tile of the (B*Np, D) outputs."""
-    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    gi, gf, gg, go = _gate_preacts(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, rm, rn, M, Np, D,
+                                   ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     mmask = rm < M
     nmask = rn < D
-    gi, gf, gg, go = _gate_preacts(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, rm, rn, mmask, nmask,
-                                   Np, D, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     i = tl.sigmoid(gi)
     f = tl.sigmoid(gf)
     g = _tanh(gg)
@@ -168,12 +171,12 @@ def _lstm_bwd_kernel(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, cell_ptr, gh_ptr
                      ACC: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Recompute the gates of a tile and write dgates (B*Np, 4D) and grad_cell (B*Np, D)."""
-    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    gi, gf, gg, go = _gate_preacts(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, rm, rn, M, Np, D,
+                                   ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     mmask = rm < M
     nmask = rn < D
-    gi, gf, gg, go = _gate_preacts(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, rm, rn, mmask, nmask,
-                                   Np, D, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     i = tl.sigmoid(gi)
     f = tl.sigmoid(gf)
     g = _tanh(gg)
@@ -222,6 +225,8 @@ def _grad_tokens_kernel(dx_ptr, out_ptr, k, Np, N, T, D,
 
 # ----------------------------------------------------------------------------------------------
 # Launch configurations: a fixed table (no autotuning), keyed on D and the weight dtype.
+# The memory-bound kernels get num_stages=1: Triton's software pipeliner targets loads feeding
+# tl.dot, and their PTX is identical for 1, 2 or 3 stages (checked for sm_90).
 # ----------------------------------------------------------------------------------------------
 class GemmConfig(NamedTuple):
     BLOCK_M: int
@@ -238,23 +243,31 @@ class RowConfig(NamedTuple):
 
 
 # The two GEMM kernels (_lstm_fwd_kernel, _lstm_bwd_kernel) compute a BLOCK_M x (4*BLOCK_N) output
-# tile (four gate accumulators). Shared memory per pipeline stage is
-# (BLOCK_M + 4*BLOCK_N) * BLOCK_K * itemsize; fp32 accumulators per thread are
-# 4*BLOCK_M*BLOCK_N / (32*num_warps).
+# tile (four gate accumulators). Per thread that is 4*BLOCK_M*BLOCK_N / (32*num_warps) fp32
+# accumulator registers, on top of the epilogue's loads; shared memory per pipeline stage is
+# (BLOCK_M + 4*BLOCK_N) * BLOCK_K * itemsize. The table was chosen from the register/spill report of
+# ptxas for sm_80 and sm_90a (tests/test_triton_compile.py compiles every entry without a GPU):
+# 64 accumulator registers per thread (128 x 32 x 4 / 256 or 64 x 32 x 4 / 128) compile to
+# 180-200 registers and no spills on both targets, while 128 per thread (64 x 64 tiles with 4 warps,
+# 128 x 64 with 8) spills on both. Not tuned on hardware (no GPU in the development loop).
 GEMM_CONFIGS: dict[str, GemmConfig] = {
-    # D <= 64 (tests, tiny models): one or two tiles cover D; small tiles keep the edge masks cheap.
-    "small": GemmConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
-    # fp16/bf16, 64 < D < 512: 64 x 256 effective tile, 40 KiB/stage -> 120 KiB for 3 stages (fits
-    # sm_80's 163 KiB and sm_90's 227 KiB), 64 accumulator registers per thread with 8 warps. A
-    # 64-row tile keeps B*Np = a few hundred rows spread over enough programs.
-    "half_mid": GemmConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
-    # fp16/bf16, D >= 512 (ViT-B/L/H): 128 x 256 effective tile (the classic Triton Hopper/Ampere
-    # matmul shape) halves the w_hh traffic per FLOP; 48 KiB/stage -> 144 KiB for 3 stages,
-    # 128 accumulator registers per thread with 8 warps.
-    "half_large": GemmConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
-    # fp32 (tf32 or ieee), D > 64: same 64 x 256 tile with BLOCK_K=32: 40 KiB/stage, 3 stages.
-    "fp32": GemmConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
-    # fp64 (gradcheck, validation only): small tile, fp64 accumulators take two registers each.
+    # D <= 64 (tests, tiny models). Such a D is often not a multiple of 16, so the loads cannot be
+    # vectorized; BLOCK_K = 16 keeps that build spill-free for every dtype on sm_80 and sm_90a
+    # (BLOCK_K = 32 spills a few bytes for fp32).
+    "small": GemmConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2),
+    # fp32 with input_precision="ieee" (PyTorch's default fp32 matmul precision), D > 64: the
+    # product runs on FMA units, where a 64 x 32 tile already spills on sm_80.
+    "fp32_ieee": GemmConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
+    # fp16/bf16 (tensor cores: mma.sync on sm_80, wgmma on sm_90): 64 x 128 effective tile,
+    # 24 KiB of shared memory per stage, 3 stages. 64-row tiles keep a few hundred B*Np rows spread
+    # over enough programs.
+    "half": GemmConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3),
+    # fp16/bf16 with D >= 512 and B*Np >= 2048 rows: 128-row tiles halve the w_hh traffic per FLOP
+    # once there are enough rows to fill the GPU; 32 KiB per stage, 3 stages, 8 warps.
+    "half_large": GemmConfig(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3),
+    # fp32 with input_precision="tf32" (tensor cores): the "half" tile with BLOCK_K = 32 (same bytes).
+    "tf32": GemmConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3),
+    # fp64 (gradcheck, validation): small tile, fp64 values take two registers each.
     "fp64": GemmConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2),
 }
 
@@ -267,34 +280,37 @@ ROW_CONFIGS: dict[str, RowConfig] = {
 }
 
 
-def gemm_config_name(D: int, w_dtype: torch.dtype) -> str:
-    if w_dtype == torch.float64:
-        return "fp64"
-    if D <= 64:
-        return "small"
-    if w_dtype in _HALF:
-        return "half_large" if D >= 512 else "half_mid"
-    return "fp32"
-
-
-def gemm_config_names(w_dtype: torch.dtype) -> list[str]:
-    """Every GEMM configuration the launchers can pick for weights of dtype w_dtype."""
-    return sorted({gemm_config_name(D, w_dtype) for D in (1, 64, 65, 511, 512, 1 << 16)})
-
-
-def row_config_name(D: int) -> str:
-    return "narrow" if D <= 64 else "wide"
-
-
 def dot_precision(w_dtype: torch.dtype) -> str:
     """tl.dot input_precision: "ieee" for fp64, and for fp32 when PyTorch's fp32 matmul precision is
-    "highest" (its default, which is what the reference's fp32 GEMMs use); "tf32" otherwise
-    (ignored by Triton for fp16/bf16 operands)."""
+    "highest" (its default, which is what the reference's fp32 GEMMs use, and what the interpreter
+    computes); "tf32" otherwise (Triton ignores it for fp16/bf16 operands)."""
     if w_dtype == torch.float64:
         return "ieee"
     if w_dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"
+
+
+def gemm_config_name(M: int, D: int, w_dtype: torch.dtype, precision: str) -> str:
+    """The GEMM configuration for B*Np = M rows, width D, weights w_dtype and tl.dot precision."""
+    if w_dtype == torch.float64:
+        return "fp64"
+    if D <= 64:
+        return "small"
+    if w_dtype in _HALF:
+        return "half_large" if (D >= 512 and M >= 2048) else "half"
+    return "tf32" if precision == "tf32" else "fp32_ieee"
+
+
+def gemm_config_cases(w_dtype: torch.dtype) -> list[tuple[str, str]]:
+    """Every (configuration, tl.dot precision) pair the launchers can pick for weights w_dtype."""
+    precs = {torch.float64: ("ieee",), torch.float32: ("ieee", "tf32")}.get(w_dtype, ("tf32",))
+    return sorted({(gemm_config_name(M, D, w_dtype, p), p)
+                   for p in precs for D in (1, 64, 65, 511, 512, 1 << 14) for M in (1, 2047, 2048)})
+
+
+def row_config_name(D: int) -> str:
+    return "narrow" if D <= 64 else "wide"
 
 
 def _acc(w_dtype: torch.dtype):
@@ -363,7 +379,9 @@ def _check_k(k, n_p: int, T: int) -> None:
 def _check_forward(tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh, k) -> None:
     named = dict(tokens=tokens, cell=cell, prompt=prompt, weight_ih=w_ih, weight_hh=w_hh,
                  bias_ih=b_ih, bias_hh=b_hh)
-    if isinstance(tokens, Tensor) and tokens.dim() != 3:
+    if not isinstance(tokens, Tensor):
+        _fail(TypeError, f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+    if tokens.dim() != 3:
         _fail(ValueError, f"tokens must be (B, T, D), got shape {tuple(tokens.shape)}")
     if not isinstance(prompt, Tensor) or prompt.dim() != 2:
         _fail(ValueError, "prompt must be an (Np, D) tensor")
@@ -372,6 +390,9 @@ def _check_forward(tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh, k) -> None:
     _check_common(named, w_hh, B, n_p, D)
     if tokens.stride(-1) != 1 and D > 1:
         _fail(ValueError, f"tokens must have stride(-1) == 1, got strides {tokens.stride()}")
+    if T * max(tokens.stride(1), 1) >= 2 ** 31:
+        _fail(ValueError, f"tokens has T * stride(1) = {T * tokens.stride(1)} elements per image: too "
+                          "large for the kernels' 32-bit row offsets")
     if tuple(cell.shape) != (B, n_p, D):
         _fail(ValueError, f"cell must be (B, Np, D) = {(B, n_p, D)}, got {tuple(cell.shape)}")
     if not cell.is_contiguous():
@@ -428,15 +449,20 @@ def _launch_xhat(tokens: Tensor, xhat: Tensor, k: int, n_p: int, acc) -> None:
     cfg = ROW_CONFIGS[row_config_name(D)]
     grid = (B, triton.cdiv(D, cfg.BLOCK_D))
     _xhat_kernel[grid](tokens, xhat, tokens.stride(0), tokens.stride(1), k, n_p, T - k - n_p, D,
-                       ACC=acc, BLOCK_T=cfg.BLOCK_T, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps)
+                       ACC=acc, BLOCK_T=cfg.BLOCK_T, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps,
+                       num_stages=1, enable_fp_fusion=True)
 
 
 def _gemm_launch_args(M: int, D: int, w_dtype: torch.dtype):
-    cfg = GEMM_CONFIGS[gemm_config_name(D, w_dtype)]
+    if max(M, D) * 4 * D >= 2 ** 31:
+        _fail(ValueError, f"B*Np = {M}, D = {D}: B*Np*4D or 4D*D is too large for the kernels' 32-bit "
+                          "tile offsets (use the 'cuda' or 'reference' backend)")
+    prec = dot_precision(w_dtype)
+    cfg = GEMM_CONFIGS[gemm_config_name(M, D, w_dtype, prec)]
     grid = (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(D, cfg.BLOCK_N))
-    meta = dict(ACC=_acc(w_dtype)[0], PREC=dot_precision(w_dtype), BLOCK_M=cfg.BLOCK_M,
+    meta = dict(ACC=_acc(w_dtype)[0], PREC=prec, BLOCK_M=cfg.BLOCK_M,
                 BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
+                num_stages=cfg.num_stages, enable_fp_fusion=True)
     return grid, meta
 
 
@@ -499,5 +525,5 @@ def backward(grad_hidden: Tensor, grad_cell: Tensor, xhat: Tensor, cell: Tensor,
         grid_t = (B, triton.cdiv(D, cfg.BLOCK_D), triton.cdiv(T, cfg.BLOCK_T))
         _grad_tokens_kernel[grid_t](dxhat, grad_tokens, k, n_p, T - k - n_p, T, D, ACC=acc_tl,
                                     BLOCK_T=cfg.BLOCK_T, BLOCK_D=cfg.BLOCK_D,
-                                    num_warps=cfg.num_warps)
+                                    num_warps=cfg.num_warps, num_stages=1, enable_fp_fusion=True)
     return grad_tokens, grad_cell_prev, grad_prompt, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
