@@ -1,0 +1,443 @@
+"""The fused LSPT step (lspt_kernels.lspt_step / torch.ops.lspt.step_fwd, step_bwd) on every backend.
+
+Each backend is compared with the pure-PyTorch `step_reference` and with torch.nn.LSTMCell on the
+same inputs and upstream gradients: forward (hidden, new_cell) and all seven gradients. A backend
+that cannot run here is skipped with the reason from `unavailable_reason`, never reported as passed.
+"triton" runs on a GPU, or on the CPU under TRITON_INTERPRET=1 (tests/conftest.py sets it when no
+GPU is visible) with tiny shapes and fp32/fp16 only: the interpreter is slow and has no bf16.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lspt_kernels import ops
+from lspt_kernels.ops import lspt_step, step_reference
+
+BACKENDS = ["reference", "cpu", "triton", "cuda"]
+FUSED = ["cpu", "triton", "cuda"]
+HAS_CUDA = torch.cuda.is_available()
+TRITON_INTERPRETED = not HAS_CUDA and os.environ.get("TRITON_INTERPRET") == "1"
+NAMES = ["hidden", "new_cell", "grad_tokens", "grad_cell", "grad_prompt", "grad_weight_ih",
+         "grad_weight_hh", "grad_bias_ih", "grad_bias_hh"]
+
+# (B, Np, N, D, k): tiny; the deliberately odd shape; the odd shape with 5 prefix tokens (4 register
+# tokens + CLS); no prefix token at all.
+TINY = (2, 3, 5, 16, 1)
+ODD = (3, 7, 13, 40, 1)
+SHAPES = [TINY, ODD, (3, 7, 13, 40, 5), (2, 4, 6, 24, 0)]
+SHAPE_IDS = ["tiny", "odd", "odd-k5", "k0"]
+
+# Per-dtype tolerances (DESIGN.md): fp32 elementwise atol/rtol; low precision relative to the
+# largest magnitude, or within 2x of the same-precision reference's own error (flash-attention's rule).
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 2e-2}
+
+
+def device_for(backend: str) -> str:
+    return "cuda" if backend == "cuda" or (backend == "triton" and HAS_CUDA) else "cpu"
+
+
+def require(backend: str, dtype: torch.dtype | None = None) -> str:
+    """Skip unless `backend` can run here (with `dtype`); returns the device to put tensors on."""
+    if backend == "cuda" and not HAS_CUDA:
+        pytest.skip("cuda backend: no CUDA device is visible to torch")
+    if backend == "triton" and not (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("triton backend: needs a GPU or TRITON_INTERPRET=1")
+    if backend == "triton" and TRITON_INTERPRETED and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bf16 arithmetic (tested on a GPU)")
+    if backend != "reference":
+        why = ops.unavailable_reason(backend)
+        if why is not None:
+            pytest.skip(f"{backend} backend unavailable: {why}")
+    return device_for(backend)
+
+
+def make_inputs(shape, dtype=torch.float32, *, cell_dtype=None, device="cpu", seed=0, scale=1.0):
+    """Leaf tensors (tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh), all requiring grad."""
+    B, n_p, N, D, k = shape
+    g = torch.Generator().manual_seed(seed)
+    std = D ** -0.5  # gates of order 1: every nonlinearity away from saturation
+
+    def t(*size, s=1.0, dt=dtype):
+        return (torch.randn(*size, generator=g) * s).to(device=device, dtype=dt).requires_grad_()
+
+    return (t(B, k + n_p + N, D, s=scale), t(B, n_p, D, dt=cell_dtype or dtype), t(n_p, D, s=0.5),
+            t(4 * D, D, s=std), t(4 * D, D, s=std), t(4 * D, s=std), t(4 * D, s=std))
+
+
+def upstream(shape, hidden_dtype, cell_dtype, device, seed=1):
+    B, n_p, _, D, _ = shape
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, n_p, D, generator=g).to(device, hidden_dtype),
+            torch.randn(B, n_p, D, generator=g).to(device, cell_dtype))
+
+
+def run_step(step, inputs, k, grads):
+    """[hidden, new_cell, *the 7 input gradients] for the given upstream gradients."""
+    hidden, new_cell = step(*inputs, k)
+    return [hidden, new_cell, *torch.autograd.grad((hidden, new_cell), inputs, grads)]
+
+
+def fused(backend):
+    return lambda *a: lspt_step(*a[:-1], num_prefix_tokens=a[-1], backend=backend)
+
+
+def reference(*a):
+    return step_reference(*a[:-1], num_prefix_tokens=a[-1])
+
+
+def as_fp64(inputs):
+    return tuple(t.detach().double().requires_grad_() for t in inputs)
+
+
+def assert_step_close(got, want, dtype, *, truth=None):
+    """got/want: [hidden, new_cell, *grads]. fp32/fp64: elementwise atol = rtol = TOL. fp16/bf16:
+    max error <= TOL * max|truth|, or <= 2x the error of `want` (same precision) against `truth`
+    (fp64)."""
+    tol = TOL[dtype]
+    for i, name in enumerate(NAMES):
+        g, w = got[i], want[i]
+        assert g.shape == w.shape and g.dtype == w.dtype, f"{name}: {g.shape}/{g.dtype} vs {w.shape}/{w.dtype}"
+        if dtype in (torch.float32, torch.float64):
+            torch.testing.assert_close(g, w, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+            continue
+        t = truth[i].double()
+        err = (g.double() - t).abs().max().item()
+        ref_err = (w.double() - t).abs().max().item()
+        bound = max(tol * t.abs().max().item(), 2 * ref_err)
+        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (same-precision reference: {ref_err:.3g})"
+
+
+# ------------------------------------------------------------------------------------------------
+# Parity with the reference step
+# ------------------------------------------------------------------------------------------------
+DTYPE_CASES = [  # (dtype of tokens and weights, cell dtype)
+    (torch.float32, None), (torch.float64, None), (torch.float16, None), (torch.bfloat16, None),
+    (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+]
+DTYPE_IDS = ["fp32", "fp64", "fp16", "bf16", "fp16-cell32", "bf16-cell32"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("dtypes", DTYPE_CASES, ids=DTYPE_IDS)
+def test_matches_reference(backend, shape, dtypes):
+    dtype, cell_dtype = dtypes
+    device = require(backend, dtype)
+    if backend == "triton" and TRITON_INTERPRETED and (shape not in (TINY, ODD) or dtype == torch.float64
+                                                       or (cell_dtype and shape != TINY)):
+        pytest.skip("interpreted Triton: kept to the tiny and odd shapes, fp32/fp16")
+    inputs = make_inputs(shape, dtype, cell_dtype=cell_dtype, device=device)
+    grads = upstream(shape, dtype, cell_dtype or dtype, device)
+    got = run_step(fused(backend), inputs, shape[4], grads)
+    want = run_step(reference, inputs, shape[4], grads)
+    truth = None
+    if dtype in (torch.float16, torch.bfloat16):
+        truth = run_step(reference, as_fp64(inputs), shape[4], tuple(g.double() for g in grads))
+    assert_step_close(got, want, dtype, truth=truth)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # numpy, interpreted Triton
+def test_saturated_gates(backend):
+    """Large activations drive every gate into saturation (exp/tanh clamping paths)."""
+    device = require(backend)
+    inputs = make_inputs(TINY, device=device, scale=40.0)
+    grads = upstream(TINY, torch.float32, torch.float32, device)
+    got = run_step(fused(backend), inputs, 1, grads)
+    want = run_step(reference, inputs, 1, grads)
+    for g, w, name in zip(got, want, NAMES):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_stays_in_its_image(backend):
+    """A NaN patch token poisons its own image's outputs (as in the reference), not silently
+    clamped away, and no other image's."""
+    device = require(backend)
+    tokens, *rest = (t.detach() for t in make_inputs(ODD, device=device))
+    tokens[1, -1, 3] = float("nan")
+    hidden, new_cell = lspt_step(tokens, *rest, num_prefix_tokens=ODD[4], backend=backend)
+    ref_hidden, ref_cell = step_reference(tokens, *rest, num_prefix_tokens=ODD[4])
+    assert torch.equal(hidden.isnan(), ref_hidden.isnan()) and hidden[1].isnan().all()
+    assert torch.equal(new_cell.isnan(), ref_cell.isnan())
+    assert torch.isfinite(hidden[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [TINY, ODD, (3, 7, 13, 40, 5)], ids=["tiny", "odd", "odd-k5"])
+def test_matches_nn_lstmcell(backend, shape):
+    """The step is LSTMCell(input = prompt, (prompt outputs + patch mean, cell)) row-wise."""
+    device = require(backend)
+    B, n_p, N, D, k = shape
+    tokens, cell, prompt, *_ = make_inputs(shape, device=device)
+    lstm = torch.nn.LSTMCell(D, D).to(device)
+    params = [lstm.weight_ih, lstm.weight_hh, lstm.bias_ih, lstm.bias_hh]
+    gh, gc = upstream(shape, torch.float32, torch.float32, device)
+
+    hidden, new_cell = lspt_step(tokens, cell, prompt, *params, num_prefix_tokens=k, backend=backend)
+    got = [hidden, new_cell, *torch.autograd.grad((hidden, new_cell), [tokens, cell, prompt, *params], (gh, gc))]
+
+    xhat = tokens[:, k:k + n_p] + tokens[:, k + n_p:].mean(1, keepdim=True)
+    h, c = lstm(prompt.expand(B, n_p, D).reshape(B * n_p, D), (xhat.reshape(B * n_p, D), cell.reshape(B * n_p, D)))
+    h, c = h.view(B, n_p, D), c.view(B, n_p, D)
+    want = [h, c, *torch.autograd.grad((h, c), [tokens, cell, prompt, *params], (gh, gc))]
+    for g, w, name in zip(got, want, NAMES):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Layouts
+# ------------------------------------------------------------------------------------------------
+def _strided_tokens(layout, shape, device):
+    """Tokens with the values of make_inputs(shape)[0] in a non-contiguous layout."""
+    B, n_p, N, D, k = shape
+    T = k + n_p + N
+    values = make_inputs(shape, device=device)[0].detach()
+    if layout == "slice-T":  # a window of a longer token buffer: stride(1) == D, stride(0) == (T+5)*D
+        buf = torch.randn(B, T + 5, D, device=device)
+        out = buf[:, 3:3 + T]
+    elif layout == "T-major":  # transposed then transposed back: stride(0) == D, stride(1) == B*D
+        out = torch.empty(T, B, D, device=device).transpose(0, 1)
+    else:  # "stride-D": every other channel, stride(-1) == 2 (the wrapper must make it unit-stride)
+        out = torch.empty(B, T, 2 * D, device=device)[..., ::2]
+    with torch.no_grad():
+        out.copy_(values)
+    return out.requires_grad_() if out.is_leaf else out.detach().requires_grad_()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["slice-T", "T-major", "stride-D"])
+def test_noncontiguous_tokens_and_cell(backend, layout):
+    device = require(backend)
+    shape = ODD
+    tokens = _strided_tokens(layout, shape, device)
+    assert not tokens.is_contiguous() and (tokens.stride(-1) == 1) == (layout != "stride-D")
+    _, cell, *params = make_inputs(shape, device=device)
+    cell_nc = torch.empty(cell.shape[1], cell.shape[0], cell.shape[2], device=device).transpose(0, 1)
+    with torch.no_grad():
+        cell_nc.copy_(cell)
+    cell_nc.requires_grad_()
+    assert not cell_nc.is_contiguous()
+    inputs = (tokens, cell_nc, *params)
+    grads = upstream(shape, torch.float32, torch.float32, device)
+    got = run_step(fused(backend), inputs, shape[4], grads)
+    want = run_step(reference, inputs, shape[4], grads)
+    assert_step_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_kernel_reads_strided_tokens_in_place(backend):
+    """The registered op itself takes tokens with stride(-1) == 1 but any other strides (the
+    encoder passes a view of its token buffer): same result as on a contiguous copy."""
+    device = require(backend)
+    shape = ODD
+    tokens = _strided_tokens("slice-T", shape, device).detach()
+    _, cell, *params = (t.detach() for t in make_inputs(shape, device=device))
+    got = torch.ops.lspt.step_fwd(tokens, cell, *params, shape[4], backend)
+    want = torch.ops.lspt.step_fwd(tokens.contiguous(), cell, *params, shape[4], backend)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixed precision (torch.autocast)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast(backend, amp_dtype):
+    """Under autocast the GEMMs run in the autocast dtype and the cell stays fp32 (returned fp32);
+    hidden and every gradient keep their input's dtype (fp32)."""
+    device = require(backend, amp_dtype)
+    if backend == "triton" and TRITON_INTERPRETED and amp_dtype == torch.bfloat16:
+        pytest.skip("interpreted Triton has no bf16")
+    shape = ODD if not TRITON_INTERPRETED or backend != "triton" else TINY
+    inputs = make_inputs(shape, device=device)
+    grads = upstream(shape, torch.float32, torch.float32, device)
+    with torch.autocast(device, dtype=amp_dtype):
+        got = run_step(fused(backend), inputs, shape[4], grads)
+        hidden, new_cell = lspt_step(*inputs, num_prefix_tokens=shape[4], backend=backend)
+    assert hidden.dtype == torch.float32 and new_cell.dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in got)
+
+    # Same casts by hand, through the reference: weights in amp_dtype, tokens and cell fp32.
+    def ref_amp(tokens, cell, *rest):
+        *params, k = rest
+        return step_reference(tokens, cell, *(p.to(amp_dtype) for p in params), num_prefix_tokens=k)
+
+    want = run_step(ref_amp, inputs, shape[4], grads)
+    truth = run_step(reference, as_fp64(inputs), shape[4], tuple(g.double() for g in grads))
+    assert_step_close(got, want, amp_dtype, truth=truth)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradcheck (fp64) and op registration
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_fp64(backend):
+    device = require(backend, torch.float64)
+    interpreted = backend == "triton" and TRITON_INTERPRETED
+    shape = (2, 2, 3, 4, 1)  # B > 1 and Np > 1 so the batch and prompt sums are exercised
+    inputs = make_inputs(shape, torch.float64, device=device)
+
+    def f(*a):
+        return lspt_step(*a, num_prefix_tokens=shape[4], backend=backend)
+
+    # The interpreter costs ~ms per launch: random-projection gradcheck (a few evaluations).
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=interpreted)
+
+
+def _fwd_args(backend, device, requires_grad=True):
+    inputs = make_inputs(TINY, device=device)
+    if not requires_grad:
+        inputs = tuple(t.detach() for t in inputs)
+    return (*inputs, TINY[4], backend)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_opcheck_step_fwd(backend):
+    device = require(backend)
+    torch.library.opcheck(torch.ops.lspt.step_fwd, _fwd_args(backend, device))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_opcheck_step_bwd(backend):
+    device = require(backend)
+    tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh, k, _ = _fwd_args(backend, device, requires_grad=False)
+    _, _, xhat = torch.ops.lspt.step_fwd(tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh, k, backend)
+    gh, gc = upstream(TINY, torch.float32, torch.float32, device)
+    torch.library.opcheck(torch.ops.lspt.step_bwd,
+                          (gh, gc, xhat, cell, prompt, w_ih, w_hh, b_ih, b_hh, k, tokens.shape[1], backend))
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory: what one step keeps alive for backward
+# ------------------------------------------------------------------------------------------------
+def saved_bytes(step, inputs, k):
+    """Bytes of distinct storages saved for backward that the step created (not an input's)."""
+    alive = {t.untyped_storage().data_ptr() for t in inputs}
+    new = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in alive:
+            new[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hidden, new_cell = step(*inputs, k)
+    return sum(new.values()), (hidden, new_cell)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_saves_only_xhat_for_backward(backend):
+    device = require(backend)
+    shape = ODD
+    B, n_p, _, D, k = shape
+    inputs = make_inputs(shape, device=device)
+    eager, _ = saved_bytes(reference, inputs, k)
+    fused_bytes, _ = saved_bytes(fused(backend), inputs, k)
+    assert fused_bytes == B * n_p * D * 4, f"{backend} saved {fused_bytes} B, expected only Xhat_SP"
+    assert fused_bytes < eager, f"{backend} saved {fused_bytes} B, eager autograd {eager} B"
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: clear errors naming the argument, before any kernel runs
+# ------------------------------------------------------------------------------------------------
+def _good(device="cpu"):
+    return [t.detach() for t in make_inputs(TINY, device=device)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_errors(backend):
+    device = require(backend)
+    B, n_p, N, D, k = TINY
+    tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh = _good(device)
+
+    def call(*a, k=k):
+        return lspt_step(*a, num_prefix_tokens=k, backend=backend)
+
+    w8 = torch.randn(4 * 8, 8, device=device)
+    with pytest.raises(ValueError, match=r"weight_hh must be \(4D, D\)"):
+        call(tokens, cell, prompt, w_ih, w8, b_ih, b_hh)
+    with pytest.raises(ValueError, match=r"weight_ih must be \(4D, D\)"):
+        call(tokens, cell, prompt, w8, w_hh, b_ih, b_hh)
+    with pytest.raises(ValueError, match=r"prompt must be \(Np, D\)"):
+        call(tokens, cell, torch.randn(n_p, D + 1, device=device), w_ih, w_hh, b_ih, b_hh)
+    with pytest.raises(ValueError, match=r"cell must be \(B, Np, D\)"):
+        call(tokens, cell[:, :-1], prompt, w_ih, w_hh, b_ih, b_hh)
+    with pytest.raises(ValueError, match=r"num_prefix_tokens \+ Np"):
+        call(tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh, k=N + 1)
+    with pytest.raises(TypeError, match=r"tokens \(torch.float16\) and the LSTM weights"):
+        call(tokens.half(), cell.half(), prompt, w_ih, w_hh, b_ih, b_hh)
+    with pytest.raises(TypeError, match=r"bias_hh is torch.float64"):
+        call(tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh.double())
+    with pytest.raises(ValueError, match=r"one device.*cell on meta"):
+        call(tokens, cell.to("meta"), prompt, w_ih, w_hh, b_ih, b_hh)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match=r"backend must be one of .*'nope'"):
+        lspt_step(*_good(), backend="nope")
+
+
+def test_unavailable_backend(monkeypatch):
+    monkeypatch.delitem(ops._KERNELS, "cpu", raising=False)
+    monkeypatch.setitem(ops._UNAVAILABLE, "cpu", "RuntimeError: no C++ compiler")
+    with pytest.raises(RuntimeError, match=r"backend 'cpu' is not available here: RuntimeError: no C\+\+ compiler"):
+        lspt_step(*_good(), backend="cpu")
+    assert ops.unavailable_reason("cpu") == "RuntimeError: no C++ compiler"
+
+
+def test_gpu_backends_reject_cpu_tensors():
+    with pytest.raises(ValueError, match=r"backend 'cuda' needs CUDA tensors"):
+        lspt_step(*_good(), backend="cuda")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_kernel_checks(backend):
+    """The kernels re-check the contract: a direct call with bad arguments raises (naming the
+    argument) instead of reading out of bounds."""
+    device = require(backend)
+    B, n_p, N, D, k = TINY
+    T = k + n_p + N
+    tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh = _good(device)
+    fwd = ops._KERNELS[backend].forward
+    bwd = ops._KERNELS[backend].backward
+    with pytest.raises((RuntimeError, ValueError), match="cell"):
+        fwd(tokens, cell[:, :-1].contiguous(), prompt, w_ih, w_hh, b_ih, b_hh, k)
+    with pytest.raises((RuntimeError, ValueError), match="w_hh|weight"):
+        fwd(tokens, cell, prompt, w_ih, w_hh[:-1], b_ih, b_hh, k)
+    with pytest.raises((RuntimeError, ValueError), match="patch"):
+        fwd(tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh, N + 1)
+    with pytest.raises((RuntimeError, ValueError), match="stride"):
+        fwd(tokens.transpose(1, 2).contiguous().transpose(1, 2), cell, prompt, w_ih, w_hh, b_ih, b_hh, k)
+    with pytest.raises((RuntimeError, TypeError), match="tokens"):
+        fwd(tokens.double(), cell.double(), prompt, w_ih, w_hh, b_ih, b_hh, k)
+    hidden, new_cell, xhat = fwd(tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh, k)
+    with pytest.raises((RuntimeError, ValueError), match="patch"):
+        bwd(hidden, new_cell, xhat, cell, prompt, w_ih, w_hh, b_ih, b_hh, k, k + n_p)
+    with pytest.raises((RuntimeError, ValueError), match="grad_cell"):
+        bwd(hidden, new_cell[:1], xhat, cell, prompt, w_ih, w_hh, b_ih, b_hh, k, T)
+    if backend == "cpu":
+        with pytest.raises(RuntimeError, match="cell must be a CPU tensor"):
+            fwd(tokens, cell.to("meta"), prompt, w_ih, w_hh, b_ih, b_hh, k)
+
+
+# ------------------------------------------------------------------------------------------------
+# Property: the C++ backend equals the reference on arbitrary small shapes
+# ------------------------------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 4), n_p=st.integers(1, 6), N=st.integers(1, 9), D=st.integers(1, 48),
+       k=st.integers(0, 5), fp64=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_cpu_matches_reference_property(B, n_p, N, D, k, fp64, seed):
+    require("cpu")
+    dtype = torch.float64 if fp64 else torch.float32
+    shape = (B, n_p, N, D, k)
+    inputs = make_inputs(shape, dtype, seed=seed)
+    grads = upstream(shape, dtype, dtype, "cpu", seed=seed + 1)
+    assert_step_close(run_step(fused("cpu"), inputs, k, grads), run_step(reference, inputs, k, grads), dtype)
