@@ -2,6 +2,8 @@
 
     python bench/step_microbench.py [--batch 8 64] [--num-prompts 10 100] [--repeats N]
                                     [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+                                    [--backends eager compile cpu ...] [--threads N]
+                                    [--clock wall|thread] [--json rows.json]
 
 Times the forward and forward+backward of: the reference step in eager mode ("eager", the baseline
 of every ratio), the reference step under torch.compile ("compile"), and the fused backends that run
@@ -9,10 +11,13 @@ on the device ("cpu" on the CPU; "triton" and "cuda" on a GPU). Each figure is s
 from METHOD.md's cost model: FLOPs (forward 8*B*Np*D^2 + 8*Np*D^2, backward about twice that) over
 the peak GEMM rate, plus bytes (one read of the patch tokens for the mean; in backward the B*T*D
 grad_tokens write) over the copy bandwidth. Both peaks are measured on this machine (a large mm and a
-large copy) and printed.
+large copy) and printed. The fused backends recompute the gates in backward (they save only
+Xhat_SP), which is one forward GEMM more than this floor counts.
 
 CPU: time.perf_counter medians after warm-up, the backends timed round-robin (a shared machine's
-load then lands on all of them alike). GPU: triton.testing.do_bench (CUDA events) medians.
+load then lands on all of them alike); `--threads 1 --clock thread` times CPU time of the one
+thread instead, which other processes' load does not inflate. GPU: triton.testing.do_bench (CUDA
+events) medians. A backend that fails (e.g. an inductor compile error) is reported, not fatal.
 `run()` returns the rows as dicts so a pytest-benchmark suite can reuse the cases.
 """
 from __future__ import annotations
@@ -130,11 +135,12 @@ def measure_peaks(device: str, dtype: torch.dtype, repeats: int = 5,
                   clock: Callable[[], float] = time.perf_counter) -> dict:
     """Achievable GEMM FLOP/s (a large mm in `dtype`) and copy bandwidth on this machine:
     the best of `repeats` runs (a peak, so the fastest run, not the median)."""
-    # On the CPU a large GEMM of the step's own K and N (D=768, 4D=3072): square bf16/fp16 GEMMs
-    # take a slow path there on CPUs without bf16/fp16 matrix units.
+    # On the CPU a large GEMM of the step's own K and N (D=768, 4D=3072), with the right operand
+    # transposed as F.linear passes a weight: on CPUs without bf16/fp16 matrix units, low-precision
+    # GEMMs in other layouts (or square ones) take a reference kernel ~20x slower.
     m, kd, n = (8192, 8192, 8192) if device != "cpu" else (4096, 768, 3072)
     a = torch.randn(m, kd, device=device).to(dtype)
-    b = torch.randn(kd, n, device=device).to(dtype)
+    b = torch.randn(n, kd, device=device).to(dtype).t()  # a weight as F.linear uses it
     out = torch.empty(m, n, device=device, dtype=dtype)
     t_mm = min(time_fn(lambda: torch.mm(a, b, out=out), device, 1, warmup=1 if i == 0 else 0, clock=clock)
                for i in range(repeats))
@@ -223,8 +229,15 @@ def run(batches=(8, 64), num_prompts=(10, 100), *, device: str = "cpu", dtype=to
                 if why is None and backend == "cpu" and device != "cpu":
                     why = "needs CPU tensors"
                 if why is None:
-                    runnable[backend] = make_callables(backend, inputs, num_prefix_tokens)
-                else:
+                    fwd, fwd_bwd = make_callables(backend, inputs, num_prefix_tokens)
+                    try:  # also the warm-up (and torch.compile's compilation)
+                        fwd(), fwd_bwd()
+                        _sync(device)
+                    except Exception as exc:  # noqa: BLE001 - report it, time the others
+                        why = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"
+                    else:
+                        runnable[backend] = (fwd, fwd_bwd)
+                if why is not None:
                     skipped[backend] = why
             if device == "cpu":
                 t_fwd = _interleaved_cpu_times({b: c[0] for b, c in runnable.items()}, repeats, clock=cpu_clock)

@@ -64,14 +64,20 @@ def test_cli_tiny_run_in_fresh_processes(tmp_path):
 def test_cli_all_methods_in_process(tmp_path, capsys):
     """main() with every method (the compiled row on aot_eager to keep it quick), in this process."""
     out = tmp_path / "out"
-    rc = B.main([*TINY, "--device", "cpu", "--in-process", "--compile-backend", "aot_eager",
+    rc = B.main([*TINY, "--device", "cpu", "--in-process", "--compile-backend", "aot_eager", "--interleave",
                  "--output", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
     data, rows = _check_files(out, list(B.METHODS))
     assert rows["lspt-compile"]["compiled"] and rows["lspt-compile"]["compile_s"] >= 0
     assert rows["lspt-reference"]["backend"] == "reference"
-    assert "compile time" in text
+    assert "compile time" in text and "[interleaved] done" in text
+    # --interleave: every method timed again, alternating, and the time targets use those times
+    for r in rows.values():
+        assert len(r["train_s_interleaved_all"]) == 1 and math.isfinite(r["train_s_interleaved"])
+        assert r["infer_s_interleaved"] > 0
+    timed = [t for t in data["targets"] if "timing" in t]
+    assert timed and all(t["timing"] == "train_s_interleaved" for t in timed)
 
 
 def test_cli_oom_is_reported_and_the_run_goes_on(tmp_path, capsys, monkeypatch):

@@ -26,11 +26,12 @@ NAMES = ["hidden", "new_cell", "grad_tokens", "grad_cell", "grad_prompt", "grad_
          "grad_weight_hh", "grad_bias_ih", "grad_bias_hh"]
 
 # (B, Np, N, D, k): tiny; the deliberately odd shape; the odd shape with 5 prefix tokens (4 register
-# tokens + CLS); no prefix token at all.
+# tokens + CLS); no prefix token at all; more prompt rows than one GEMM block of the C++ backend
+# (1024 rows), so its forward runs image-blocked.
 TINY = (2, 3, 5, 16, 1)
 ODD = (3, 7, 13, 40, 1)
-SHAPES = [TINY, ODD, (3, 7, 13, 40, 5), (2, 4, 6, 24, 0)]
-SHAPE_IDS = ["tiny", "odd", "odd-k5", "k0"]
+SHAPES = [TINY, ODD, (3, 7, 13, 40, 5), (2, 4, 6, 24, 0), (3, 600, 5, 8, 1)]
+SHAPE_IDS = ["tiny", "odd", "odd-k5", "k0", "multi-block"]
 
 # Per-dtype tolerances (DESIGN.md): fp32 elementwise atol/rtol; low precision relative to the
 # largest magnitude, or within 2x of the same-precision reference's own error (flash-attention's rule).

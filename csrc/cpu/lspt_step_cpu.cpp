@@ -419,6 +419,14 @@ Tensor gemm_right_operand(const Tensor& weight) {
   return is_low_precision(weight.scalar_type()) ? weight.t().contiguous().t() : weight;
 }
 
+// Images per forward GEMM block: about kBlockRows rows, big enough that MKL runs each block at
+// full-GEMM speed (measured on one thread: 1200-row blocks match one 6400-row GEMM, 300-row
+// blocks lose 7%, 100-row blocks 30%).
+int64_t images_per_gemm_block(int64_t B, int64_t Np) {
+  constexpr int64_t kBlockRows = 1024;
+  return std::clamp<int64_t>(kBlockRows / std::max<int64_t>(Np, 1), 1, std::max<int64_t>(B, 1));
+}
+
 ScalarType acc_dtype(ScalarType tok) {
   return tok == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
 }
@@ -459,10 +467,21 @@ std::tuple<Tensor, Tensor, Tensor> cpu_forward(const Tensor& tokens, const Tenso
     using acc_t = acc_type<tok_t>;
     mean_add_prompts<tok_t, w_t>(tokens.data_ptr<tok_t>(), tokens.stride(0), tokens.stride(1), B,
                                  Np, N, D, k, xhat.data_ptr<w_t>());
-    const Tensor gates = at::mm(xhat.view({B * Np, D}), w_hh.t()).contiguous();  // (B*Np, 4D)
-    lstm_cell_forward<tok_t, cell_t, w_t>(gates.data_ptr<w_t>(), pg.data_ptr<acc_t>(),
-                                          cell.data_ptr<cell_t>(), hidden.data_ptr<tok_t>(),
-                                          new_cell.data_ptr<cell_t>(), B * Np, Np, D);
+    // The gates go through one block-sized buffer, whole images at a time: a fresh B*Np*4D
+    // buffer (79 MB at B=64, Np=100) costs more in first-touch page faults than the cell update
+    // itself, and the block is still hot when the cell update reads it.
+    const int64_t images = images_per_gemm_block(B, Np);
+    Tensor gates = at::empty({std::min(B, images) * Np, 4 * D}, w_hh.options());
+    const Tensor xhat2d = xhat.view({B * Np, D});
+    for (int64_t b0 = 0; b0 < B; b0 += images) {
+      const int64_t rows = std::min(images, B - b0) * Np;
+      Tensor block = gates.narrow(0, 0, rows);
+      at::mm_out(block, xhat2d.narrow(0, b0 * Np, rows), w_hh.t());
+      lstm_cell_forward<tok_t, cell_t, w_t>(
+          block.data_ptr<w_t>(), pg.data_ptr<acc_t>(), cell.data_ptr<cell_t>() + b0 * Np * D,
+          hidden.data_ptr<tok_t>() + b0 * Np * D, new_cell.data_ptr<cell_t>() + b0 * Np * D, rows,
+          Np, D);
+    }
   });
   return {hidden, new_cell, xhat};
 }
