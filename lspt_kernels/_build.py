@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -18,7 +19,8 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CPU_SOURCES = ["bindings.cpp", "cpu/lspt_step_cpu.cpp"]
 CUDA_SOURCES = CPU_SOURCES + ["cuda/lspt_step_cuda.cu"]
 # No -std: torch adds the standard its headers need (C++17 up to 2.13, C++20 from 2.14).
-CXX_FLAGS = ["-O3"]
+# -fopenmp: at::parallel_for in csrc/cpu runs on one thread without it (symbols resolve to torch's libgomp).
+CXX_FLAGS = ["-O3"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
@@ -59,7 +61,8 @@ def _jit(kind: str, name: str):
         raise RuntimeError(f"cannot JIT-build {name}: sources not found under {CSRC}: {missing} "
                            "(install from a checkout with `pip install -e .`, or prebuild it)")
     kwargs = dict(name=name, sources=[str(CSRC / s) for s in sources],
-                  extra_include_paths=[str(CSRC)], extra_cflags=CXX_FLAGS, verbose=False)
+                  extra_include_paths=[str(CSRC)], extra_cflags=CXX_FLAGS, verbose=False,
+                  extra_ldflags=[f for f in CXX_FLAGS if f == "-fopenmp"])
     if kind == "cuda":
         kwargs.update(extra_cflags=CXX_FLAGS + ["-DLSPT_WITH_CUDA"],
                       extra_cuda_cflags=NVCC_FLAGS + ["-DLSPT_WITH_CUDA"] + cuda_arch_flags())

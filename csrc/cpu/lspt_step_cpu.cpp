@@ -1,8 +1,9 @@
 // Fused LSPT step on the CPU.
 //
 // Forward:  xhat = prompt rows + patch mean      (pass 1, one sweep over the patch tokens)
-//           gates = xhat W_hh^T                  (ATen GEMM, the only large product)
-//           hidden, new_cell = LSTM cell(gates + Pg)   (pass 2, one sweep over the B*Np rows)
+//           then per block of whole images:
+//             gates = xhat W_hh^T                (ATen GEMM, the only large product)
+//             hidden, new_cell = LSTM cell(gates + Pg)   (pass 2, over the block's rows)
 // Backward: gates recomputed (one GEMM), one fused pass producing dgates (in place over the
 //           recomputed gates), dcell_prev and dPg (the batch sum of dgates), the GEMMs, and one
 //           pass writing grad_tokens.
@@ -204,7 +205,7 @@ void mean_add_prompts(const tok_t* tokens, int64_t sB, int64_t sT, int64_t B, in
 
 // ------------------------------------------------------------------------------------------------
 // Pass 2 (forward): gates (rows, 4D) from the GEMM plus pg (Np, 4D, bias included) -> hidden,
-// new_cell. Row r is image r / Np, prompt r % Np.
+// new_cell. The rows start at an image boundary, so row r holds prompt r % Np.
 // ------------------------------------------------------------------------------------------------
 template <typename tok_t, typename cell_t, typename w_t>
 void lstm_cell_forward(const w_t* gates, const acc_type<tok_t>* pg, const cell_t* cell,
