@@ -836,6 +836,7 @@ def plot_rows(rows: list[dict], path, title: str = "", panels=PANELS) -> Path:
         ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
         ax.set_title(name)
         ax.grid(axis="y", alpha=0.3)
+        ax.margins(y=0.18)                     # headroom for the bar labels and the legend
     axes[0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -95,7 +95,7 @@ def from_timm(name_or_model, checkpoint=None, method: str = "lspt", **kwargs):
     """
     import timm
 
-    from .encoders import GaPTEncoder, LinearProbe, LSPTEncoder, VPTEncoder
+    from .encoders import build_encoder
 
     if isinstance(name_or_model, str):
         timm_kwargs = {k: kwargs.pop(k) for k in ("img_size", "dynamic_img_size") if k in kwargs}
@@ -109,12 +109,7 @@ def from_timm(name_or_model, checkpoint=None, method: str = "lspt", **kwargs):
         from .encoders import _check_vit
         _check_vit(vit)
         load_backbone_checkpoint(vit, checkpoint)
-    makers = {"lspt": LSPTEncoder, "gapt": GaPTEncoder, "linear": LinearProbe,
-              "vpt-deep": lambda v, **kw: VPTEncoder(v, deep=True, **kw),
-              "vpt-shallow": lambda v, **kw: VPTEncoder(v, deep=False, **kw)}
-    if method not in makers:
-        raise ValueError(f"method must be one of {sorted(makers)}, got {method!r}")
-    return makers[method](vit, **kwargs)
+    return build_encoder(method, vit, **kwargs)
 
 
 def load_tuned_file(encoder: nn.Module, path) -> None:

@@ -20,7 +20,12 @@ from torch import Tensor
 
 from .ops import lspt_step
 
-__all__ = ["PromptEncoder", "LinearProbe", "VPTEncoder", "GaPTEncoder", "LSPTEncoder"]
+__all__ = ["PromptEncoder", "LinearProbe", "VPTEncoder", "GaPTEncoder", "LSPTEncoder", "METHODS",
+           "build_encoder", "HEAD_INITS"]
+
+# "torch": nn.Linear's own init. "official": GaPT's head (kaiming-normal fan_out weight, bias
+# -log((1 - 0.01) / 0.01)), which LSPT's training setup follows.
+HEAD_INITS = ("torch", "official")
 
 
 def _check_vit(vit) -> None:
@@ -48,11 +53,14 @@ class PromptEncoder(nn.Module):
 
     method = "base"
 
-    def __init__(self, vit: nn.Module, num_prompts: int, num_classes: int, prompt_dropout: float = 0.0):
+    def __init__(self, vit: nn.Module, num_prompts: int, num_classes: int, prompt_dropout: float = 0.0,
+                 head_init: str = "torch"):
         super().__init__()
         _check_vit(vit)
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
         self.vit = vit
         for p in vit.parameters():
             p.requires_grad_(False)
@@ -63,7 +71,11 @@ class PromptEncoder(nn.Module):
         self.embed_dim = vit.embed_dim
         self.prompt_dropout = nn.Dropout(prompt_dropout)
         self.head = nn.Linear(self.embed_dim, num_classes)
-        self._config = dict(num_prompts=num_prompts, num_classes=num_classes, prompt_dropout=prompt_dropout)
+        if head_init == "official":
+            nn.init.kaiming_normal_(self.head.weight, a=0, mode="fan_out")
+            nn.init.constant_(self.head.bias, -math.log((1 - 0.01) / 0.01))
+        self._config = dict(num_prompts=num_prompts, num_classes=num_classes, prompt_dropout=prompt_dropout,
+                            head_init=head_init)
 
     # --- the frozen backbone stays in eval mode (no dropout / drop-path inside it) ------------------
     def train(self, mode: bool = True):
@@ -183,8 +195,8 @@ class LinearProbe(PromptEncoder):
 
     method = "linear"
 
-    def __init__(self, vit: nn.Module, num_classes: int):
-        super().__init__(vit, 0, num_classes)
+    def __init__(self, vit: nn.Module, num_classes: int, head_init: str = "torch"):
+        super().__init__(vit, 0, num_classes, head_init=head_init)
 
 
 def _check_num_prompts(num_prompts) -> None:
@@ -197,9 +209,9 @@ class VPTEncoder(PromptEncoder):
     deep=False (shallow): P (Np, D) enters once and the prompt outputs flow on."""
 
     def __init__(self, vit: nn.Module, num_prompts: int = 10, num_classes: int = 1000, deep: bool = True,
-                 prompt_dropout: float = 0.0):
+                 prompt_dropout: float = 0.0, head_init: str = "torch"):
         _check_num_prompts(num_prompts)
-        super().__init__(vit, num_prompts, num_classes, prompt_dropout)
+        super().__init__(vit, num_prompts, num_classes, prompt_dropout, head_init)
         self.deep = deep
         self.method = "vpt-deep" if deep else "vpt-shallow"
         self._config["deep"] = deep
@@ -238,9 +250,9 @@ class GaPTEncoder(PromptEncoder):
     method = "gapt"
 
     def __init__(self, vit: nn.Module, num_prompts: int = 10, num_classes: int = 1000, gate_init: float = 5.0,
-                 prompt_dropout: float = 0.0):
+                 prompt_dropout: float = 0.0, head_init: str = "torch"):
         _check_num_prompts(num_prompts)
-        super().__init__(vit, num_prompts, num_classes, prompt_dropout)
+        super().__init__(vit, num_prompts, num_classes, prompt_dropout, head_init)
         for i, block in enumerate(vit.blocks):
             attn = getattr(block, "attn", None)
             if not all(hasattr(block, a) for a in ("norm1", "ls1", "norm2", "mlp", "ls2")) or \
@@ -301,7 +313,7 @@ class LSPTEncoder(PromptEncoder):
 
     def __init__(self, vit: nn.Module, num_prompts: int = 10, num_classes: int = 1000, *, cspc: str = "mean",
                  lpc: str = "lstm", lstm_layers: int = 1, shared_lstm: bool = True, kmeans_steps: int = 3,
-                 backend: str = "auto", prompt_dropout: float = 0.0):
+                 backend: str = "auto", prompt_dropout: float = 0.0, head_init: str = "torch"):
         _check_num_prompts(num_prompts)
         for name, value, allowed in (("cspc", cspc, ("mean", "kmeans", "none")),
                                      ("lpc", lpc, ("lstm", "gru", "transformer", "none")),
@@ -314,7 +326,7 @@ class LSPTEncoder(PromptEncoder):
         from .ops import BACKENDS
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-        super().__init__(vit, num_prompts, num_classes, prompt_dropout)
+        super().__init__(vit, num_prompts, num_classes, prompt_dropout, head_init)
         self.cspc, self.lpc, self.lstm_layers, self.shared_lstm = cspc, lpc, lstm_layers, shared_lstm
         self.kmeans_steps, self.backend = kmeans_steps, backend
         self._config.update(cspc=cspc, lpc=lpc, lstm_layers=lstm_layers, shared_lstm=shared_lstm,
@@ -411,3 +423,22 @@ class LSPTEncoder(PromptEncoder):
         else:
             new = P_b + spatial if spatial is not None else P_b
         slot.copy_(new)
+
+
+# The one table from a method name to its encoder: from_timm, lspt-bench, lspt-train and lspt-eval use it.
+METHODS = {
+    "linear": LinearProbe,
+    "vpt-shallow": lambda vit, **kw: VPTEncoder(vit, deep=False, **kw),
+    "vpt-deep": lambda vit, **kw: VPTEncoder(vit, deep=True, **kw),
+    "gapt": GaPTEncoder,
+    "lspt": LSPTEncoder,
+}
+
+
+def build_encoder(method: str, vit: nn.Module, **kwargs) -> PromptEncoder:
+    """The encoder for a method name ("lspt", "gapt", "vpt-deep", ...) around `vit`; kwargs go to it."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if method == "linear":
+        kwargs.pop("num_prompts", None)      # a linear probe has no prompts
+    return METHODS[method](vit, **kwargs)
