@@ -166,6 +166,13 @@ class PromptEncoder(nn.Module):
     def _after_block(self, l: int, x_in: Tensor, x: Tensor, state) -> None:
         """Write the prompts for block l + 1 into x's prompt slot (in place). l is 0-based."""
 
+    def _batch_prompts(self, P: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
+        """(Np, D) prompts -> (B, Np, D) for one batch. Dropout comes after the expansion, so every
+        image gets its own mask, as in the official VPT/GaPT code; without dropout the result is a
+        stride-0 view (no copy)."""
+        P = P.to(dtype).expand(batch, -1, -1)
+        return self.prompt_dropout(P) if self.training and self.prompt_dropout.p > 0 else P
+
     def prompt_slot(self, x: Tensor) -> Tensor:
         k = self.num_prefix_tokens
         return x[:, k:k + self.num_prompts]
@@ -176,7 +183,7 @@ class PromptEncoder(nn.Module):
         first = self._first_prompts()
         if first is not None:
             k = self.num_prefix_tokens
-            first = self.prompt_dropout(first.to(x.dtype)).expand(x.shape[0], -1, -1)
+            first = self._batch_prompts(first, x.shape[0], x.dtype)
             x = torch.cat([x[:, :k], first, x[:, k:]], dim=1)             # the one token buffer
         state = self._init_state(x)
         for l, block in enumerate(self.vit.blocks):
@@ -223,8 +230,7 @@ class VPTEncoder(PromptEncoder):
 
     def _after_block(self, l, x_in, x, state):
         if self.deep:
-            self.prompt_slot(x).copy_(self.prompt_dropout(self.prompts[l + 1].to(x.dtype)).expand_as(
-                self.prompt_slot(x)))
+            self.prompt_slot(x).copy_(self._batch_prompts(self.prompts[l + 1], x.shape[0], x.dtype))
 
 
 def _attention(attn: nn.Module, x: Tensor, temperature: Tensor) -> Tensor:
@@ -385,10 +391,13 @@ class LSPTEncoder(PromptEncoder):
 
     def _after_block(self, l, x_in, x, state):
         cells = state["cells"]
-        P = self.prompt_dropout(self.prompts[l + 1])                    # (Np, D)
         slot = self.prompt_slot(x)
         k, B, n, D = self.num_prefix_tokens, x.shape[0], self.num_prompts, self.embed_dim
-        if self.fused:
+        # Per-image prompt dropout makes the LSTM input batch-dependent; the fused op takes one (Np, D)
+        # prompt, so a dropped-out step runs in PyTorch below.
+        dropping = self.training and self.prompt_dropout.p > 0
+        if self.fused and not dropping:
+            P = self.prompts[l + 1]                                         # (Np, D)
             cell = self._lpc_module("lstm", l)
             if isinstance(cell, nn.ModuleList):
                 cell = cell[0]
@@ -406,7 +415,7 @@ class LSPTEncoder(PromptEncoder):
             spatial = None
         # Xhat_SP; a copy when it is the slot itself, which is overwritten below.
         x_sp = slot + spatial if spatial is not None else slot.clone()
-        P_b = P.to(x.dtype).expand(B, -1, -1)
+        P_b = self._batch_prompts(self.prompts[l + 1], B, x.dtype)         # (B, Np, D)
         if self.lpc == "lstm":
             layers = self._lpc_module("lstm", l)
             layers = [layers] if isinstance(layers, nn.LSTMCell) else layers     # stacked layers
