@@ -5,11 +5,16 @@ Nothing is downloaded: backbones come from local files, loaded with `weights_onl
   decoder and mask token, when present, are dropped.
 - MoCo v3 (facebookresearch/moco-v3): {'state_dict': ...} with keys 'module.base_encoder.*'; the
   momentum encoder and predictor are dropped, as is the base encoder's projection head.
-- A plain state dict with timm key names.
+- A plain state dict with timm key names, also as {'state_dict': plain}.
+A DDP save, whose keys all start with 'module.', has that prefix stripped (only when every key
+carries it). Paths may be str or os.PathLike, '~' is expanded. Tensors holding NaN or inf are
+loaded, with a warning naming them.
 """
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,9 +23,55 @@ import torch.nn as nn
 __all__ = ["from_timm", "load_backbone_checkpoint", "backbone_state_dict", "load_tuned_file"]
 
 
+def as_path(path, argument: str = "path") -> Path:
+    """A file path from a str or os.PathLike, '~' expanded. bytes are refused: a bytes path works in
+    some calls and fails oddly in others (str(b'x') is "b'x'")."""
+    if isinstance(path, (str, os.PathLike)):
+        path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError(f"{argument} must be a file path (str or os.PathLike), got {type(path).__name__}"
+                        + (" (decode it with os.fsdecode)" if isinstance(path, bytes) else ""))
+    if not path:
+        raise ValueError(f"{argument} must be a file path, got an empty string")
+    return Path(path).expanduser()
+
+
+def _warn_non_finite(tensors: dict, source: str) -> None:
+    """Warn (not refuse: a diverged run is still worth inspecting) with the names of float tensors
+    that hold NaN or inf."""
+    bad = [n for n, t in tensors.items()
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        warnings.warn(f"{source}: {len(bad)} tensor(s) hold NaN or inf values: {bad[:5]}"
+                      f"{' ...' if len(bad) > 5 else ''}", RuntimeWarning, stacklevel=3)
+
+
+def _strip_ddp_prefix(sd: dict) -> dict:
+    """The tensors of sd; a plain DDP save prefixes every key with 'module.': strip it when (and only
+    when) every tensor's key carries it (entries such as 'epoch' do not count)."""
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+# Keys that every timm VisionTransformer state dict has (whatever its pooling, prefix or norms).
+_VIT_KEYS = ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight")
+
+
+def _unexpected_prefix_hint(unexpected: list[str], own: dict) -> str:
+    """When the unexpected keys are the model's keys under one extra prefix ('backbone.', 'encoder.'),
+    say so: the key lists alone do not show it."""
+    prefixes = {k[:-len(o)] for k in unexpected for o in _VIT_KEYS if o in own and k.endswith("." + o)}
+    if len(prefixes) == 1:
+        prefix = prefixes.pop()
+        return (f"; the checkpoint's keys carry a prefix {prefix!r} that the model's do not (strip it: "
+                f"{{k.removeprefix({prefix!r}): v for k, v in state_dict.items()}})")
+    return ""
+
 
 def _read(path) -> dict:
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
@@ -35,20 +86,28 @@ def _read(path) -> dict:
 
 
 def backbone_state_dict(obj: dict, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Map an MAE / MoCo v3 / plain checkpoint dict onto timm ViT key names."""
+    """Map an MAE / MoCo v3 / plain checkpoint dict onto timm ViT key names.
+
+    {'model': sd} is MAE's; {'state_dict': sd} is MoCo v3's when sd has 'module.base_encoder.' keys,
+    else a plain timm state dict; anything else is a plain state dict. A 'module.' prefix that every
+    key carries (a DDP save) is stripped."""
     if "model" in obj and isinstance(obj["model"], dict):                         # MAE
-        sd = dict(obj["model"])
+        sd = _strip_ddp_prefix(obj["model"])
         sd = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")}
-    elif "state_dict" in obj and isinstance(obj["state_dict"], dict):             # MoCo v3
+    elif "state_dict" in obj and isinstance(obj["state_dict"], dict):             # MoCo v3, or plain
         prefix = "module.base_encoder."
         raw = obj["state_dict"]
-        if not any(k.startswith(prefix) for k in raw):
-            raise ValueError(f"{source}: a 'state_dict' checkpoint without '{prefix}' keys is not a "
-                             f"MoCo v3 checkpoint (first keys: {list(raw)[:3]})")
-        sd = {k[len(prefix):]: v for k, v in raw.items()
-              if k.startswith(prefix) and "momentum" not in k}
+        if any(isinstance(k, str) and k.startswith(prefix) for k in raw):
+            sd = {k[len(prefix):]: v for k, v in raw.items()
+                  if k.startswith(prefix) and "momentum" not in k}
+        else:
+            sd = _strip_ddp_prefix(raw)
+            if not any(k in sd for k in _VIT_KEYS):
+                raise ValueError(f"{source}: a 'state_dict' checkpoint without '{prefix}' keys is not a "
+                                 f"MoCo v3 checkpoint, nor a timm ViT state dict (no {' or '.join(_VIT_KEYS)}; "
+                                 f"first keys: {list(raw)[:3]})")
     else:
-        sd = dict(obj)
+        sd = _strip_ddp_prefix(obj)
     tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise ValueError(f"{source}: no tensors found (expected ViT weights such as 'pos_embed', "
@@ -60,8 +119,12 @@ def backbone_state_dict(obj: dict, source: str = "checkpoint") -> dict[str, torc
 def load_backbone_checkpoint(vit: nn.Module, path) -> nn.Module:
     """Load an MAE / MoCo v3 / plain checkpoint file into a timm VisionTransformer, strictly: a missing,
     unexpected or mismatched key is an error naming it. The position embedding is resampled when the
-    model's grid differs from the checkpoint's (as timm does)."""
+    model's grid differs from the checkpoint's (as timm does). `path`: str or os.PathLike, '~'
+    expanded; formats and the 'module.' rule as in `backbone_state_dict`. Tensors with NaN or inf
+    are loaded with a RuntimeWarning naming them."""
+    path = as_path(path)
     sd = backbone_state_dict(_read(path), str(path))
+    _warn_non_finite(sd, str(path))
     own = {k: v for k, v in vit.state_dict().items() if not k.startswith("head.")}
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
         from timm.layers import resample_abs_pos_embed
@@ -77,7 +140,8 @@ def load_backbone_checkpoint(vit: nn.Module, path) -> nn.Module:
         if missing:
             parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
         if unexpected:
-            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+                         + _unexpected_prefix_hint(unexpected, own))
         if mismatched:
             parts.append("mismatched shapes " + "; ".join(mismatched[:8]))
         raise ValueError(f"{path} does not fit {type(vit).__name__} (embed_dim={vit.embed_dim}, "
@@ -97,6 +161,8 @@ def from_timm(name_or_model, checkpoint=None, method: str = "lspt", **kwargs):
 
     from .encoders import build_encoder
 
+    if checkpoint is not None:
+        checkpoint = as_path(checkpoint, "checkpoint")
     if isinstance(name_or_model, str):
         timm_kwargs = {k: kwargs.pop(k) for k in ("img_size", "dynamic_img_size") if k in kwargs}
         try:
@@ -117,7 +183,7 @@ def load_tuned_file(encoder: nn.Module, path) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tuned-parameter file not found: {path}")
     try:
@@ -137,6 +203,7 @@ def load_tuned_file(encoder: nn.Module, path) -> None:
     if missing or unexpected or mismatched:
         raise ValueError(f"{path} does not fit this encoder: missing {missing}, unexpected {unexpected}, "
                          f"mismatched {mismatched}")
+    _warn_non_finite(tensors, str(path))
     with torch.no_grad():
         for n, t in tensors.items():
             own[n].copy_(t)

@@ -38,6 +38,47 @@ def _check_vit(vit) -> None:
                         f" got {type(vit).__module__}.{type(vit).__name__}")
 
 
+def _check_layout(vit) -> None:
+    """At least one block, and a pooling. global_pool='' makes forward_head return every token,
+    (B, T, D): the head would give per-token "logits" without a word, so it is refused rather than a
+    pooling guessed."""
+    if len(vit.blocks) == 0:
+        raise ValueError("the ViT has no blocks (depth=0): there is nothing to prompt or probe")
+    if getattr(vit, "global_pool", None) == "" and getattr(vit, "attn_pool", None) is None:
+        raise ValueError("the ViT has global_pool='' (no pooling: forward_head returns all (B, T, D) tokens); "
+                         "build it with global_pool='token' (class token) or 'avg' (mean of the patch tokens), "
+                         "e.g. timm.create_model(name, global_pool='avg'), or call vit.reset_classifier(0, 'avg')")
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    """An int >= minimum. bool is an int subclass, but True as a count is always a slip: refused."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}"
+                         + (" (a bool, not a count)" if isinstance(value, bool) else ""))
+
+
+def _check_depth(vit, method: str, why: str) -> None:
+    """GaPT's gates and LSPT's LSTM act between blocks l and l + 1: with one block they would be
+    trainable parameters that never run, so such a ViT is refused rather than silently degenerate."""
+    _check_vit(vit)
+    _check_layout(vit)
+    if len(vit.blocks) < 2:
+        raise ValueError(f"{method} needs a ViT with at least 2 blocks ({why}), this one has "
+                         f"{len(vit.blocks)}; use method 'vpt-deep' or 'vpt-shallow' for a 1-block ViT")
+
+
+def _images_in_model_dtype(images: Tensor, weight: Tensor) -> Tensor:
+    """Images of another float dtype than the model (fp64 from numpy, fp16/bf16 from a loader) are
+    cast to the patch embedding's weight dtype, with no copy when they already match; timm's own
+    forward would fail in the convolution instead. Under autocast, fp16/bf16/fp32 images are left to
+    autocast (it casts them itself); fp64 ones are still cast, as autocast does not touch fp64."""
+    if images.dtype == weight.dtype:
+        return images
+    if torch.is_autocast_enabled(images.device.type) and images.dtype != torch.float64:
+        return images
+    return images.to(weight.dtype)
+
+
 def prompt_init_bound(vit) -> float:
     """VPT/GaPT's uniform init bound sqrt(6 / (3 p^2 + D)), p the patch size (pixels)."""
     patch = vit.patch_embed.patch_size
@@ -57,8 +98,8 @@ class PromptEncoder(nn.Module):
                  head_init: str = "torch"):
         super().__init__()
         _check_vit(vit)
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        _check_layout(vit)
+        _check_count("num_classes", num_classes, 1)
         if head_init not in HEAD_INITS:
             raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
         self.vit = vit
@@ -112,8 +153,14 @@ class PromptEncoder(nn.Module):
         return dict(method=self.method, **self._config)
 
     def save_tuned(self, path) -> None:
-        """Write the tuned parameters (not the backbone) to a safetensors file."""
+        """Write the tuned parameters (not the backbone) to a safetensors file. `path`: str or
+        os.PathLike, '~' expanded; its directory must exist."""
         from safetensors.torch import save_file
+
+        from .checkpoints import as_path
+        path = as_path(path)
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
         tensors = {n: t.contiguous().cpu() for n, t in self.tuned_state_dict().items()}
         save_file(tensors, str(path), metadata={"lspt_kernels": json.dumps(self.config())})
 
@@ -124,6 +171,8 @@ class PromptEncoder(nn.Module):
 
     # --- the block loop -----------------------------------------------------------------------------
     def _check_images(self, images) -> None:
+        """A (B, C, H, W) float tensor on the model's device, of the ViT's size. Its float dtype may
+        differ from the model's: `_embed` casts it (see `_images_in_model_dtype`)."""
         if not isinstance(images, Tensor) or images.dim() != 4:
             got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"images must be a (B, C, H, W) tensor, got {got}")
@@ -148,7 +197,7 @@ class PromptEncoder(nn.Module):
 
     def _embed(self, images: Tensor) -> Tensor:
         vit = self.vit
-        x = vit.patch_embed(images)
+        x = vit.patch_embed(_images_in_model_dtype(images, vit.patch_embed.proj.weight))
         x = vit._pos_embed(x)            # prefix tokens and position embedding (timm's own)
         x = vit.patch_drop(x)
         return vit.norm_pre(x)
@@ -207,8 +256,7 @@ class LinearProbe(PromptEncoder):
 
 
 def _check_num_prompts(num_prompts) -> None:
-    if not isinstance(num_prompts, int) or num_prompts < 1:
-        raise ValueError(f"num_prompts must be an int >= 1, got {num_prompts!r}")
+    _check_count("num_prompts", num_prompts, 1)
 
 
 class VPTEncoder(PromptEncoder):
@@ -258,6 +306,7 @@ class GaPTEncoder(PromptEncoder):
     def __init__(self, vit: nn.Module, num_prompts: int = 10, num_classes: int = 1000, gate_init: float = 5.0,
                  prompt_dropout: float = 0.0, head_init: str = "torch"):
         _check_num_prompts(num_prompts)
+        _check_depth(vit, "GaPT", "its gates mix the prompts between consecutive blocks")
         super().__init__(vit, num_prompts, num_classes, prompt_dropout, head_init)
         for i, block in enumerate(vit.blocks):
             attn = getattr(block, "attn", None)
@@ -321,6 +370,9 @@ class LSPTEncoder(PromptEncoder):
                  lpc: str = "lstm", lstm_layers: int = 1, shared_lstm: bool = True, kmeans_steps: int = 3,
                  backend: str = "auto", prompt_dropout: float = 0.0, head_init: str = "torch"):
         _check_num_prompts(num_prompts)
+        _check_count("kmeans_steps", kmeans_steps, 0)
+        _check_count("lstm_layers", lstm_layers, 1)
+        _check_depth(vit, "LSPT", "its LSTM carries the prompts from block l to block l + 1")
         for name, value, allowed in (("cspc", cspc, ("mean", "kmeans", "none")),
                                      ("lpc", lpc, ("lstm", "gru", "transformer", "none")),
                                      ("lstm_layers", lstm_layers, (1, 2)),

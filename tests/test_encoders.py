@@ -116,7 +116,7 @@ def test_lspt_adds_8d2_for_vit_b():
     # The paper's 1.02x -> 1.08x: 8 D^2 + 8 D = 4.73 M for ViT-B (D = 768).
     D = 768
     assert 8 * D * D + 8 * D == 4_724_736
-    vit = make_vit(embed_dim=D, depth=1, heads=12, img=16, patch=16)
+    vit = make_vit(embed_dim=D, depth=2, heads=12, img=16, patch=16)
     diff = LSPTEncoder(vit, 10, 2).parameter_report()["trainable"] - \
         VPTEncoder(vit, 10, 2).parameter_report()["trainable"]
     assert diff == 4_724_736
