@@ -76,6 +76,15 @@ def test_images_under_autocast(method, dtype):
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
 
 
+def test_image_cast_traces_without_graph_breaks():
+    torch._dynamo.reset()
+    enc = _enc("vpt-deep").eval()
+    compiled = torch.compile(enc, fullgraph=True, backend="aot_eager")
+    images = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images.double()), enc(images), atol=1e-5, rtol=1e-5)
+
+
 # --- 2. bools are not counts ----------------------------------------------------------------------
 @pytest.mark.parametrize("method", PROMPTED)
 def test_bool_num_prompts_refused(method):
