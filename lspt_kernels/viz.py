@@ -202,9 +202,10 @@ def summarize(kind: str, maps: Tensor) -> list[list[dict]]:
 # ------------------------------------------------------------------------------------------------
 # Inputs: images and tuned files
 # ------------------------------------------------------------------------------------------------
-def load_image(path, size) -> tuple[Tensor, Tensor]:
-    """An image file -> ((3, H, W) tensor normalised with ImageNet mean/std, (H, W, 3) uint8 for
-    drawing): the shorter side resized (bicubic) to cover `size` (int or (H, W)), then centre-cropped."""
+def load_image(path, size, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[Tensor, Tensor]:
+    """An image file -> ((3, H, W) tensor normalised with mean/std (default ImageNet's), (H, W, 3)
+    uint8 for drawing): the shorter side resized (bicubic) to cover `size` (int or (H, W)), then
+    centre-cropped, as evaluation transforms do."""
     from PIL import Image, UnidentifiedImageError
     H, W = (size, size) if isinstance(size, int) else tuple(size)
     path = Path(path)
@@ -221,7 +222,8 @@ def load_image(path, size) -> tuple[Tensor, Tensor]:
     im = im.crop((left, top, left + W, top + H))
     pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(H, W, 3)
     x = pixels.permute(2, 0, 1).float() / 255.0
-    x = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (mean, std))
+    x = (x - mean) / std
     return x, pixels
 
 
@@ -330,14 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuned", action="append", required=True, metavar="FILE",
                    help="a .safetensors file written by encoder.save_tuned (repeat: rows in this order, "
                         "e.g. GaPT first, then LSPT)")
-    p.add_argument("--model", required=True, help="the timm VisionTransformer name the files were tuned on")
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra timm.create_model argument (Python literal), e.g. depth=6; repeatable")
+    p.add_argument("--model", default=None,
+                   help="the timm VisionTransformer name the files were tuned on (default: the backbone "
+                        "that lspt-train recorded in the files; --model-arg/--img-size/--checkpoint/--seed "
+                        "then default to it too)")
+    p.add_argument("--model-arg", "--model-kwargs", dest="model_arg", action="extend", nargs="+", default=[],
+                   metavar="KEY=VALUE", help="extra timm.create_model arguments (Python literals), e.g. depth=6")
     p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
     p.add_argument("--checkpoint", default=None, metavar="BACKBONE",
                    help="backbone weights (MAE / MoCo v3 / plain state dict); without it the backbone is "
                         "timm's random init under --seed")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random backbone when no --checkpoint")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the random backbone when no --checkpoint (default: lspt-train's, else 0)")
     p.add_argument("--image", action="append", required=True, metavar="IMG", help="an image file (repeatable)")
     p.add_argument("--output", required=True, metavar="DIR", help="directory for the PNGs and summary.json")
     p.add_argument("--kind", default="both", choices=("similarity", "attention", "both"))
@@ -360,32 +366,73 @@ def _model_kwargs(items: list[str]) -> dict:
     return out
 
 
-def _build_vit(args):
+def _train_metadata(path: Path) -> dict:
+    """The backbone lspt-train recorded in a tuned file ("lspt_train" metadata), or {}."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("lspt_train", "{}"))
+    except Exception:
+        return {}          # load_tuned_encoder gives the file's real error
+
+
+def _backbone_spec(args, tuned: list[Path]) -> dict:
+    """model, model_kwargs, img_size, seed, checkpoint, mean, std: the flags, else what lspt-train
+    recorded in the tuned files (which must then agree: all rows share one backbone)."""
+    metas = [_train_metadata(f) for f in tuned]
+    keys = ("model", "model_kwargs", "img_size", "seed", "checkpoint")
+    recorded = {tuple(json.dumps(m.get(k), sort_keys=True) for k in keys) for m in metas if m.get("model")}
+    if args.model is None:
+        if not all(m.get("model") for m in metas):
+            raise VizError("--model is needed: " + ", ".join(str(f) for f, m in zip(tuned, metas) if not m.get("model"))
+                           + " does not record its backbone (only files written by lspt-train do)")
+        if len(recorded) > 1:
+            raise VizError("the tuned files were trained on different backbones (" + "; ".join(
+                f"{f}: {', '.join(f'{k}={m.get(k)}' for k in keys)}" for f, m in zip(tuned, metas))
+                + "): one figure needs one backbone; run lspt-viz once per backbone")
+        meta = metas[0]
+        spec = dict(model=meta["model"], model_kwargs=dict(meta.get("model_kwargs") or {}),
+                    img_size=meta.get("img_size"), seed=meta.get("seed", 0), checkpoint=meta.get("checkpoint"))
+    else:
+        meta = metas[0] if len(recorded) == 1 and all(m.get("model") for m in metas) else {}
+        meta = meta if meta.get("model") == args.model else {}
+        spec = dict(model=args.model, model_kwargs={}, img_size=None, seed=meta.get("seed", 0), checkpoint=None)
+    spec["model_kwargs"].update(_model_kwargs(args.model_arg))
+    for key in ("img_size", "seed", "checkpoint"):
+        if getattr(args, key) is not None:
+            spec[key] = getattr(args, key)
+    # Normalise as training did when it is recorded (and the backbone is the recorded one).
+    spec["mean"] = tuple(meta["mean"]) if meta.get("mean") else IMAGENET_MEAN
+    spec["std"] = tuple(meta["std"]) if meta.get("std") else IMAGENET_STD
+    return spec
+
+
+def _build_vit(spec: dict, device: str):
     import timm
 
     from .checkpoints import load_backbone_checkpoint
     from .encoders import _check_vit
-    kwargs = dict(pretrained=False, **_model_kwargs(args.model_arg), num_classes=0)
-    if args.img_size is not None:
-        kwargs["img_size"] = args.img_size
-    if not timm.is_model(args.model):
-        raise VizError(f"--model: unknown timm model {args.model!r}")
-    torch.manual_seed(args.seed)
+    kwargs = dict(pretrained=False, **spec["model_kwargs"], num_classes=0)
+    if spec["img_size"] is not None:
+        kwargs["img_size"] = spec["img_size"]
+    if not timm.is_model(spec["model"]):
+        raise VizError(f"--model: unknown timm model {spec['model']!r}")
+    torch.manual_seed(spec["seed"])          # as lspt-train builds its random backbone
     try:
-        vit = timm.create_model(args.model, **kwargs)
+        vit = timm.create_model(spec["model"], **kwargs)
         _check_vit(vit)
         _check_blocks(vit)
     except Exception as exc:
-        raise VizError(f"--model {args.model!r} with {kwargs}: {exc}") from None
-    if args.checkpoint is not None:
+        raise VizError(f"--model {spec['model']!r} with {kwargs}: {exc}") from None
+    if spec["checkpoint"] is not None:
         try:
-            load_backbone_checkpoint(vit, args.checkpoint)
+            load_backbone_checkpoint(vit, spec["checkpoint"])
         except (FileNotFoundError, ValueError) as exc:
             raise VizError(f"--checkpoint: {exc}") from None
     else:
-        print(f"lspt-viz: note: no --checkpoint, the backbone is timm's random init (seed {args.seed}); the "
+        print(f"lspt-viz: note: no --checkpoint, the backbone is timm's random init (seed {spec['seed']}); the "
               "maps mean something only if the tuned files were trained on this same backbone", file=sys.stderr)
-    return vit.to(args.device).eval()
+    return vit.to(device).eval()
 
 
 def _check_output_dir(path: Path) -> Path:
@@ -406,19 +453,21 @@ def _labels(methods: list[str], paths: list[Path]) -> list[str]:
 def _run(args) -> int:
     kinds = KINDS if args.kind == "both" else (args.kind,)
     out_dir = _check_output_dir(Path(args.output))
-    for f in args.tuned:
-        if not Path(f).is_file():
+    tuned = [Path(f) for f in args.tuned]
+    for f in tuned:
+        if not f.is_file():
             raise VizError(f"--tuned: file not found: {f}")
-    vit = _build_vit(args)
+    spec = _backbone_spec(args, tuned)
+    vit = _build_vit(spec, args.device)
     size = tuple(vit.patch_embed.img_size)
     images = []
     for f in args.image:
         try:
-            images.append(load_image(f, size))
+            images.append(load_image(f, size, spec["mean"], spec["std"]))
         except (FileNotFoundError, ValueError) as exc:
             raise VizError(f"--image: {exc}") from None
     batch = torch.stack([x for x, _ in images]).to(args.device)
-    encoders, tuned = [], [Path(f) for f in args.tuned]
+    encoders = []
     for f in tuned:
         try:
             encoders.append(load_tuned_encoder(f, vit).to(args.device))
@@ -458,8 +507,9 @@ def _run(args) -> int:
                     if kind == "similarity" else f"attention to each patch from {queries_text}, mean over heads")
             written.append(draw_rows(pixels, rows, out_dir / f"{stem}_{kind}.png", kind,
                                      title=f"{Path(args.image[b]).name}: {what}"))
-    summary = dict(model=args.model, model_args=_model_kwargs(args.model_arg), img_size=list(size),
-                   checkpoint=args.checkpoint, kinds=list(kinds), attention_from=args.source, results=[])
+    summary = dict(model=spec["model"], model_kwargs=spec["model_kwargs"], img_size=list(size), seed=spec["seed"],
+                   checkpoint=spec["checkpoint"], mean=list(spec["mean"]), std=list(spec["std"]), kinds=list(kinds),
+                   attention_from=args.source, results=[])
     for i, enc in enumerate(encoders):
         per_kind = {kind: summarize(kind, results[i, kind]) for kind in kinds if (i, kind) in results}
         for b, img in enumerate(args.image):

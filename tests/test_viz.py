@@ -184,7 +184,8 @@ def test_summary_scalars():
     assert u["patch_mass"] == pytest.approx(0.8)
     assert p["entropy"] == pytest.approx(0.0, abs=1e-12) and p["patch_mass"] == pytest.approx(0.9)
     s = viz.summarize("similarity", torch.tensor([-0.5, 0.5, 0.5, 0.5]).reshape(1, 1, 2, 2))[0][0]
-    assert s == dict(block=1, mean=pytest.approx(0.25), std=pytest.approx(math.sqrt(3) / 4), contrast=pytest.approx(1.0))
+    assert s == dict(block=1, mean=pytest.approx(0.25), std=pytest.approx(math.sqrt(3) / 4),
+                     contrast=pytest.approx(1.0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,12 +239,55 @@ def test_cli_writes_pngs_and_summary_for_two_tuned_files_and_two_images(tmp_path
     for kind in viz.KINDS:        # batch 2 in the CLI, 1 here: equal up to float rounding
         assert r[kind] == [pytest.approx(d, rel=1e-5, abs=1e-7) for d in viz.summarize(kind, maps[kind])[0]]
 
-    # --kind attention --from prompts: only attention PNGs, from the prompt tokens.
+    # --kind attention --from prompts: only attention PNGs, from the prompt tokens; lspt-train's
+    # spelling of the model arguments (--model-kwargs K=V K=V) works too.
     out2 = tmp_path / "out2"
-    assert viz.main(argv[:-1] + [str(out2), "--kind", "attention", "--from", "prompts"]) == 0
+    argv2 = [a for f in tuned_files for a in ("--tuned", str(f))] + TINY_ARGS[:4] + \
+        ["--model-kwargs", "patch_size=8", "embed_dim=32", "depth=3", "num_heads=2"] + \
+        [a for f in imgs for a in ("--image", str(f))] + ["--output", str(out2)]
+    assert viz.main(argv2 + ["--kind", "attention", "--from", "prompts"]) == 0
     assert sorted(p.name for p in out2.glob("*.png")) == ["cat_attention.png", "dog_attention.png"]
     assert json.loads((out2 / "summary.json").read_text())["results"][0]["attention_queries"] == \
         "the prompt tokens (mean)"
+
+
+def _save_as_lspt_train(enc, path, meta):
+    """A tuned file as lspt-train writes it: save_tuned's tensors and metadata plus "lspt_train"."""
+    from safetensors.torch import save_file
+    save_file({n: t.contiguous() for n, t in enc.tuned_state_dict().items()}, str(path),
+              metadata={"lspt_kernels": json.dumps(enc.config()), "lspt_train": json.dumps(meta)})
+    return path
+
+
+def test_cli_takes_the_backbone_lspt_train_recorded(tmp_path, capsys):
+    import timm
+    kw = dict(patch_size=8, embed_dim=32, depth=3, num_heads=2)
+    meta = dict(model="vit_tiny_patch16_224", img_size=32, model_kwargs=kw, seed=7, checkpoint=None,
+                mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    torch.manual_seed(7)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, **kw)
+    enc = build_encoder("lspt", vit, num_prompts=NP, num_classes=5, prompt_dropout=0.1)
+    f = _save_as_lspt_train(enc, tmp_path / "best.safetensors", meta)
+    img = _write_image(tmp_path / "x.png", (40, 40), 2)
+    out = tmp_path / "o"
+    assert viz.main(["--tuned", str(f), "--image", str(img), "--output", str(out)]) == 0
+    assert "random init (seed 7)" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["model"], summary["seed"], summary["mean"], summary["model_kwargs"]) == \
+        ("vit_tiny_patch16_224", 7, [0.5] * 3, kw)
+    x, _ = viz.load_image(img, 32, meta["mean"], meta["std"])
+    maps = viz.block_maps(enc, x[None])
+    for kind in viz.KINDS:
+        assert summary["results"][0][kind] == [pytest.approx(d, rel=1e-5, abs=1e-7)
+                                               for d in viz.summarize(kind, maps[kind])[0]]
+
+    other = _save_as_lspt_train(enc, tmp_path / "other.safetensors", dict(meta, seed=8))
+    rc, err = _run_cli(["--tuned", str(f), "--tuned", str(other), "--image", str(img), "--output", str(out)], capsys)
+    assert rc == 2 and "trained on different backbones" in err and "seed=8" in err
+    plain = tmp_path / "plain.safetensors"
+    enc.save_tuned(plain)
+    rc, err = _run_cli(["--tuned", str(plain), "--image", str(img), "--output", str(out)], capsys)
+    assert rc == 2 and "--model is needed" in err and "plain.safetensors" in err
 
 
 def _run_cli(argv, capsys):
