@@ -392,11 +392,13 @@ def _backbone_spec(args, tuned: list[Path]) -> dict:
                 + "): one figure needs one backbone; run lspt-viz once per backbone")
         meta = metas[0]
         spec = dict(model=meta["model"], model_kwargs=dict(meta.get("model_kwargs") or {}),
-                    img_size=meta.get("img_size"), seed=meta.get("seed", 0), checkpoint=meta.get("checkpoint"))
+                    img_size=meta.get("img_size"), seed=meta.get("seed", 0), checkpoint=meta.get("checkpoint"),
+                    recorded=True)
     else:
         meta = metas[0] if len(recorded) == 1 and all(m.get("model") for m in metas) else {}
         meta = meta if meta.get("model") == args.model else {}
-        spec = dict(model=args.model, model_kwargs={}, img_size=None, seed=meta.get("seed", 0), checkpoint=None)
+        spec = dict(model=args.model, model_kwargs={}, img_size=None, seed=meta.get("seed", 0), checkpoint=None,
+                    recorded=False)
     spec["model_kwargs"].update(_model_kwargs(args.model_arg))
     for key in ("img_size", "seed", "checkpoint"):
         if getattr(args, key) is not None:
@@ -429,6 +431,9 @@ def _build_vit(spec: dict, device: str):
             load_backbone_checkpoint(vit, spec["checkpoint"])
         except (FileNotFoundError, ValueError) as exc:
             raise VizError(f"--checkpoint: {exc}") from None
+    elif spec["recorded"]:
+        print(f"lspt-viz: note: the backbone is timm's random init under seed {spec['seed']}, as lspt-train "
+              "recorded (no checkpoint)", file=sys.stderr)
     else:
         print(f"lspt-viz: note: no --checkpoint, the backbone is timm's random init (seed {spec['seed']}); the "
               "maps mean something only if the tuned files were trained on this same backbone", file=sys.stderr)

@@ -271,7 +271,7 @@ def test_cli_takes_the_backbone_lspt_train_recorded(tmp_path, capsys):
     img = _write_image(tmp_path / "x.png", (40, 40), 2)
     out = tmp_path / "o"
     assert viz.main(["--tuned", str(f), "--image", str(img), "--output", str(out)]) == 0
-    assert "random init (seed 7)" in capsys.readouterr().err
+    assert "random init under seed 7, as lspt-train recorded" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["model"], summary["seed"], summary["mean"], summary["model_kwargs"]) == \
         ("vit_tiny_patch16_224", 7, [0.5] * 3, kw)
