@@ -51,12 +51,13 @@ class VizError(Exception):
 # Maps as tensors
 # ------------------------------------------------------------------------------------------------
 def _temperature(encoder, l: int) -> float | Tensor:
-    """The softmax temperature block l's attention runs with: GaPT's temperatures[l] projected to
-    [0.01, 10] (GaPTEncoder._run_block's clamp), 1 for every other method."""
+    """The softmax temperature block l's attention runs with: GaPT's temperatures[l] projected onto
+    its range [0.01, 10] (the official TEMP_MIN / TEMP_MAX), 1 for every other method."""
     temps = getattr(encoder, "temperatures", None)
     if getattr(encoder, "method", None) != "gapt" or temps is None:
         return 1.0
-    return temps[l].detach().float().clamp(0.01, 10.0)
+    low, high = getattr(encoder, "TEMPERATURE_RANGE", (0.01, 10.0))
+    return temps[l].detach().float().clamp(low, high)
 
 
 def _check_blocks(vit) -> None:

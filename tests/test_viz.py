@@ -176,6 +176,22 @@ def test_no_class_token_uses_the_pooled_tokens_and_linear_probe_has_no_similarit
         viz.block_maps(enc, images, source="patches")
 
 
+def test_maps_keep_the_patch_grid_orientation_of_a_non_square_image():
+    """Prompts equal to the patch token at (row 3, column 2) of a 5 x 3 grid: block 1's similarity
+    map peaks (cosine 1) exactly there, so rows and columns are not swapped or transposed."""
+    vit = make_vit(dynamic_img_size=True)
+    torch.manual_seed(0)
+    enc = build_encoder("vpt-deep", vit, num_prompts=NP, num_classes=4)
+    images = torch.randn(1, 3, 40, 24, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        patch = _embed(vit, images)[0, 1 + 3 * 3 + 2]                # CLS, then row-major patches
+        enc.prompts[0].copy_(patch.expand(NP, -1))
+    sim = viz.similarity_maps(enc, images)
+    assert sim.shape == (1, 3, 5, 3)
+    assert sim[0, 0, 3, 2] == pytest.approx(1.0, abs=1e-5)
+    assert (sim[0, 0] < 0.999).sum() == 14
+
+
 def test_summary_scalars():
     uniform = torch.full((1, 1, 2, 2), 0.2)          # 0.8 of the attention on patches, evenly
     peaked = torch.tensor([0.9, 0.0, 0.0, 0.0]).reshape(1, 1, 2, 2)
@@ -349,3 +365,18 @@ def test_python_dash_m_runs():
     proc = subprocess.run([sys.executable, "-m", "lspt_kernels.viz", "--help"], capture_output=True, text=True,
                           env=env, timeout=120)
     assert proc.returncode == 0 and "--tuned" in proc.stdout and "--from" in proc.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_maps_on_the_gpu_equal_the_cpu_maps():
+    vit = _sharpen(make_vit())
+    torch.manual_seed(0)
+    for method in ("lspt", "gapt"):
+        enc = build_encoder(method, vit, num_prompts=NP, num_classes=4)
+        images = _images()
+        cpu = viz.block_maps(enc, images)
+        gpu = viz.block_maps(enc.cuda(), images.cuda())
+        enc.cpu()
+        for kind in viz.KINDS:
+            assert gpu[kind].device.type == "cpu"
+            torch.testing.assert_close(gpu[kind], cpu[kind], atol=2e-3, rtol=2e-3)
