@@ -64,7 +64,8 @@ def _check_blocks(vit) -> None:
     from timm.models.vision_transformer import Block
     for i, block in enumerate(vit.blocks):
         attn = getattr(block, "attn", None)
-        if not isinstance(block, Block) or not all(hasattr(attn, a) for a in ("qkv", "num_heads", "scale")):
+        if not isinstance(block, Block) or not all(
+                hasattr(attn, a) for a in ("qkv", "num_heads", "scale", "q_norm", "k_norm")):
             raise TypeError(f"lspt_kernels.viz needs timm's pre-norm Block with a qkv Attention; block {i} "
                             f"is {type(block).__name__} with attention {type(attn).__name__}")
 
@@ -179,6 +180,9 @@ def summarize(kind: str, maps: Tensor) -> list[list[dict]]:
     similarity: mean, std and contrast (max - min) over the patches."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(maps, Tensor) or maps.dim() != 4:
+        got = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise ValueError(f"maps must be a (B, L, h, w) tensor from block_maps, got {got}")
     B, L = maps.shape[:2]
     flat = maps.reshape(B, L, -1).double()
     N = flat.shape[-1]
@@ -456,8 +460,19 @@ def _labels(methods: list[str], paths: list[Path]) -> list[str]:
     return [m if methods.count(m) == 1 else f"{m} ({p.stem})" for m, p in zip(methods, paths)]
 
 
+def _check_device(name: str) -> str:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise VizError(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VizError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
+    return name
+
+
 def _run(args) -> int:
     kinds = KINDS if args.kind == "both" else (args.kind,)
+    _check_device(args.device)
     out_dir = _check_output_dir(Path(args.output))
     tuned = [Path(f) for f in args.tuned]
     for f in tuned:

@@ -174,6 +174,13 @@ def test_no_class_token_uses_the_pooled_tokens_and_linear_probe_has_no_similarit
         viz.block_maps(enc, images, ("saliency",))
     with pytest.raises(ValueError, match="source must be"):
         viz.block_maps(enc, images, source="patches")
+    with pytest.raises(ValueError, match=r"maps must be a \(B, L, h, w\) tensor"):
+        viz.summarize("attention", torch.zeros(3, 4, 4))
+    # A post-norm block (norm1 after the attention) would give the wrong attention input: refused.
+    from timm.models.vision_transformer import ResPostBlock
+    post = build_encoder("lspt", make_vit(block_fn=ResPostBlock), num_prompts=NP, num_classes=4)
+    with pytest.raises(TypeError, match="needs timm's pre-norm Block.*block 0 is ResPostBlock"):
+        viz.attention_maps(post, images)
 
 
 def test_maps_keep_the_patch_grid_orientation_of_a_non_square_image():
@@ -343,6 +350,9 @@ def test_cli_bad_input(tmp_path, tuned_files, capsys):
     blocker.write_text("x")
     rc, err = _run_cli(base[:-1] + [str(blocker / "sub"), "--image", str(img)], capsys)
     assert rc == 2 and "--output: cannot write to" in err
+
+    rc, err = _run_cli(base + ["--image", str(img), "--device", "gpu0"], capsys)
+    assert rc == 2 and "--device: expected cpu, cuda or cuda:N, got 'gpu0'" in err
 
     rc, err = _run_cli(["--tuned", str(tuned_files[0]), "--model", "vit_nonexistent", "--image", str(img),
                         "--output", str(tmp_path / "o")], capsys)
