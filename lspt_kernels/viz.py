@@ -455,6 +455,20 @@ def _check_output_dir(path: Path) -> Path:
     return path
 
 
+def _image_names(paths: list[Path]) -> list[str]:
+    """Output names: the file stem; "folder_stem" when stems repeat (val/red/000.png, val/blue/000.png);
+    the position appended when even those repeat."""
+    names = [p.stem for p in paths]
+    names = [n if names.count(n) == 1 else f"{p.parent.name}_{n}" for n, p in zip(names, paths)]
+    return [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
+
+
+def _short_path(path) -> str:
+    """The file name with its folder (val/blue/000.png -> blue/000.png): enough to tell images apart."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def _labels(methods: list[str], paths: list[Path]) -> list[str]:
     """Row labels: the method, with the file name when two files share a method."""
     return [m if methods.count(m) == 1 else f"{m} ({p.stem})" for m, p in zip(methods, paths)]
@@ -515,11 +529,11 @@ def _run(args) -> int:
         for kind in want:
             results[i, kind] = maps[kind]
 
-    stems = [Path(f).stem for f in args.image]
+    stems = _image_names([Path(f) for f in args.image])
     queries_text = next((q for q in queries.values() if q), "")
     written = []
     for b, (_, pixels) in enumerate(images):
-        stem = stems[b] if stems.count(stems[b]) == 1 else f"{stems[b]}-{b}"
+        stem = stems[b]
         for kind in kinds:
             rows = [(labels[i], results[i, kind][b]) for i in range(len(encoders)) if (i, kind) in results]
             if not rows:
@@ -527,7 +541,7 @@ def _run(args) -> int:
             what = ("cosine similarity of the block's input prompts and each patch, mean over prompts"
                     if kind == "similarity" else f"attention to each patch from {queries_text}, mean over heads")
             written.append(draw_rows(pixels, rows, out_dir / f"{stem}_{kind}.png", kind,
-                                     title=f"{Path(args.image[b]).name}: {what}"))
+                                     title=f"{_short_path(args.image[b])}: {what}"))
     summary = dict(model=spec["model"], model_kwargs=spec["model_kwargs"], img_size=list(size), seed=spec["seed"],
                    checkpoint=spec["checkpoint"], mean=list(spec["mean"]), std=list(spec["std"]), kinds=list(kinds),
                    attention_from=args.source, results=[])

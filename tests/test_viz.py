@@ -199,6 +199,12 @@ def test_maps_keep_the_patch_grid_orientation_of_a_non_square_image():
     assert (sim[0, 0] < 0.999).sum() == 14
 
 
+def test_output_names_of_images_with_the_same_stem():
+    names = viz._image_names([Path("val/red/000.png"), Path("val/blue/000.png"), Path("a/x.png"),
+                              Path("b/x.jpg"), Path("c/x/k.png"), Path("d/x/k.png")])
+    assert names == ["red_000", "blue_000", "a_x", "b_x", "x_k-4", "x_k-5"]
+
+
 def test_summary_scalars():
     uniform = torch.full((1, 1, 2, 2), 0.2)          # 0.8 of the attention on patches, evenly
     peaked = torch.tensor([0.9, 0.0, 0.0, 0.0]).reshape(1, 1, 2, 2)
