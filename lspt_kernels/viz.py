@@ -512,11 +512,11 @@ def _run(args) -> int:
     labels = _labels(methods, tuned)
     if "similarity" in kinds and any(e.num_prompts == 0 for e in encoders):
         skipped = [str(f) for f, e in zip(tuned, encoders) if e.num_prompts == 0]
-        print(f"lspt-viz: note: no similarity maps for {', '.join(skipped)} (a linear probe has no prompts)",
+        print(f"lspt-viz: note: no similarity maps for {', '.join(skipped)} (no prompt tokens)",
               file=sys.stderr)
     if args.source == "prompts" and any(e.num_prompts == 0 for e in encoders):
         raise VizError("--from prompts: " + ", ".join(str(f) for f, e in zip(tuned, encoders) if e.num_prompts == 0)
-                       + " has no prompt tokens (a linear probe); use --from cls")
+                       + " has no prompt tokens; use --from cls")
 
     results = {}                                                      # (tuned index, kind) -> (B, L, h, w)
     queries = {}
