@@ -70,7 +70,8 @@ setup(
     install_requires=["torch>=2.4", "timm>=1.0", "triton; platform_system == 'Linux'", "ninja", "pybind11",
                       "safetensors", "numpy", "matplotlib"],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
-    entry_points={"console_scripts": ["lspt-bench = lspt_kernels.bench:main"]},
+    entry_points={"console_scripts": ["lspt-bench = lspt_kernels.bench:main",
+                                     "lspt-viz = lspt_kernels.viz:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

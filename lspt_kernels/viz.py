@@ -1,0 +1,573 @@
+"""`lspt-viz`: the per-block maps behind the paper's forgetting figures (1, 3, 4, 5), for any tuned
+encoder and image.
+
+- Similarity map of block l (paper fig. 3, "temporal forgetting"): cosine similarity between each
+  prompt token that enters block l and each patch token that enters it, averaged over the prompts.
+- Attention map of block l (paper figs. 1, 4, 5, "spatial forgetting"): block l's softmax attention
+  from the CLS token (or, with source="prompts", averaged over the prompt tokens) to each patch,
+  averaged over heads. GaPT's temperature of block l divides the logits, as in its forward.
+
+Both are read from the encoder's own block loop (no second copy of it): a forward hook on every
+block's `norm1` sees the block input x = [prefix | prompts | patches] (the prompts already written
+into the slot for this block) and norm1(x), the attention input, from which q and k are recomputed
+with the block's own qkv / q_norm / k_norm weights. `norm1` is the hook point because it is the one
+module both timm's Block.forward and GaPT's temperature path call exactly once per block (a hook on
+the block or on block.attn would not fire for GaPT, which calls the attention pieces itself).
+
+Models without a class token (class_token=False, e.g. global_pool="avg"): source="cls" falls back
+to the mean attention of the tokens the pooled feature is built from, every token after the prefix
+(prompts and patches, as timm's avg pool averages x[:, num_prefix_tokens:]); the result records it.
+The linear probe has no prompts: its similarity maps are undefined (a ValueError says so), its
+attention maps from CLS are the frozen backbone's.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["KINDS", "SOURCES", "block_maps", "similarity_maps", "attention_maps", "summarize",
+           "load_image", "load_tuned_encoder", "draw_rows", "main"]
+
+KINDS = ("similarity", "attention")
+SOURCES = ("cls", "prompts")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class VizError(Exception):
+    """A user-facing error of the CLI (printed as `lspt-viz: error: ...`, exit status 2)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Maps as tensors
+# ------------------------------------------------------------------------------------------------
+def _temperature(encoder, l: int) -> float | Tensor:
+    """The softmax temperature block l's attention runs with: GaPT's temperatures[l] projected onto
+    its range [0.01, 10] (the official TEMP_MIN / TEMP_MAX), 1 for every other method."""
+    temps = getattr(encoder, "temperatures", None)
+    if getattr(encoder, "method", None) != "gapt" or temps is None:
+        return 1.0
+    low, high = getattr(encoder, "TEMPERATURE_RANGE", (0.01, 10.0))
+    return temps[l].detach().float().clamp(low, high)
+
+
+def _check_blocks(vit) -> None:
+    from timm.models.vision_transformer import Block
+    for i, block in enumerate(vit.blocks):
+        attn = getattr(block, "attn", None)
+        if not isinstance(block, Block) or not all(
+                hasattr(attn, a) for a in ("qkv", "num_heads", "scale", "q_norm", "k_norm")):
+            raise TypeError(f"lspt_kernels.viz needs timm's pre-norm Block with a qkv Attention; block {i} "
+                            f"is {type(block).__name__} with attention {type(attn).__name__}")
+
+
+def _grid(encoder, images: Tensor, num_patches: int) -> tuple[int, int]:
+    pe = encoder.vit.patch_embed
+    H, W = images.shape[-2:]
+    if getattr(encoder.vit, "dynamic_img_size", False) and hasattr(pe, "dynamic_feat_size"):
+        h, w = pe.dynamic_feat_size((H, W))
+    else:
+        h, w = pe.grid_size
+    if h * w != num_patches:
+        raise RuntimeError(f"{num_patches} patch tokens do not form the {h}x{w} patch grid of a {H}x{W} image")
+    return int(h), int(w)
+
+
+def _queries(encoder, source: str, T: int) -> tuple[slice, str]:
+    """The query tokens whose attention is averaged, and a description for the summary."""
+    k, n = encoder.num_prefix_tokens, encoder.num_prompts
+    if source == "prompts":
+        if n == 0:
+            raise ValueError(f"source='prompts' needs prompt tokens; the {encoder.method!r} encoder has none "
+                             "(use source='cls')")
+        return slice(k, k + n), "the prompt tokens (mean)"
+    if getattr(encoder.vit, "cls_token", None) is not None:
+        return slice(0, 1), "the CLS token"
+    return slice(k, T), "all tokens after the prefix (mean; no class token, these are what the pool averages)"
+
+
+def block_maps(encoder, images: Tensor, kinds=KINDS, source: str = "cls") -> dict:
+    """Per-block maps of `encoder` on `images` (B, C, H, W), normalised as the encoder expects.
+
+    Returns {"similarity": (B, L, h, w), "attention": (B, L, h, w)} (only the kinds asked for) as
+    fp32 CPU tensors, plus "queries": which tokens the attention is taken from. The encoder runs in
+    eval mode under no_grad (its training mode is restored afterwards)."""
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds!r}")
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if "similarity" in kinds and encoder.num_prompts == 0:
+        raise ValueError(f"similarity maps need prompt tokens; the {encoder.method!r} encoder has none "
+                         "(ask for kinds=('attention',))")
+    if "attention" in kinds and source == "prompts":
+        _queries(encoder, source, 0)                    # the error for an encoder without prompts
+    vit = encoder.vit
+    _check_blocks(vit)
+    k, n, L = encoder.num_prefix_tokens, encoder.num_prompts, len(vit.blocks)
+    found = {kind: [None] * L for kind in kinds}
+    calls = [0] * L
+    queries = {}
+
+    def hook(l, block):
+        def fn(module, args, xn):
+            calls[l] += 1
+            x = args[0]                                                   # block input (B, T, D)
+            patches = x[:, k + n:].float()
+            if "similarity" in kinds:
+                prompts = x[:, k:k + n].float()
+                cos = F.normalize(prompts, dim=-1) @ F.normalize(patches, dim=-1).transpose(1, 2)  # (B, n, N)
+                found["similarity"][l] = cos.mean(1)
+            if "attention" in kinds:
+                attn = block.attn
+                B, T, _ = xn.shape
+                head_dim = getattr(attn, "head_dim", None) or xn.shape[-1] // attn.num_heads
+                qkv = attn.qkv(xn).reshape(B, T, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+                q, kk = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])                 # (B, heads, T, hd)
+                rows, queries["queries"] = _queries(encoder, source, T)
+                logits = (q[:, :, rows].float() @ kk.float().transpose(-2, -1)) * attn.scale
+                probs = (logits / _temperature(encoder, l)).softmax(-1)         # (B, heads, Q, T)
+                found["attention"][l] = probs[..., k + n:].mean(dim=(1, 2))     # (B, N)
+        return fn
+
+    handles = [block.norm1.register_forward_hook(hook(l, block)) for l, block in enumerate(vit.blocks)]
+    was_training = encoder.training
+    try:
+        encoder.eval()
+        with torch.no_grad():
+            encoder.forward_features(images)
+    finally:
+        for h in handles:
+            h.remove()
+        encoder.train(was_training)
+    if calls != [1] * L:
+        # A block whose norm1 ran twice (or never) cannot be attributed: refuse rather than guess.
+        raise RuntimeError(f"expected each block's norm1 to run once per forward, got calls {calls}")
+    N = found[kinds[0]][0].shape[-1]
+    h, w = _grid(encoder, images, N)
+    out = {kind: torch.stack(maps, 1).reshape(images.shape[0], L, h, w).cpu() for kind, maps in found.items()}
+    if "attention" in kinds:
+        out["queries"] = queries["queries"]
+    return out
+
+
+def similarity_maps(encoder, images: Tensor) -> Tensor:
+    """(B, L, h, w): per block, the cosine similarity of its input prompts and each patch, mean over prompts."""
+    return block_maps(encoder, images, ("similarity",))["similarity"]
+
+
+def attention_maps(encoder, images: Tensor, source: str = "cls") -> Tensor:
+    """(B, L, h, w): per block, attention from CLS (or the prompts' mean) to each patch, mean over heads."""
+    return block_maps(encoder, images, ("attention",), source)["attention"]
+
+
+def summarize(kind: str, maps: Tensor) -> list[list[dict]]:
+    """Scalars per image and block for one kind's (B, L, h, w) maps, to compare forgetting as numbers.
+
+    attention: entropy (nats) of the map renormalised over the patches, that entropy / log(N)
+      (1 = uniform, i.e. fully blurred), and patch_mass = the raw map's sum (the share of the
+      attention that goes to patches rather than to prefix and prompt tokens).
+    similarity: mean, std and contrast (max - min) over the patches."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(maps, Tensor) or maps.dim() != 4:
+        got = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise ValueError(f"maps must be a (B, L, h, w) tensor from block_maps, got {got}")
+    B, L = maps.shape[:2]
+    flat = maps.reshape(B, L, -1).double()
+    N = flat.shape[-1]
+    out = []
+    for b in range(B):
+        rows = []
+        for l in range(L):
+            m = flat[b, l]
+            if kind == "attention":
+                mass = m.sum()
+                p = m / mass
+                ent = -(p * p.clamp_min(1e-30).log()).sum()
+                rows.append(dict(block=l + 1, entropy=float(ent), normalized_entropy=float(ent / math.log(N))
+                                 if N > 1 else 0.0, patch_mass=float(mass)))
+            else:
+                rows.append(dict(block=l + 1, mean=float(m.mean()), std=float(m.std(unbiased=False)),
+                                 contrast=float(m.max() - m.min())))
+        out.append(rows)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs: images and tuned files
+# ------------------------------------------------------------------------------------------------
+def load_image(path, size, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[Tensor, Tensor]:
+    """An image file -> ((3, H, W) tensor normalised with mean/std (default ImageNet's), (H, W, 3)
+    uint8 for drawing): the shorter side resized (bicubic) to cover `size` (int or (H, W)), then
+    centre-cropped, as evaluation transforms do."""
+    from PIL import Image, UnidentifiedImageError
+    H, W = (size, size) if isinstance(size, int) else tuple(size)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+    scale = max(H / im.height, W / im.width)
+    im = im.resize((max(W, round(im.width * scale)), max(H, round(im.height * scale))), Image.BICUBIC)
+    left, top = (im.width - W) // 2, (im.height - H) // 2
+    im = im.crop((left, top, left + W, top + H))
+    pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(H, W, 3)
+    x = pixels.permute(2, 0, 1).float() / 255.0
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (mean, std))
+    x = (x - mean) / std
+    return x, pixels
+
+
+def _tuned_depth(shapes: dict) -> int | None:
+    """The depth a tuned file was made for, from its per-block tensors (None when it has none)."""
+    if "prompts" in shapes and len(shapes["prompts"]) == 3:         # VPT-deep / LSPT: (L, Np, D)
+        return shapes["prompts"][0]
+    if "temperatures" in shapes:                                     # GaPT: (L,)
+        return shapes["temperatures"][0]
+    return None
+
+
+def load_tuned_encoder(path, vit):
+    """Rebuild the encoder a `save_tuned` file was written from, around `vit`, and load it."""
+    from safetensors import safe_open
+
+    from .encoders import METHODS, build_encoder
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tuned file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as exc:
+        raise ValueError(f"{path} is not a safetensors file: {exc}") from None
+    try:
+        config = json.loads(meta["lspt_kernels"])
+        method = config.pop("method")
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise ValueError(f"{path} has no 'lspt_kernels' metadata with a method: it was not written by "
+                         "encoder.save_tuned") from None
+    if method not in METHODS:
+        raise ValueError(f"{path} holds method {method!r}, not one of {sorted(METHODS)}")
+    dim = shapes.get("head.weight", (None, None))[1]
+    depth = _tuned_depth(shapes)
+    if (dim is not None and dim != vit.embed_dim) or (depth is not None and depth != len(vit.blocks)):
+        raise ValueError(f"{path} was tuned on a different ViT (embed_dim={dim}, depth={depth}) than the one "
+                         f"given (embed_dim={vit.embed_dim}, depth={len(vit.blocks)}): pass the --model / "
+                         "--model-arg / --checkpoint it was trained with")
+    if method in ("vpt-deep", "vpt-shallow"):
+        config.pop("deep", None)                         # the method name already fixes it
+    # The maps are taken in eval mode, where dropout does nothing; LinearProbe does not take the key.
+    config.pop("prompt_dropout", None)
+    try:
+        encoder = build_encoder(method, vit, **config)
+    except TypeError as exc:
+        raise ValueError(f"{path}: its config {config} does not fit the {method!r} encoder: {exc}") from None
+    encoder.load_tuned(path)
+    return encoder
+
+
+# ------------------------------------------------------------------------------------------------
+# Drawing
+# ------------------------------------------------------------------------------------------------
+def draw_rows(image, rows: list[tuple[str, Tensor]], path, kind: str, title: str = "") -> Path:
+    """One PNG: the image, then per row (label, (L, h, w) maps) one panel per block, each map
+    upsampled to the image and overlaid on it, one colour scale (and colour bar) per row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image = torch.as_tensor(image)
+    H, W = image.shape[:2]
+    L = max(m.shape[0] for _, m in rows)
+    fig, axes = plt.subplots(len(rows), L + 1, figsize=(1.45 * (L + 1) + 0.8, 1.6 * len(rows) + 0.4),
+                             squeeze=False, layout="constrained")
+    for r, (label, maps) in enumerate(rows):
+        up = F.interpolate(maps.float().unsqueeze(1), size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+        vmin, vmax = float(maps.min()), float(maps.max())
+        axes[r, 0].imshow(image.numpy())
+        axes[r, 0].set_title(f"{label}\ninput", fontsize=7)
+        im = None
+        for l in range(L):
+            ax = axes[r, l + 1]
+            if l < maps.shape[0]:
+                ax.imshow(image.numpy())
+                im = ax.imshow(up[l].numpy(), cmap="jet", alpha=0.55, vmin=vmin, vmax=vmax)
+                ax.set_title(f"{label}\nblock {l + 1}", fontsize=7)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if not ax.images:
+                ax.axis("off")
+        cb = fig.colorbar(im, ax=list(axes[r]), shrink=0.85, pad=0.01)
+        cb.ax.tick_params(labelsize=6)
+        cb.set_label("cosine similarity" if kind == "similarity" else "attention", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lspt-viz",
+        description="Per-block similarity (prompts vs patches) and attention maps of tuned encoders, "
+                    "overlaid on images: the paper's forgetting figures for your own model. One PNG per "
+                    "image and kind (rows: the tuned files in the order given, columns: blocks) and "
+                    "summary.json with per-block scalars.")
+    p.add_argument("--tuned", action="append", required=True, metavar="FILE",
+                   help="a .safetensors file written by encoder.save_tuned (repeat: rows in this order, "
+                        "e.g. GaPT first, then LSPT)")
+    p.add_argument("--model", default=None,
+                   help="the timm VisionTransformer name the files were tuned on (default: the backbone "
+                        "that lspt-train recorded in the files; --model-arg/--img-size/--checkpoint/--seed "
+                        "then default to it too)")
+    p.add_argument("--model-arg", "--model-kwargs", dest="model_arg", action="extend", nargs="+", default=[],
+                   metavar="KEY=VALUE", help="extra timm.create_model arguments (Python literals), e.g. depth=6")
+    p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
+    p.add_argument("--checkpoint", default=None, metavar="BACKBONE",
+                   help="backbone weights (MAE / MoCo v3 / plain state dict); without it the backbone is "
+                        "timm's random init under --seed")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the random backbone when no --checkpoint (default: lspt-train's, else 0)")
+    p.add_argument("--image", action="append", required=True, metavar="IMG", help="an image file (repeatable)")
+    p.add_argument("--output", required=True, metavar="DIR", help="directory for the PNGs and summary.json")
+    p.add_argument("--kind", default="both", choices=("similarity", "attention", "both"))
+    p.add_argument("--from", dest="source", default="cls", choices=SOURCES,
+                   help="attention from the CLS token (default) or averaged over the prompt tokens")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    return p
+
+
+def _model_kwargs(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise VizError(f"--model-arg must be KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _train_metadata(path: Path) -> dict:
+    """The backbone lspt-train recorded in a tuned file ("lspt_train" metadata), or {}."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("lspt_train", "{}"))
+    except Exception:
+        return {}          # load_tuned_encoder gives the file's real error
+
+
+def _backbone_spec(args, tuned: list[Path]) -> dict:
+    """model, model_kwargs, img_size, seed, checkpoint, mean, std: the flags, else what lspt-train
+    recorded in the tuned files (which must then agree: all rows share one backbone)."""
+    metas = [_train_metadata(f) for f in tuned]
+    keys = ("model", "model_kwargs", "img_size", "seed", "checkpoint")
+    recorded = {tuple(json.dumps(m.get(k), sort_keys=True) for k in keys) for m in metas if m.get("model")}
+    if args.model is None:
+        if not all(m.get("model") for m in metas):
+            raise VizError("--model is needed: " + ", ".join(str(f) for f, m in zip(tuned, metas) if not m.get("model"))
+                           + " does not record its backbone (only files written by lspt-train do)")
+        if len(recorded) > 1:
+            raise VizError("the tuned files were trained on different backbones (" + "; ".join(
+                f"{f}: {', '.join(f'{k}={m.get(k)}' for k in keys)}" for f, m in zip(tuned, metas))
+                + "): one figure needs one backbone; run lspt-viz once per backbone")
+        meta = metas[0]
+        spec = dict(model=meta["model"], model_kwargs=dict(meta.get("model_kwargs") or {}),
+                    img_size=meta.get("img_size"), seed=meta.get("seed", 0), checkpoint=meta.get("checkpoint"),
+                    recorded=True)
+    else:
+        meta = metas[0] if len(recorded) == 1 and all(m.get("model") for m in metas) else {}
+        meta = meta if meta.get("model") == args.model else {}
+        spec = dict(model=args.model, model_kwargs={}, img_size=None, seed=meta.get("seed", 0), checkpoint=None,
+                    recorded=False)
+    spec["model_kwargs"].update(_model_kwargs(args.model_arg))
+    for key in ("img_size", "seed", "checkpoint"):
+        if getattr(args, key) is not None:
+            spec[key] = getattr(args, key)
+    # Normalise as training did when it is recorded (and the backbone is the recorded one).
+    spec["mean"] = tuple(meta["mean"]) if meta.get("mean") else IMAGENET_MEAN
+    spec["std"] = tuple(meta["std"]) if meta.get("std") else IMAGENET_STD
+    return spec
+
+
+def _build_vit(spec: dict, device: str):
+    import timm
+
+    from .checkpoints import load_backbone_checkpoint
+    from .encoders import _check_vit
+    kwargs = dict(pretrained=False, **spec["model_kwargs"], num_classes=0)
+    if spec["img_size"] is not None:
+        kwargs["img_size"] = spec["img_size"]
+    if not timm.is_model(spec["model"]):
+        raise VizError(f"--model: unknown timm model {spec['model']!r}")
+    torch.manual_seed(spec["seed"])          # as lspt-train builds its random backbone
+    try:
+        vit = timm.create_model(spec["model"], **kwargs)
+        _check_vit(vit)
+        _check_blocks(vit)
+    except Exception as exc:
+        raise VizError(f"--model {spec['model']!r} with {kwargs}: {exc}") from None
+    if spec["checkpoint"] is not None:
+        try:
+            load_backbone_checkpoint(vit, spec["checkpoint"])
+        except (FileNotFoundError, ValueError) as exc:
+            raise VizError(f"--checkpoint: {exc}") from None
+    elif spec["recorded"]:
+        print(f"lspt-viz: note: the backbone is timm's random init under seed {spec['seed']}, as lspt-train "
+              "recorded (no checkpoint)", file=sys.stderr)
+    else:
+        print(f"lspt-viz: note: no --checkpoint, the backbone is timm's random init (seed {spec['seed']}); the "
+              "maps mean something only if the tuned files were trained on this same backbone", file=sys.stderr)
+    return vit.to(device).eval()
+
+
+def _check_output_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".lspt-viz-", delete=True):
+            pass
+    except OSError as exc:
+        raise VizError(f"--output: cannot write to {str(path)!r}: {exc.strerror or exc}") from None
+    return path
+
+
+def _image_names(paths: list[Path]) -> list[str]:
+    """Output names: the file stem; "folder_stem" when stems repeat (val/red/000.png, val/blue/000.png);
+    the position appended when even those repeat."""
+    names = [p.stem for p in paths]
+    names = [n if names.count(n) == 1 else f"{p.parent.name}_{n}" for n, p in zip(names, paths)]
+    return [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
+
+
+def _short_path(path) -> str:
+    """The file name with its folder (val/blue/000.png -> blue/000.png): enough to tell images apart."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
+def _labels(methods: list[str], paths: list[Path]) -> list[str]:
+    """Row labels: the method, with the file name when two files share a method."""
+    return [m if methods.count(m) == 1 else f"{m} ({p.stem})" for m, p in zip(methods, paths)]
+
+
+def _check_device(name: str) -> str:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise VizError(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VizError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
+    return name
+
+
+def _run(args) -> int:
+    kinds = KINDS if args.kind == "both" else (args.kind,)
+    _check_device(args.device)
+    out_dir = _check_output_dir(Path(args.output))
+    tuned = [Path(f) for f in args.tuned]
+    for f in tuned:
+        if not f.is_file():
+            raise VizError(f"--tuned: file not found: {f}")
+    spec = _backbone_spec(args, tuned)
+    vit = _build_vit(spec, args.device)
+    size = tuple(vit.patch_embed.img_size)
+    images = []
+    for f in args.image:
+        try:
+            images.append(load_image(f, size, spec["mean"], spec["std"]))
+        except (FileNotFoundError, ValueError) as exc:
+            raise VizError(f"--image: {exc}") from None
+    batch = torch.stack([x for x, _ in images]).to(args.device)
+    encoders = []
+    for f in tuned:
+        try:
+            encoders.append(load_tuned_encoder(f, vit).to(args.device))
+        except (FileNotFoundError, ValueError) as exc:
+            raise VizError(f"--tuned: {exc}") from None
+    methods = [e.method for e in encoders]
+    labels = _labels(methods, tuned)
+    if "similarity" in kinds and any(e.num_prompts == 0 for e in encoders):
+        skipped = [str(f) for f, e in zip(tuned, encoders) if e.num_prompts == 0]
+        print(f"lspt-viz: note: no similarity maps for {', '.join(skipped)} (no prompt tokens)",
+              file=sys.stderr)
+    if args.source == "prompts" and any(e.num_prompts == 0 for e in encoders):
+        raise VizError("--from prompts: " + ", ".join(str(f) for f, e in zip(tuned, encoders) if e.num_prompts == 0)
+                       + " has no prompt tokens; use --from cls")
+
+    results = {}                                                      # (tuned index, kind) -> (B, L, h, w)
+    queries = {}
+    for i, enc in enumerate(encoders):
+        want = tuple(k for k in kinds if k == "attention" or enc.num_prompts > 0)
+        if not want:
+            continue
+        maps = block_maps(enc, batch, want, args.source)
+        queries[i] = maps.pop("queries", None)
+        for kind in want:
+            results[i, kind] = maps[kind]
+
+    stems = _image_names([Path(f) for f in args.image])
+    queries_text = next((q for q in queries.values() if q), "")
+    written = []
+    for b, (_, pixels) in enumerate(images):
+        stem = stems[b]
+        for kind in kinds:
+            rows = [(labels[i], results[i, kind][b]) for i in range(len(encoders)) if (i, kind) in results]
+            if not rows:
+                continue
+            what = ("cosine similarity of the block's input prompts and each patch, mean over prompts"
+                    if kind == "similarity" else f"attention to each patch from {queries_text}, mean over heads")
+            written.append(draw_rows(pixels, rows, out_dir / f"{stem}_{kind}.png", kind,
+                                     title=f"{_short_path(args.image[b])}: {what}"))
+    summary = dict(model=spec["model"], model_kwargs=spec["model_kwargs"], img_size=list(size), seed=spec["seed"],
+                   checkpoint=spec["checkpoint"], mean=list(spec["mean"]), std=list(spec["std"]), kinds=list(kinds),
+                   attention_from=args.source, results=[])
+    for i, enc in enumerate(encoders):
+        per_kind = {kind: summarize(kind, results[i, kind]) for kind in kinds if (i, kind) in results}
+        for b, img in enumerate(args.image):
+            entry = dict(tuned=str(tuned[i]), method=enc.method, label=labels[i], image=str(img))
+            if queries.get(i):
+                entry["attention_queries"] = queries[i]
+            entry.update({kind: rows[b] for kind, rows in per_kind.items()})
+            summary["results"].append(entry)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    for p in written:
+        print(p)
+    print(out_dir / "summary.json")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        return _run(args)
+    except VizError as exc:
+        print(f"lspt-viz: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
