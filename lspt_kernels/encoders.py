@@ -316,9 +316,11 @@ class GaPTEncoder(PromptEncoder):
         self.temperatures = nn.Parameter(torch.ones(self.depth))
 
     def project_temperatures(self) -> None:
-        """Clamp the temperature parameter itself into TEMPERATURE_RANGE (no autograd record)."""
-        with torch.no_grad():
-            self.temperatures.clamp_(*self.TEMPERATURE_RANGE)
+        """Clamp the temperature parameter itself into TEMPERATURE_RANGE. Through `.data`, as the
+        official code: no autograd record and no version bump, so a graph from an earlier forward that
+        saved the temperatures can still run backward (two forwards, one backward); works under
+        torch.compile(fullgraph=True)."""
+        self.temperatures.data.clamp_(*self.TEMPERATURE_RANGE)
 
     def forward_features(self, images: Tensor) -> Tensor:
         self.project_temperatures()

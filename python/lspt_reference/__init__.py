@@ -151,8 +151,7 @@ class ReferenceGaPT(_Reference):
 
     def forward(self, images):
         # The official reinit_temp: the parameter itself is clamped, in place, outside autograd.
-        with torch.no_grad():
-            self.temperatures.copy_(self.temperatures.clamp(min=0.01, max=10.0))
+        self.temperatures.data.copy_(self.temperatures.data.clamp(min=0.01, max=10.0))
         x = _embed(self.vit, images)
         B = x.shape[0]
         prefix, patches = x[:, :self.k], x[:, self.k:]
