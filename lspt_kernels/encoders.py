@@ -583,9 +583,9 @@ def build_encoder(method: str, vit: nn.Module, **kwargs) -> PromptEncoder:
     factor = kwargs.get("reduction_factor", 8)
     if method == "adapter" and isinstance(factor, int) and factor > 0:
         expected["adapter_dim"] = vit.embed_dim // factor
-    problems = [f"{key}={kwargs[key]!r} but {'the vit' if key in ('embed_dim', 'depth') else method!r} "
-                f"has {key}={value!r}" for key, value in expected.items()
-                if key in kwargs and kwargs[key] != value]
+    owner = lambda key: "the vit" if key in ("embed_dim", "depth") else repr(method)  # noqa: E731
+    problems = [f"{key}={kwargs[key]!r} but {owner(key)} has {key}={value!r}"
+                for key, value in expected.items() if key in kwargs and kwargs[key] != value]
     if problems:
         raise ValueError(f"cannot build {method!r} around this {type(vit).__name__}: " + "; ".join(problems))
     for key in expected:
