@@ -2,7 +2,8 @@
 from .checkpoints import from_timm, load_backbone_checkpoint
 from .encoders import AdapterEncoder, GaPTEncoder, LinearProbe, LSPTEncoder, PromptEncoder, VPTEncoder
 from .ops import lspt_step
+from .spt_init import init_prompts_from_data
 
 __all__ = ["LSPTEncoder", "GaPTEncoder", "VPTEncoder", "AdapterEncoder", "LinearProbe", "PromptEncoder", "from_timm",
-           "load_backbone_checkpoint", "lspt_step"]
+           "load_backbone_checkpoint", "lspt_step", "init_prompts_from_data"]
 __version__ = "0.1.0"
