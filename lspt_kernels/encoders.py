@@ -366,7 +366,7 @@ class LSPTEncoder(PromptEncoder):
         X_P, C  = LSTMCell(input=P[l], hidden=Xhat_SP, cell=C)             (LPC, shared over blocks)
 
     written into the prompt slot for block l + 1. The default configuration runs the fused
-    `lspt_step` op (`backend` picks its kernels); the ablation options (METHOD.md) run in PyTorch:
+    `lspt_step` op (`backend` picks its kernels); the ablation options (docs/method.md) run in PyTorch:
     cspc "mean" | "kmeans" | "none"; lpc "lstm" | "gru" | "transformer" | "none"; lstm_layers 1 | 2;
     shared_lstm True | False (one module per block l < L).
     """

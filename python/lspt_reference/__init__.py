@@ -208,7 +208,7 @@ def _transformer_layer(layer, x):
 
 
 class ReferenceLSPT(_Reference):
-    """LSPT, METHOD.md's LSPT section and its ablation options; algorithm A.1 of the paper."""
+    """LSPT, docs/method.md's LSPT section and its ablation options; algorithm A.1 of the paper."""
 
     def __init__(self, vit, num_prompts, num_classes, cspc="mean", lpc="lstm", lstm_layers=1,
                  shared_lstm=True, kmeans_steps=3, prompt_dropout=0.0, pool="model"):
