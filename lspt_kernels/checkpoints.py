@@ -65,6 +65,15 @@ def is_mae_checkpoint(obj: dict) -> bool:
     return "model" in obj and isinstance(obj["model"], dict)
 
 
+def _is_mae_file(path) -> bool:
+    """The format of a file already loaded once: memory-mapped, so no second full read of the weights."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:           # legacy (non-zip) files cannot be memory-mapped
+        obj = _read(path)
+    return isinstance(obj, dict) and is_mae_checkpoint(obj)
+
+
 def _final_norm_into_fc_norm(sd: dict, own: dict) -> dict:
     """timm's avg-pool layout has no `norm.*` but an `fc_norm.*`: the file's final norm is that one."""
     if any(k.startswith("norm.") for k in sd) and not any(k.startswith("fc_norm.") for k in sd) \
@@ -133,7 +142,7 @@ def from_timm(name_or_model, checkpoint=None, method: str = "lspt", pool: str | 
         from .encoders import _check_vit
         _check_vit(vit)
         load_backbone_checkpoint(vit, checkpoint)
-        mae = is_mae_checkpoint(_read(checkpoint))
+        mae = _is_mae_file(checkpoint)
     if pool is None:
         pool = "mae" if mae else "model"
     return build_encoder(method, vit, pool=pool, **kwargs)

@@ -291,15 +291,16 @@ def test_mae_file_into_an_avg_pool_vit(tmp_path):
     torch.testing.assert_close(a.forward_features(images), t.forward_features(images), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("pool", ["mae", "token"])
 @pytest.mark.parametrize("method", ["linear", "vpt-deep", "gapt", "lspt", "adapter"])
-def test_mae_pooling_matches_reference(method):
+def test_pools_match_reference(method, pool):
     vit = _random_norm(make_vit())
-    enc = build_encoder(method, vit, num_prompts=NP, num_classes=NC, pool="mae")
-    ref = {"linear": lambda: R.ReferenceLinearProbe(vit, NC, pool="mae"),
-           "vpt-deep": lambda: R.ReferenceVPT(vit, NP, NC, pool="mae"),
-           "gapt": lambda: R.ReferenceGaPT(vit, NP, NC, pool="mae"),
-           "lspt": lambda: R.ReferenceLSPT(vit, NP, NC, pool="mae"),
-           "adapter": lambda: R.ReferenceAdapter(vit, NC, pool="mae")}[method]()
+    enc = build_encoder(method, vit, num_prompts=NP, num_classes=NC, pool=pool)
+    ref = {"linear": lambda: R.ReferenceLinearProbe(vit, NC, pool=pool),
+           "vpt-deep": lambda: R.ReferenceVPT(vit, NP, NC, pool=pool),
+           "gapt": lambda: R.ReferenceGaPT(vit, NP, NC, pool=pool),
+           "lspt": lambda: R.ReferenceLSPT(vit, NP, NC, pool=pool),
+           "adapter": lambda: R.ReferenceAdapter(vit, NC, pool=pool)}[method]()
     ref.load_state_dict(enc.tuned_state_dict(), strict=False)
     images = _images(vit)
     torch.testing.assert_close(enc(images), ref(images), atol=1e-5, rtol=1e-5)
@@ -312,3 +313,11 @@ def test_bad_pool():
         VPTEncoder(make_vit(class_token=False, global_pool="avg"), NP, NC, pool="token")
     with pytest.raises(ValueError, match="pool must be one of .* or None"):
         from_timm(make_vit(), pool="max", num_classes=NC)
+
+
+def test_legacy_format_mae_file(tmp_path):
+    """A pre-zip torch.save file cannot be memory-mapped: the format check falls back to a full read."""
+    source = make_vit()
+    sd = {k: v.clone() for k, v in source.state_dict().items()}
+    torch.save({"model": sd}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    assert from_timm(make_vit(), checkpoint=tmp_path / "old.pth", num_classes=NC).pool == "mae"
