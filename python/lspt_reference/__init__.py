@@ -59,6 +59,12 @@ class _Reference(nn.Module):
         self.p_drop = prompt_dropout
         self.pool = pool
 
+    def train(self, mode=True):
+        """Train mode reaches the prompt dropout only; the frozen backbone stays in eval mode."""
+        super().train(mode)
+        self.vit.eval()
+        return self
+
     def batch(self, P, B):
         """(Np, D) -> (B, Np, D): expand to the batch FIRST, then dropout, so each image has its own mask."""
         return F.dropout(P.expand(B, -1, -1), self.p_drop, training=self.training)
