@@ -1,8 +1,9 @@
 """lspt-kernels: Long-term Spatial Prompt Tuning for timm Vision Transformers, with fused kernels."""
 from .checkpoints import from_timm, load_backbone_checkpoint
-from .encoders import GaPTEncoder, LinearProbe, LSPTEncoder, PromptEncoder, VPTEncoder
+from .encoders import AdapterEncoder, GaPTEncoder, LinearProbe, LSPTEncoder, PromptEncoder, VPTEncoder
 from .ops import lspt_step
+from .spt_init import init_prompts_from_data
 
-__all__ = ["LSPTEncoder", "GaPTEncoder", "VPTEncoder", "LinearProbe", "PromptEncoder", "from_timm",
-           "load_backbone_checkpoint", "lspt_step"]
+__all__ = ["LSPTEncoder", "GaPTEncoder", "VPTEncoder", "AdapterEncoder", "LinearProbe", "PromptEncoder", "from_timm",
+           "load_backbone_checkpoint", "lspt_step", "init_prompts_from_data"]
 __version__ = "0.1.0"

@@ -1,14 +1,16 @@
-"""LSPT, GaPT, VPT and the linear probe around any timm VisionTransformer: one block loop.
+"""LSPT, GaPT, VPT, the Adapter and the linear probe around any timm VisionTransformer: one block loop.
 
 Every method runs the same loop over one token buffer `[prefix (k) | prompts (Np) | patches (N)]`
 (built once, after the position embedding). What differs between methods is two small hooks:
-`_run_block` (GaPT divides the attention logits by a temperature) and `_after_block` (what the
-prompt slot becomes before the next block), which write the next prompts straight into the slot
-of the block's output. The backbone is frozen and kept in eval mode, as the official VPT/GaPT code
-does. The maths is ../shared/METHOD.md's.
+`_run_block` (GaPT divides the attention logits by a temperature; the Adapter adds its bottleneck
+after the MLP) and `_after_block` (what the prompt slot becomes before the next block), which write
+the next prompts straight into the slot of the block's output. The backbone is frozen and kept in
+eval mode, as the official VPT/GaPT code does. The maths, and every decision where the papers are
+silent, is in docs/method.md.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from typing import Iterator
@@ -20,12 +22,23 @@ from torch import Tensor
 
 from .ops import lspt_step
 
-__all__ = ["PromptEncoder", "LinearProbe", "VPTEncoder", "GaPTEncoder", "LSPTEncoder", "METHODS",
-           "build_encoder", "HEAD_INITS"]
+__all__ = ["PromptEncoder", "LinearProbe", "VPTEncoder", "GaPTEncoder", "LSPTEncoder", "AdapterEncoder",
+           "METHODS", "build_encoder", "HEAD_INITS", "POOLS", "TRAINING_ONLY_OPTIONS"]
 
 # "torch": nn.Linear's own init. "official": GaPT's head (kaiming-normal fan_out weight, bias
 # -log((1 - 0.01) / 0.01)), which LSPT's training setup follows.
 HEAD_INITS = ("torch", "official")
+
+# How the last block's tokens become the head's features (docs/method.md, "Features"):
+# "model": the timm model's own (final norm, then its global_pool: CLS for 'token');
+# "token": the first prefix token (CLS) after the final norm (MoCo v3, official GaPT vit_moco.py:164-166);
+# "mae":   the final norm applied to the mean of every token after the prefix tokens, prompts included
+#          (official GaPT vit_prompt/vit_mae.py:162-164).
+POOLS = ("model", "token", "mae")
+
+# config() entries that only shape initialisation or training, not the function a tuned file's
+# parameters compute: load_tuned does not require them to match.
+TRAINING_ONLY_OPTIONS = ("prompt_dropout", "head_init", "gate_init", "adapter_init")
 
 
 def _check_vit(vit) -> None:
@@ -79,6 +92,24 @@ def _images_in_model_dtype(images: Tensor, weight: Tensor) -> Tensor:
     return images.to(weight.dtype)
 
 
+def _check_block_layout(vit, why: str) -> None:
+    """GaPT and the Adapter re-run timm's Block forward with a change inside: they need its layout."""
+    for i, block in enumerate(vit.blocks):
+        attn = getattr(block, "attn", None)
+        if not all(hasattr(block, a) for a in ("norm1", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")) \
+                or not all(hasattr(attn, a) for a in ("qkv", "num_heads", "scale", "proj")):
+            raise TypeError(f"{why} need timm's Block/Attention layout; block {i} is "
+                            f"{type(block).__name__} with attention {type(attn).__name__}")
+
+
+def _final_norm(vit) -> nn.Module:
+    """The model's one final LayerNorm: `norm`, or `fc_norm` in timm's avg-pool layout (where `norm` is
+    an Identity); an MAE file's pretrained `norm.*` weights are loaded into whichever it is."""
+    if not isinstance(vit.norm, nn.Identity):
+        return vit.norm
+    return getattr(vit, "fc_norm", vit.norm)
+
+
 def prompt_init_bound(vit) -> float:
     """VPT/GaPT's uniform init bound sqrt(6 / (3 p^2 + D)), p the patch size (pixels)."""
     patch = vit.patch_embed.patch_size
@@ -95,11 +126,15 @@ class PromptEncoder(nn.Module):
     method = "base"
 
     def __init__(self, vit: nn.Module, num_prompts: int, num_classes: int, prompt_dropout: float = 0.0,
-                 head_init: str = "torch"):
+                 head_init: str = "torch", pool: str = "model"):
         super().__init__()
         _check_vit(vit)
         _check_layout(vit)
         _check_count("num_classes", num_classes, 1)
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        if pool == "token" and getattr(vit, "cls_token", None) is None:
+            raise ValueError("pool='token' needs a ViT with a class token; this one has none (use 'mae' or 'model')")
         if head_init not in HEAD_INITS:
             raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
         self.vit = vit
@@ -115,8 +150,9 @@ class PromptEncoder(nn.Module):
         if head_init == "official":
             nn.init.kaiming_normal_(self.head.weight, a=0, mode="fan_out")
             nn.init.constant_(self.head.bias, -math.log((1 - 0.01) / 0.01))
+        self.pool = pool
         self._config = dict(num_prompts=num_prompts, num_classes=num_classes, prompt_dropout=prompt_dropout,
-                            head_init=head_init)
+                            head_init=head_init, pool=pool, embed_dim=self.embed_dim, depth=self.depth)
 
     # --- the frozen backbone stays in eval mode (no dropout / drop-path inside it) ------------------
     def train(self, mode: bool = True):
@@ -239,8 +275,16 @@ class PromptEncoder(nn.Module):
             x_in, x = x, self._run_block(l, block, x)
             if l < self.depth - 1:
                 self._after_block(l, x_in, x, state)
-        x = self.vit.norm(x)
-        return self.vit.forward_head(x, pre_logits=True)
+        return self._pool(x)
+
+    def _pool(self, x: Tensor) -> Tensor:
+        """(B, T, D) last block output -> (B, D) features, as `self.pool` says (POOLS)."""
+        if self.pool == "mae":
+            # Official order: mean first, then the pretrained final norm.
+            return _final_norm(self.vit)(x[:, self.num_prefix_tokens:].mean(1))
+        if self.pool == "token":
+            return _final_norm(self.vit)(x[:, 0])
+        return self.vit.forward_head(self.vit.norm(x), pre_logits=True)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.forward_features(images))
@@ -251,8 +295,8 @@ class LinearProbe(PromptEncoder):
 
     method = "linear"
 
-    def __init__(self, vit: nn.Module, num_classes: int, head_init: str = "torch"):
-        super().__init__(vit, 0, num_classes, head_init=head_init)
+    def __init__(self, vit: nn.Module, num_classes: int, head_init: str = "torch", pool: str = "model"):
+        super().__init__(vit, 0, num_classes, head_init=head_init, pool=pool)
 
 
 def _check_num_prompts(num_prompts) -> None:
@@ -264,9 +308,9 @@ class VPTEncoder(PromptEncoder):
     deep=False (shallow): P (Np, D) enters once and the prompt outputs flow on."""
 
     def __init__(self, vit: nn.Module, num_prompts: int = 10, num_classes: int = 1000, deep: bool = True,
-                 prompt_dropout: float = 0.0, head_init: str = "torch"):
+                 prompt_dropout: float = 0.0, head_init: str = "torch", pool: str = "model"):
         _check_num_prompts(num_prompts)
-        super().__init__(vit, num_prompts, num_classes, prompt_dropout, head_init)
+        super().__init__(vit, num_prompts, num_classes, prompt_dropout, head_init, pool)
         self.deep = deep
         self.method = "vpt-deep" if deep else "vpt-shallow"
         self._config["deep"] = deep
@@ -299,31 +343,43 @@ def _attention(attn: nn.Module, x: Tensor, temperature: Tensor) -> Tensor:
 class GaPTEncoder(PromptEncoder):
     """GaPT (Yoo et al. 2023, ryongithub/GatedPromptTuning): VPT-shallow prompts; after block l < L the
     prompt slot becomes g*out + (1-g)*in with g = sigmoid(gate_logits[l]); block l's attention logits
-    are divided by temperatures[l] (clamped to [0.01, 10])."""
+    are divided by temperatures[l].
+
+    The temperatures are projected onto [0.01, 10] in place before every forward, as the official
+    `reinit_temp` (vit_prompt/vit_moco.py:108-110, called at :136-137): the graph uses the parameter
+    itself, so its gradient is never cut at a bound and a temperature that left the box can come back.
+    """
 
     method = "gapt"
+    TEMPERATURE_RANGE = (0.01, 10.0)     # official TEMP_MIN / TEMP_MAX (src/configs/config.py:84-85)
 
     def __init__(self, vit: nn.Module, num_prompts: int = 10, num_classes: int = 1000, gate_init: float = 5.0,
-                 prompt_dropout: float = 0.0, head_init: str = "torch"):
+                 prompt_dropout: float = 0.0, head_init: str = "torch", pool: str = "model"):
         _check_num_prompts(num_prompts)
         _check_depth(vit, "GaPT", "its gates mix the prompts between consecutive blocks")
-        super().__init__(vit, num_prompts, num_classes, prompt_dropout, head_init)
-        for i, block in enumerate(vit.blocks):
-            attn = getattr(block, "attn", None)
-            if not all(hasattr(block, a) for a in ("norm1", "ls1", "norm2", "mlp", "ls2")) or \
-                    not all(hasattr(attn, a) for a in ("qkv", "num_heads", "scale", "proj")):
-                raise TypeError(f"GaPT's temperatures need timm's Block/Attention layout; block {i} is "
-                                f"{type(block).__name__} with attention {type(attn).__name__}")
+        super().__init__(vit, num_prompts, num_classes, prompt_dropout, head_init, pool)
+        _check_block_layout(vit, "GaPT's temperatures")
         self._config["gate_init"] = gate_init
         self.prompts = self._init_prompts((num_prompts, self.embed_dim))
         self.gate_logits = nn.Parameter(torch.full((self.depth - 1,), -float(gate_init)))
         self.temperatures = nn.Parameter(torch.ones(self.depth))
 
+    def project_temperatures(self) -> None:
+        """Clamp the temperature parameter itself into TEMPERATURE_RANGE. Through `.data`, as the
+        official code: no autograd record and no version bump, so a graph from an earlier forward that
+        saved the temperatures can still run backward (two forwards, one backward); works under
+        torch.compile(fullgraph=True)."""
+        self.temperatures.data.clamp_(*self.TEMPERATURE_RANGE)
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        self.project_temperatures()
+        return super().forward_features(images)
+
     def _first_prompts(self):
         return self.prompts
 
     def _run_block(self, l, block, x):
-        t = self.temperatures[l].clamp(0.01, 10.0)
+        t = self.temperatures[l]
         x = x + block.drop_path1(block.ls1(_attention(block.attn, block.norm1(x), t)))
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
@@ -359,7 +415,7 @@ class LSPTEncoder(PromptEncoder):
         X_P, C  = LSTMCell(input=P[l], hidden=Xhat_SP, cell=C)             (LPC, shared over blocks)
 
     written into the prompt slot for block l + 1. The default configuration runs the fused
-    `lspt_step` op (`backend` picks its kernels); the ablation options (METHOD.md) run in PyTorch:
+    `lspt_step` op (`backend` picks its kernels); the ablation options (docs/method.md) run in PyTorch:
     cspc "mean" | "kmeans" | "none"; lpc "lstm" | "gru" | "transformer" | "none"; lstm_layers 1 | 2;
     shared_lstm True | False (one module per block l < L).
     """
@@ -368,7 +424,8 @@ class LSPTEncoder(PromptEncoder):
 
     def __init__(self, vit: nn.Module, num_prompts: int = 10, num_classes: int = 1000, *, cspc: str = "mean",
                  lpc: str = "lstm", lstm_layers: int = 1, shared_lstm: bool = True, kmeans_steps: int = 3,
-                 backend: str = "auto", prompt_dropout: float = 0.0, head_init: str = "torch"):
+                 backend: str = "auto", prompt_dropout: float = 0.0, head_init: str = "torch",
+                 pool: str = "model"):
         _check_num_prompts(num_prompts)
         _check_count("kmeans_steps", kmeans_steps, 0)
         _check_count("lstm_layers", lstm_layers, 1)
@@ -384,7 +441,7 @@ class LSPTEncoder(PromptEncoder):
         from .ops import BACKENDS
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-        super().__init__(vit, num_prompts, num_classes, prompt_dropout, head_init)
+        super().__init__(vit, num_prompts, num_classes, prompt_dropout, head_init, pool)
         self.cspc, self.lpc, self.lstm_layers, self.shared_lstm = cspc, lpc, lstm_layers, shared_lstm
         self.kmeans_steps, self.backend = kmeans_steps, backend
         self._config.update(cspc=cspc, lpc=lpc, lstm_layers=lstm_layers, shared_lstm=shared_lstm,
@@ -486,6 +543,70 @@ class LSPTEncoder(PromptEncoder):
         slot.copy_(new)
 
 
+ADAPTER_INITS = ("official", "zero-up")
+
+
+class Adapter(nn.Module):
+    """Pfeiffer's bottleneck: x + up(act(down(x))), applied to a block's MLP output."""
+
+    def __init__(self, dim: int, hidden: int, act: nn.Module, init: str):
+        super().__init__()
+        self.down = nn.Linear(dim, hidden)
+        self.act = act
+        self.up = nn.Linear(hidden, dim)
+        # Both inits start as the identity (the up-projection is zero).
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        if init == "official":
+            # KMnP/vpt src/models/vit_adapter/adapter_block.py:52-56 zeroes the down-projection too. Then
+            # act(down(x)) = act(0) = 0 for GELU, so up.weight and down get a zero gradient for ever and only
+            # up.bias learns (docs/method.md, "Adapter"). Kept as the default: it is what the paper's
+            # Adapter numbers were produced with.
+            nn.init.zeros_(self.down.weight)
+            nn.init.zeros_(self.down.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.up(self.act(self.down(x)))
+
+
+class AdapterEncoder(PromptEncoder):
+    """The Adapter baseline (Pfeiffer style) as the official VPT code (KMnP/vpt
+    src/models/vit_adapter/adapter_block.py:60-84): in every block, after the MLP and before the
+    residual add, mlp_out + up(act(down(mlp_out))), hidden width D // reduction_factor (default 8,
+    src/configs/config.py:80), act the block's own MLP activation (GELU). No prompts.
+
+    adapter_init: "official" (all four tensors zero: only the up-projection's bias ever trains) |
+    "zero-up" (nn.Linear's init for the down-projection, zero up-projection: starts as the identity and
+    every adapter weight trains).
+    """
+
+    method = "adapter"
+
+    def __init__(self, vit: nn.Module, num_classes: int = 1000, reduction_factor: int = 8,
+                 adapter_init: str = "official", head_init: str = "torch", pool: str = "model"):
+        super().__init__(vit, 0, num_classes, head_init=head_init, pool=pool)
+        _check_block_layout(vit, "Adapters")
+        if not isinstance(reduction_factor, int) or isinstance(reduction_factor, bool) or \
+                not 1 <= reduction_factor <= self.embed_dim:
+            raise ValueError(f"reduction_factor must be an int in [1, embed_dim={self.embed_dim}], "
+                             f"got {reduction_factor!r}")
+        if adapter_init not in ADAPTER_INITS:
+            raise ValueError(f"adapter_init must be one of {ADAPTER_INITS}, got {adapter_init!r}")
+        self._config.update(reduction_factor=reduction_factor, adapter_init=adapter_init,
+                            adapter_dim=self.embed_dim // reduction_factor)
+        hidden = self.embed_dim // reduction_factor
+
+        def act(block):
+            a = getattr(block.mlp, "act", None)
+            return copy.deepcopy(a) if isinstance(a, nn.Module) else nn.GELU()
+
+        self.adapters = nn.ModuleList(Adapter(self.embed_dim, hidden, act(b), adapter_init) for b in vit.blocks)
+
+    def _run_block(self, l, block, x):
+        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+        return x + block.drop_path2(block.ls2(self.adapters[l](block.mlp(block.norm2(x)))))
+
+
 # The one table from a method name to its encoder: from_timm, lspt-bench, lspt-train and lspt-eval use it.
 METHODS = {
     "linear": LinearProbe,
@@ -493,13 +614,35 @@ METHODS = {
     "vpt-deep": lambda vit, **kw: VPTEncoder(vit, deep=True, **kw),
     "gapt": GaPTEncoder,
     "lspt": LSPTEncoder,
+    "adapter": AdapterEncoder,
 }
+
+# Methods without prompts: build_encoder drops the prompt options the tools pass to every method.
+_NO_PROMPTS = ("linear", "adapter")
 
 
 def build_encoder(method: str, vit: nn.Module, **kwargs) -> PromptEncoder:
-    """The encoder for a method name ("lspt", "gapt", "vpt-deep", ...) around `vit`; kwargs go to it."""
+    """The encoder for a method name ("lspt", "gapt", "vpt-deep", "adapter", ...) around `vit`; kwargs
+    go to it. A tuned file's `config()` minus "method" is accepted as kwargs: its record-only entries
+    (embed_dim, depth, deep, adapter_dim) are checked against `vit` and the method, not passed on."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    if method == "linear":
-        kwargs.pop("num_prompts", None)      # a linear probe has no prompts
+    _check_vit(vit)
+    kwargs = dict(kwargs)
+    expected = dict(embed_dim=vit.embed_dim, depth=len(vit.blocks))
+    if method in ("vpt-deep", "vpt-shallow"):
+        expected["deep"] = method == "vpt-deep"
+    factor = kwargs.get("reduction_factor", 8)
+    if method == "adapter" and isinstance(factor, int) and factor > 0:
+        expected["adapter_dim"] = vit.embed_dim // factor
+    owner = lambda key: "the vit" if key in ("embed_dim", "depth") else repr(method)  # noqa: E731
+    problems = [f"{key}={kwargs[key]!r} but {owner(key)} has {key}={value!r}"
+                for key, value in expected.items() if key in kwargs and kwargs[key] != value]
+    if problems:
+        raise ValueError(f"cannot build {method!r} around this {type(vit).__name__}: " + "; ".join(problems))
+    for key in expected:
+        kwargs.pop(key, None)
+    if method in _NO_PROMPTS:
+        kwargs.pop("num_prompts", None)          # no prompts: the tools pass these to every method
+        kwargs.pop("prompt_dropout", None)
     return METHODS[method](vit, **kwargs)

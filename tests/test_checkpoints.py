@@ -4,7 +4,7 @@ import timm
 import torch
 from conftest import make_vit
 
-from lspt_kernels import GaPTEncoder, LSPTEncoder, from_timm, load_backbone_checkpoint
+from lspt_kernels import GaPTEncoder, LSPTEncoder, VPTEncoder, from_timm, load_backbone_checkpoint
 
 
 def _vit_tiny():
@@ -142,7 +142,7 @@ def test_save_and_load_tuned(tmp_path):
 
     with pytest.raises(ValueError, match="holds 'lspt' parameters, this encoder is 'gapt'"):
         GaPTEncoder(vit, 3, 5).load_tuned(path)
-    with pytest.raises(ValueError, match=r"mismatched \['prompts: file \(3, 3, 32\) vs encoder \(3, 4, 32\)'"):
+    with pytest.raises(ValueError, match=r"other 'lspt' options than this encoder: num_prompts: file 3 vs encoder 4$"):
         LSPTEncoder(vit, 4, 5).load_tuned(path)
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(ValueError, match="not a safetensors file"):
@@ -157,3 +157,93 @@ def test_tuned_file_is_small_for_vit_b(tmp_path):
     size = path.stat().st_size
     expected = 4 * (12 * 10 * 768 + 8 * 768 * 768 + 8 * 768 + 768 * 200 + 200)
     assert expected <= size < expected + 4096        # ~20 MB, not the 330 MB backbone
+
+
+# --- tuned files: every structural option is checked --------------------------------------------
+def _state(enc):
+    return {k: v.clone() for k, v in enc.state_dict().items()}
+
+
+def _unchanged(enc, before):
+    after = enc.state_dict()
+    return all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _refuses(enc, path, pattern):
+    before = _state(enc)
+    with pytest.raises(ValueError, match=pattern):
+        enc.load_tuned(path)
+    assert _unchanged(enc, before), "a refused file changed the encoder"
+
+
+def test_load_tuned_lists_every_structural_difference(tmp_path):
+    vit = make_vit()
+    path = tmp_path / "mean.safetensors"
+    LSPTEncoder(vit, 3, 5, cspc="mean").save_tuned(path)
+    _refuses(LSPTEncoder(vit, 3, 5, cspc="kmeans"), path, r"cspc: file 'mean' vs encoder 'kmeans'$")
+    # Same tensor shapes, three options apart: one message names each.
+    _refuses(LSPTEncoder(vit, 3, 5, cspc="none", lpc="lstm", shared_lstm=True, kmeans_steps=5,
+                         pool="mae"), path,
+             r"cspc: file 'mean' vs encoder 'none'; kmeans_steps: file 3 vs encoder 5; "
+             r"pool: file 'model' vs encoder 'mae'$")
+    _refuses(LSPTEncoder(vit, 3, 5, lstm_layers=2, shared_lstm=False), path,
+             r"lstm_layers: file 1 vs encoder 2; shared_lstm: file True vs encoder False$")
+    _refuses(LSPTEncoder(vit, 3, 7), path, r"num_classes: file 5 vs encoder 7$")
+    _refuses(LSPTEncoder(make_vit(embed_dim=24), 3, 5), path, r"embed_dim: file 32 vs encoder 24$")
+    _refuses(LSPTEncoder(make_vit(depth=4), 3, 5), path, r"depth: file 3 vs encoder 4$")
+    VPTEncoder(vit, 3, 5, deep=False).save_tuned(tmp_path / "shallow.safetensors")
+    _refuses(VPTEncoder(vit, 3, 5, deep=True), tmp_path / "shallow.safetensors",
+             r"holds 'vpt-shallow' parameters, this encoder is 'vpt-deep'")
+    # Training-only options (dropout, head init, gate init) do not change what the parameters compute.
+    GaPTEncoder(vit, 3, 5, gate_init=5.0, prompt_dropout=0.1, head_init="official").save_tuned(tmp_path / "g.st")
+    GaPTEncoder(vit, 3, 5, gate_init=1.0).load_tuned(tmp_path / "g.st")
+
+
+def _write(path, tensors, metadata):
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def test_load_tuned_bad_metadata_and_shapes(tmp_path):
+    import json
+    vit = make_vit()
+    enc = LSPTEncoder(vit, 3, 5)
+    tensors = enc.tuned_state_dict()
+    _write(tmp_path / "broken.st", tensors, {"lspt_kernels": '{"method": "lspt", "num_prompts": 3'})
+    _refuses(enc, tmp_path / "broken.st", r"metadata is not valid JSON \(Expecting .* at character \d+\)")
+    _write(tmp_path / "list.st", tensors, {"lspt_kernels": "[1, 2]"})
+    _refuses(enc, tmp_path / "list.st", "metadata must be a JSON object with a 'method'")
+    _write(tmp_path / "none.st", tensors, {"other": "x"})
+    _refuses(enc, tmp_path / "none.st", "has no 'lspt_kernels' metadata")
+    # Right options, a tensor of the wrong shape: refused by the shape check, nothing copied.
+    bad = dict(tensors, prompts=torch.zeros(3, 3, 31))
+    _write(tmp_path / "shape.st", bad, {"lspt_kernels": json.dumps(enc.config())})
+    _refuses(enc, tmp_path / "shape.st", r"mismatched \['prompts: file \(3, 3, 31\) vs encoder \(3, 3, 32\)'\]")
+    # A file from before pool / embed_dim / depth were recorded: still loads (pool was always 'model').
+    old = {k: v for k, v in enc.config().items() if k not in ("pool", "embed_dim", "depth")}
+    _write(tmp_path / "old.st", tensors, {"lspt_kernels": json.dumps(old)})
+    other = LSPTEncoder(vit, 3, 5)
+    other.load_tuned(tmp_path / "old.st")
+    assert torch.equal(other.prompts, enc.prompts)
+    _refuses(LSPTEncoder(vit, 3, 5, pool="mae"), tmp_path / "old.st", r"pool: file 'model' vs encoder 'mae'")
+
+
+@pytest.mark.parametrize("method", ["linear", "vpt-shallow", "vpt-deep", "gapt", "lspt", "adapter"])
+def test_rebuild_from_saved_config(tmp_path, method):
+    """The tools rebuild an encoder from a tuned file's metadata alone: build_encoder(method, vit, **rest)."""
+    import json
+
+    from safetensors import safe_open
+
+    from lspt_kernels.encoders import build_encoder
+    vit = make_vit()
+    enc = build_encoder(method, vit, num_prompts=3, num_classes=5, prompt_dropout=0.1, pool="mae")
+    enc.save_tuned(tmp_path / "t.st")
+    with safe_open(str(tmp_path / "t.st"), framework="pt") as f:
+        config = json.loads(f.metadata()["lspt_kernels"])
+    rebuilt = build_encoder(config.pop("method"), make_vit(), **config)
+    assert rebuilt.config() == enc.config()
+    rebuilt.load_tuned(tmp_path / "t.st")
+    with pytest.raises(ValueError, match=rf"cannot build '{method}' around this VisionTransformer: "
+                                         r"embed_dim=32 but the vit has embed_dim=24; depth=3 but the vit has depth=4"):
+        build_encoder(method, make_vit(embed_dim=24, depth=4, heads=2), **config)

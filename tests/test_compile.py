@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import make_vit
 
-from lspt_kernels import GaPTEncoder, LSPTEncoder, VPTEncoder
+from lspt_kernels import AdapterEncoder, GaPTEncoder, LSPTEncoder, VPTEncoder
 from lspt_kernels.ops import unavailable_reason
 
 
@@ -33,7 +33,8 @@ def test_lspt_fused_step_compiles_with_inductor():
     lambda v: LSPTEncoder(v, 3, 5, cspc="kmeans", lpc="gru", backend="reference"),
     lambda v: GaPTEncoder(v, 3, 5),
     lambda v: VPTEncoder(v, 3, 5, deep=True),
-], ids=["lspt-reference", "lspt-kmeans-gru", "gapt", "vpt-deep"])
+    lambda v: AdapterEncoder(v, 5, adapter_init="zero-up"),
+], ids=["lspt-reference", "lspt-kmeans-gru", "gapt", "vpt-deep", "adapter"])
 def test_encoders_trace_without_graph_breaks(make):
     # aot_eager traces forward and backward graphs like inductor does, without its C++ compile time.
     torch._dynamo.reset()

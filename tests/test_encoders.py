@@ -5,7 +5,7 @@ import torch.nn as nn
 from conftest import make_vit
 
 import lspt_reference as R
-from lspt_kernels import GaPTEncoder, LinearProbe, LSPTEncoder, VPTEncoder
+from lspt_kernels import AdapterEncoder, GaPTEncoder, LinearProbe, LSPTEncoder, VPTEncoder
 
 NP, NC = 3, 5
 
@@ -188,7 +188,7 @@ def test_bad_images():
         LSPTEncoder(make_vit(dynamic_img_size=True), NP, NC)(torch.randn(1, 3, 30, 32))
 
 
-@pytest.mark.parametrize("cls", [LSPTEncoder, GaPTEncoder, VPTEncoder, LinearProbe])
+@pytest.mark.parametrize("cls", [LSPTEncoder, GaPTEncoder, VPTEncoder, LinearProbe, AdapterEncoder])
 def test_not_a_vit(cls):
     with pytest.raises(TypeError, match="expected a timm VisionTransformer.*got torch.nn.modules.linear.Linear"):
         cls(nn.Linear(3, 3), num_classes=NC)

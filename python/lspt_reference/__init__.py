@@ -1,4 +1,4 @@
-"""The pure-PyTorch reference: LSPT, GaPT, VPT and the linear probe, written plainly.
+"""The pure-PyTorch reference: LSPT, GaPT, VPT, the Adapter and the linear probe, written plainly.
 
 This package is the oracle of every parity test. It imports nothing from `lspt_kernels` and
 favours reading over speed: the token sequence is rebuilt with torch.cat before every block, the
@@ -6,7 +6,13 @@ LSTM is `torch.nn.LSTMCell` called as the paper's algorithm A.1 does, GaPT's att
 out with an explicit softmax. Parameter names match `lspt_kernels`' encoders one to one, so
 `reference.load_state_dict(encoder.tuned_state_dict())` gives both the same weights.
 
-The maths is ../shared/METHOD.md's; section names below refer to it.
+Official behaviours restated here: prompt dropout after the batch expansion (one mask per image,
+GaPT vit_prompt/vit_moco.py:72-77); GaPT's temperatures projected onto [0.01, 10] in place before
+the forward (vit_prompt/vit_moco.py:108-110, 136-137); MAE pooling = the final norm of the mean of
+the tokens after CLS (vit_prompt/vit_mae.py:162-164); the Pfeiffer adapter after each MLP
+(KMnP/vpt src/models/vit_adapter/adapter_block.py:60-84).
+
+The maths is the repository's docs/method.md; section names below refer to it.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ReferenceLSPT", "ReferenceGaPT", "ReferenceVPT", "ReferenceLinearProbe", "kmeans_centroids"]
+__all__ = ["ReferenceLSPT", "ReferenceGaPT", "ReferenceVPT", "ReferenceLinearProbe", "ReferenceAdapter",
+           "kmeans_centroids"]
 
 
 def _embed(vit, images):
@@ -27,13 +34,21 @@ def _embed(vit, images):
     return vit.norm_pre(x)
 
 
-def _features(vit, x):
-    """The model's own pooling of the last block's output (CLS after the final norm for 'token')."""
+def _features(vit, x, pool="model"):
+    """The head's input from the last block's output.
+    "model": the timm model's own pooling (final norm, then CLS for 'token');
+    "token": CLS after the final norm (MoCo v3);
+    "mae":   the pretrained final norm of the MEAN of all tokens after the prefix tokens (prompts too)."""
+    norm = vit.norm if not isinstance(vit.norm, nn.Identity) else vit.fc_norm
+    if pool == "mae":
+        return norm(x[:, vit.num_prefix_tokens:].mean(dim=1))
+    if pool == "token":
+        return norm(x)[:, 0]
     return vit.forward_head(vit.norm(x), pre_logits=True)
 
 
 class _Reference(nn.Module):
-    def __init__(self, vit, num_prompts, num_classes):
+    def __init__(self, vit, num_prompts, num_classes, prompt_dropout=0.0, pool="model"):
         super().__init__()
         self.vit = vit
         self.num_prompts = num_prompts
@@ -41,6 +56,21 @@ class _Reference(nn.Module):
         self.depth = len(vit.blocks)
         self.dim = vit.embed_dim
         self.head = nn.Linear(self.dim, num_classes)
+        self.p_drop = prompt_dropout
+        self.pool = pool
+
+    def train(self, mode=True):
+        """Train mode reaches the prompt dropout only; the frozen backbone stays in eval mode."""
+        super().train(mode)
+        self.vit.eval()
+        return self
+
+    def batch(self, P, B):
+        """(Np, D) -> (B, Np, D): expand to the batch FIRST, then dropout, so each image has its own mask."""
+        return F.dropout(P.expand(B, -1, -1), self.p_drop, training=self.training)
+
+    def features(self, x):
+        return _features(self.vit, x, self.pool)
 
     def split(self, x):
         """[prefix | prompts | patches] -> the three parts."""
@@ -49,21 +79,41 @@ class _Reference(nn.Module):
 
 
 class ReferenceLinearProbe(_Reference):
-    def __init__(self, vit, num_classes):
-        super().__init__(vit, 0, num_classes)
+    def __init__(self, vit, num_classes, pool="model"):
+        super().__init__(vit, 0, num_classes, pool=pool)
 
     def forward(self, images):
         x = _embed(self.vit, images)
         for block in self.vit.blocks:
             x = block(x)
-        return self.head(_features(self.vit, x))
+        return self.head(self.features(x))
+
+
+class ReferenceAdapter(_Reference):
+    """Pfeiffer adapters (KMnP/vpt adapter_block.py:60-84): in each block
+    x = x + attn(norm1(x));  m = mlp(norm2(x));  x = x + (m + up(gelu(down(m))))."""
+
+    def __init__(self, vit, num_classes, reduction_factor=8, pool="model"):
+        super().__init__(vit, 0, num_classes, pool=pool)
+        hidden = self.dim // reduction_factor
+        self.adapters = nn.ModuleList(
+            nn.ModuleDict(dict(down=nn.Linear(self.dim, hidden), up=nn.Linear(hidden, self.dim)))
+            for _ in range(self.depth))
+
+    def forward(self, images):
+        x = _embed(self.vit, images)
+        for block, a in zip(self.vit.blocks, self.adapters):
+            x = x + block.ls1(block.attn(block.norm1(x)))
+            m = block.mlp(block.norm2(x))
+            x = x + block.ls2(m + a["up"](F.gelu(a["down"](m))))
+        return self.head(self.features(x))
 
 
 class ReferenceVPT(_Reference):
     """VPT-shallow: P (Np, D) enters once. VPT-deep: P (L, Np, D); block l sees P[l-1]."""
 
-    def __init__(self, vit, num_prompts, num_classes, deep=True):
-        super().__init__(vit, num_prompts, num_classes)
+    def __init__(self, vit, num_prompts, num_classes, deep=True, prompt_dropout=0.0, pool="model"):
+        super().__init__(vit, num_prompts, num_classes, prompt_dropout, pool)
         self.deep = deep
         shape = (self.depth, num_prompts, self.dim) if deep else (num_prompts, self.dim)
         self.prompts = nn.Parameter(torch.zeros(shape))
@@ -72,13 +122,13 @@ class ReferenceVPT(_Reference):
         x = _embed(self.vit, images)
         B = x.shape[0]
         prefix, patches = x[:, :self.k], x[:, self.k:]
-        prompts = (self.prompts[0] if self.deep else self.prompts).expand(B, -1, -1)
+        prompts = None if self.deep else self.batch(self.prompts, B)
         for l, block in enumerate(self.vit.blocks):
             if self.deep:
-                prompts = self.prompts[l].expand(B, -1, -1)   # replace the prompt slot
+                prompts = self.batch(self.prompts[l], B)      # replace the prompt slot
             x = block(torch.cat([prefix, prompts, patches], dim=1))
             prefix, prompts, patches = self.split(x)
-        return self.head(_features(self.vit, x))
+        return self.head(self.features(x))
 
 
 def _attention_with_temperature(attn, x, temperature):
@@ -99,19 +149,21 @@ class ReferenceGaPT(_Reference):
     """GaPT (ryongithub/GatedPromptTuning): shallow prompts, a gate per block l < L, a softmax
     temperature per block."""
 
-    def __init__(self, vit, num_prompts, num_classes, gate_init=5.0):
-        super().__init__(vit, num_prompts, num_classes)
+    def __init__(self, vit, num_prompts, num_classes, gate_init=5.0, prompt_dropout=0.0, pool="model"):
+        super().__init__(vit, num_prompts, num_classes, prompt_dropout, pool)
         self.prompts = nn.Parameter(torch.zeros(num_prompts, self.dim))
         self.gate_logits = nn.Parameter(torch.full((self.depth - 1,), -float(gate_init)))
         self.temperatures = nn.Parameter(torch.ones(self.depth))
 
     def forward(self, images):
+        # The official reinit_temp: the parameter itself is clamped, in place, outside autograd.
+        self.temperatures.data.copy_(self.temperatures.data.clamp(min=0.01, max=10.0))
         x = _embed(self.vit, images)
         B = x.shape[0]
         prefix, patches = x[:, :self.k], x[:, self.k:]
-        prompts = self.prompts.expand(B, -1, -1)
+        prompts = self.batch(self.prompts, B)
         for l, block in enumerate(self.vit.blocks):
-            t = self.temperatures[l].clamp(0.01, 10.0)
+            t = self.temperatures[l]
             x_in = torch.cat([prefix, prompts, patches], dim=1)
             h = x_in + block.ls1(_attention_with_temperature(block.attn, block.norm1(x_in), t))
             x = h + block.ls2(block.mlp(block.norm2(h)))
@@ -121,7 +173,7 @@ class ReferenceGaPT(_Reference):
                 prompts = g * prompts_out + (1 - g) * prompts
             else:
                 prompts = prompts_out
-        return self.head(_features(self.vit, torch.cat([prefix, prompts, patches], dim=1)))
+        return self.head(self.features(torch.cat([prefix, prompts, patches], dim=1)))
 
 
 def kmeans_centroids(patches, num_clusters, steps):
@@ -162,11 +214,11 @@ def _transformer_layer(layer, x):
 
 
 class ReferenceLSPT(_Reference):
-    """LSPT, METHOD.md's LSPT section and its ablation options; algorithm A.1 of the paper."""
+    """LSPT, docs/method.md's LSPT section and its ablation options; algorithm A.1 of the paper."""
 
     def __init__(self, vit, num_prompts, num_classes, cspc="mean", lpc="lstm", lstm_layers=1,
-                 shared_lstm=True, kmeans_steps=3):
-        super().__init__(vit, num_prompts, num_classes)
+                 shared_lstm=True, kmeans_steps=3, prompt_dropout=0.0, pool="model"):
+        super().__init__(vit, num_prompts, num_classes, prompt_dropout, pool)
         self.cspc, self.lpc, self.kmeans_steps = cspc, lpc, kmeans_steps
         self.lstm_layers, self.shared = lstm_layers, shared_lstm
         D, L = self.dim, self.depth
@@ -196,7 +248,7 @@ class ReferenceLSPT(_Reference):
         x = _embed(self.vit, images)
         B, D, Np = x.shape[0], self.dim, self.num_prompts
         prefix, patches = x[:, :self.k], x[:, self.k:]
-        prompts = self.prompts[0].expand(B, -1, -1)                    # X_P^0 = P[0]
+        prompts = self.batch(self.prompts[0], B)                       # X_P^0 = P[0]
         cells = [torch.zeros(B * Np, D, dtype=x.dtype, device=x.device)
                  for _ in range(self.lstm_layers)]                     # C^0 = 0
         for l, block in enumerate(self.vit.blocks):
@@ -204,7 +256,7 @@ class ReferenceLSPT(_Reference):
             prefix, prompts_hat, patches = self.split(x)               # Xhat_P^l, X^l
             if l == self.depth - 1:
                 break                                                  # last prompts are dropped
-            P = self.prompts[l + 1].expand(B, -1, -1)                  # P[l] in 1-based terms
+            P = self.batch(self.prompts[l + 1], B)                     # P[l] in 1-based terms
             # CSPC (eq. 5): the spatial term added to the block's prompt outputs
             if self.cspc == "mean":
                 spatial = patches.mean(dim=1, keepdim=True)
@@ -230,4 +282,4 @@ class ReferenceLSPT(_Reference):
                 prompts = y[:, :Np]
             else:  # "none": X_P^l = P[l] + spatial term
                 prompts = P + spatial
-        return self.head(_features(self.vit, x))
+        return self.head(self.features(x))
