@@ -59,9 +59,11 @@ def format_table(rows: list[dict], meta: dict | None = None) -> str:
         T = max((r.get("tokens") or 0 for r in group), default=0)
         dev = (meta or {}).get("device_name") or group[0].get("device_name") or group[0].get("device")
         rounds = max((r.get("train_s_n") or 0 for r in group), default=0)
+        inter = any(r.get("train_s_all") for r in group)      # rows of lspt-bench, not of pytest-benchmark
         lines.append(f"{model}, {img or '?'} px, batch {batch}, Np {n_p}, {dtype}"
                      f"{', gradient checkpointing' if ckpt else ''}, T = {T or '?'} tokens, on {dev}; times: median "
-                     f"[quartiles] over {rounds} interleaved rounds; ratios to GaPT (per round) in parentheses")
+                     f"[quartiles] over {rounds} {'interleaved ' if inter else ''}rounds; ratios to GaPT"
+                     f"{' (per round)' if inter else ' (of the medians)'} in parentheses")
         lines.append(head)
         lines.append("-" * len(head))
         notes = []
