@@ -169,7 +169,7 @@ def measure_memory(method: str, spec: dict) -> dict:
         loss = float(out["loss"])
         model.eval()
         first_infer = timer(infer_step)                    # compiles the inference graph if compiled
-        steady_infer = timer(infer_step)
+        steady_infer = timer(infer_step) if row["compiled"] else None   # only for the compile time
         logits = out["logits"]
         row.update(loss=loss, logits_shape=list(logits.shape), logits_finite=bool(torch.isfinite(logits).all()))
         if row["compiled"]:
