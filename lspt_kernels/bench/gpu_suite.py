@@ -26,11 +26,13 @@ import argparse
 import contextlib
 import json
 import os
+import queue
 import shlex
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -184,10 +186,16 @@ def _run_logged(cmd: list[str], cwd, timeout: float, say) -> int | str:
     # Its own process group, so that a stop also ends its children (compile workers).
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+
+    def read():                 # a thread: a blocking readline cannot then hold up the time limit
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     end = time.perf_counter() + timeout
-    import selectors
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
     while True:
         left = end - time.perf_counter()
         if left <= 0:
@@ -196,13 +204,23 @@ def _run_logged(cmd: list[str], cwd, timeout: float, say) -> int | str:
             proc.wait()
             say(f"-- stopped after {timeout:.0f} s (its budget)")
             return "timeout"
-        if sel.select(timeout=min(left, 1.0)):
-            line = proc.stdout.readline()
-            if not line:
+        try:
+            line = lines.get(timeout=min(left, 1.0))
+        except queue.Empty:
+            # exited, but a child of it may still hold the pipe open: stop waiting for its end
+            if proc.poll() is not None and not reader.is_alive():
                 break
-            say(line.rstrip("\n"))
-        elif proc.poll() is not None and not sel.select(timeout=0):
+            if proc.poll() is not None:
+                reader.join(timeout=2.0)
+                while not lines.empty():
+                    item = lines.get()
+                    if item is not None:
+                        say(item.rstrip("\n"))
+                break
+            continue
+        if line is None:
             break
+        say(line.rstrip("\n"))
     return proc.wait()
 
 
