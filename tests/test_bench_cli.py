@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lspt_kernels import bench as B
-from lspt_kernels.bench import cli, runner
+from lspt_kernels.bench import runner
 
 TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--model-arg", "depth=2",
         "--batch-size", "1", "--repeats", "3", "--warmup", "1", "--num-prompts", "3", "--num-classes", "5"]
