@@ -97,9 +97,9 @@ def pytest_generate_tests(metafunc):
 
 
 def step_backends(cfg) -> list[str]:
-    """bench/step_microbench.py's backends for the device; tiny size without a GPU adds "triton"
+    """`lspt-bench step`'s backends for the device; tiny size without a GPU adds "triton"
     (the interpreter: checked, not worth timing)."""
-    from bench.step_microbench import default_backends
+    from lspt_kernels.bench.step import default_backends
     names = default_backends(cfg["device"])
     if cfg["size"] == "tiny" and cfg["device"] == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         names = names + ["triton"]

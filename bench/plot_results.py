@@ -23,6 +23,16 @@ STEP_PANELS = (("fwd_bwd_s", "forward+backward (s)"), ("fwd_s", "forward (s)"),
                ("peak_memory_gb", "peak memory of fwd+bwd (GB)"))
 
 
+def _put_stats(row: dict, key: str, stats: dict) -> None:
+    """The median and pytest-benchmark's quartiles, min and max (the error bars of the plot)."""
+    row[key] = stats.get("median")
+    for k in ("q1", "q3", "min", "max"):
+        if stats.get(k) is not None:
+            row[f"{key}_{k}"] = stats[k]
+    if stats.get("rounds") is not None:
+        row[f"{key}_n"] = stats["rounds"]
+
+
 def rows_from_benchmark_json(data: dict | str | Path) -> tuple[list[dict], list[dict]]:
     """(encoder rows, step rows) from pytest-benchmark JSON (a dict or a path): one encoder row per
     (method, setting) with train_s/infer_s = the medians, memory from the train benchmark; one step
@@ -33,7 +43,6 @@ def rows_from_benchmark_json(data: dict | str | Path) -> tuple[list[dict], list[
     step: dict[tuple, dict] = {}
     for b in data.get("benchmarks", []):
         info, stats = b.get("extra_info", {}), b.get("stats") or {}
-        median = stats.get("median")
         if info.get("suite") == "encoder":
             key = (info["method"], info["model"], info["batch_size"], info["num_prompts"], info["dtype"])
             row = enc.setdefault(key, dict(method=info["method"], label=info.get("label"), model=info["model"],
@@ -48,19 +57,19 @@ def rows_from_benchmark_json(data: dict | str | Path) -> tuple[list[dict], list[
             if info.get("fused_note"):
                 row["note"] = info["fused_note"]
             if info["kind"] == "train":
-                row["train_s"] = median
+                _put_stats(row, "train_s", stats)
                 row["peak_memory_gb"] = info.get("peak_memory_gb")
                 row["memory_kind"] = info.get("memory_kind")
                 if info.get("compile_s") is not None:
                     row["compile_s"] = info["compile_s"]
             else:
-                row["infer_s"] = median
+                _put_stats(row, "infer_s", stats)
         elif info.get("suite") == "step":
             key = (info["backend"], info["batch_size"], info["num_prompts"], info["dtype"])
             row = step.setdefault(key, dict(method=info["backend"], batch_size=info["batch_size"],
                                             num_prompts=info["num_prompts"], dtype=info["dtype"],
                                             status="ok", device=info.get("device")))
-            row[f"{info['direction']}_s"] = median
+            _put_stats(row, f"{info['direction']}_s", stats)
             row[f"{info['direction']}_floor_s"] = info.get("floor_s")
             if info["direction"] == "fwd_bwd":
                 row["peak_memory_gb"] = info.get("peak_memory_gb")

@@ -7,7 +7,10 @@ torch.cuda.synchronize() and starts after one (pedantic's setup). extra_info hol
 setting, the backend actually used, the parameter counts and the peak memory (see
 lspt_kernels.bench.MemoryProbe: GPU max_memory_allocated; CPU peak RSS of this pytest process minus
 its RSS before the model was built - the `lspt-bench` command isolates each method in a fresh process
-instead). bench/plot_results.py turns --benchmark-json output into the lspt-bench plot and table.
+instead). The methods are `lspt_kernels.bench.bench_methods()` (the encoder table plus the LSPT
+variants). pytest-benchmark times one benchmark after another, not interleaved: for comparisons
+between methods on a shared machine use `lspt-bench`. bench/plot_results.py turns --benchmark-json
+output into the lspt-bench plot and table.
 """
 import math
 import time
@@ -17,7 +20,7 @@ import torch
 
 from lspt_kernels import bench as B
 
-METHODS = B.METHODS
+METHODS = B.bench_methods()
 
 
 def _spec(cfg, method, batch_size, num_prompts, dtype):
@@ -28,9 +31,7 @@ def _spec(cfg, method, batch_size, num_prompts, dtype):
                 method=method)
 
 
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+_sync = B.sync
 
 
 def _run(benchmark, cfg, method, batch_size, num_prompts, dtype, kind):
@@ -39,7 +40,7 @@ def _run(benchmark, cfg, method, batch_size, num_prompts, dtype, kind):
     compiled = method == "lspt-compile"
     torch._dynamo.reset()
     probe = B.MemoryProbe(device)
-    model = B.build_encoder(method, spec).to(device)
+    model = B.make_encoder(method, spec).to(device)
     train_step, infer_step, out = B.make_step_fns(model, spec, device, compiled=compiled,
                                                   compile_backend=cfg["compile_backend"])
     step = train_step if kind == "train" else infer_step
@@ -60,7 +61,7 @@ def _run(benchmark, cfg, method, batch_size, num_prompts, dtype, kind):
     k, n = model.num_prefix_tokens, model.vit.patch_embed.num_patches
     benchmark.group = f"encoder-{kind} B{batch_size} Np{num_prompts} {dtype}"
     benchmark.extra_info.update(
-        suite="encoder", kind=kind, method=method, label=B.LABELS[method], model=cfg["model"],
+        suite="encoder", kind=kind, method=method, label=B.label(method), model=cfg["model"],
         batch_size=batch_size, num_prompts=num_prompts, dtype=dtype, device=device,
         device_name=B.device_name(device), tokens=k + num_prompts + n, img_size=model.vit.patch_embed.img_size[0],
         backend=spec["fused_backend"] if method in ("lspt-fused", "lspt-compile") else

@@ -1,6 +1,6 @@
 """Fused-step suite: one LSPT step (lspt_kernels.lspt_step), forward and forward+backward, per backend.
 
-The cases are bench/step_microbench.py's (its make_inputs / make_callables): "eager" is the
+The cases are `lspt-bench step`'s (lspt_kernels.bench.step: make_inputs / make_callables): "eager" is the
 pure-PyTorch reference step (the baseline), "compile" the reference step under torch.compile, and
 the fused backends of the device ("cpu"; "triton" and "cuda" on a GPU). Full size: ViT-B/16 widths
 (N 196, D 768); tiny (CI): N 16, D 32, and "compile" uses the aot_eager backend, "triton" the
@@ -14,9 +14,9 @@ import math
 import pytest
 import torch
 
-from bench import step_microbench as SM
 from lspt_kernels import bench as B
 from lspt_kernels import ops
+from lspt_kernels.bench import step as SM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -28,9 +28,7 @@ def peaks(cfg):
     return SM.measure_peaks(cfg["device"], torch.float32)
 
 
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+_sync = B.sync
 
 
 @pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
@@ -40,7 +38,7 @@ def test_step(benchmark, cfg, peaks, step_backend, direction, batch_size, num_pr
     if backend in ("cpu", "cuda", "triton"):
         why = ops.unavailable_reason(backend)
         if why:
-            pytest.skip(f"backend {backend!r} unavailable here: {B._short(why)}")
+            pytest.skip(f"backend {backend!r} unavailable here: {B.short_reason(why)}")
     if dtype == "bf16" and backend == "triton" and device == "cpu":
         pytest.skip("the Triton interpreter has no bf16 arithmetic")
     dims = cfg["step_dims"]

@@ -1,0 +1,364 @@
+"""`lspt-bench`: training and inference cost of LSPT against GaPT, VPT and the linear probe.
+
+    lspt-bench                                  # the embedded default (DEFAULTS below)
+    lspt-bench --model vit_small_patch16_224 --batch-size 8 --num-prompts 10,100 --output out/
+    lspt-bench step [...]                       # the fused-step microbenchmark (lspt_kernels.bench.step)
+    lspt-bench gpu-suite --output DIR           # everything only a GPU can show (gpu_suite)
+    python -m lspt_kernels.bench --help
+
+The paper's table C.4 (max memory, train time per batch, inference time per batch) for every method
+on one frozen timm ViT with random weights, plus the trainable parameters and "Total Params".
+Memory: one fresh process per method on the CPU (peak RSS), per method in this process on a GPU
+(max_memory_allocated). Time: all methods in one process around a shared backbone, in interleaved
+rounds; every time is the median over the rounds with its quartiles, every ratio to GaPT is taken
+round by round. Targets get the verdict met / missed / inconclusive. Files: bench.json, bench.csv,
+bench.png (rewritten after every step, so an interrupted run keeps what it measured). Bad input stops
+before measuring with "lspt-bench: error: ..." and status 2; a method that fails is reported in its
+row and the run goes on (status 1 at the end); Ctrl-C keeps what was measured (status 130).
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import methods as M
+from .env import BenchError, environment, load_line, load_warning, loadavg, resolve_device
+from .report import format_table, row_label, write_results
+from .runner import measure_isolated, measure_memory, time_interleaved, worker
+from .targets import add_comparisons, evaluate_targets, format_targets, put_summary
+
+DTYPES = ("fp32", "bf16", "fp16")
+DEFAULT_MODEL = "vit_base_patch16_224"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+# The embedded default run. CPU: sized to finish in about 5 minutes on a quiet 2-core machine.
+# GPU: the paper's setting (batch 64, Np 10 and 100, fp32 and bf16 autocast).
+DEFAULTS = {
+    "cpu": dict(batch_size="4", num_prompts="10", dtype="fp32", repeats=5, warmup=1),
+    "cuda": dict(batch_size="64", num_prompts="10,100", dtype="fp32,bf16", repeats=10, warmup=3),
+}
+SUBCOMMANDS = ("step", "gpu-suite")
+
+
+def parse_list(text: str, kind, name: str) -> list:
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(kind(part))
+        except ValueError:
+            raise BenchError(f"--{name}: {part!r} is not a valid {kind.__name__}") from None
+    if not out:
+        raise BenchError(f"--{name}: give at least one value")
+    return out
+
+
+def parse_model_args(items: list[str]) -> dict:
+    """["depth=2", "global_pool=avg"] -> {"depth": 2, "global_pool": "avg"} (Python literals, else str)."""
+    import ast
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise BenchError(f"--model-arg must be KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def check_model(name: str, img_size: int | None = None, model_kwargs: dict | None = None) -> dict:
+    """Raise BenchError for an unknown or non-ViT timm model; return its shape facts."""
+    import timm
+    import torch
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise BenchError(f"unknown timm model {name!r}{hint} (list ViTs with "
+                         "python -c \"import timm; print(timm.list_models('vit_*'))\")")
+    kwargs = dict(pretrained=False, **(model_kwargs or {}), num_classes=0)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    try:
+        with torch.device("meta"):
+            vit = timm.create_model(name, **kwargs)
+    except Exception as exc:
+        raise BenchError(f"cannot build timm model {name!r}"
+                         f"{'' if not model_kwargs and img_size is None else f' with {kwargs}'}: "
+                         f"{type(exc).__name__}: {exc}") from None
+    from timm.models.vision_transformer import VisionTransformer
+    if not isinstance(vit, VisionTransformer):
+        raise BenchError(f"{name!r} is a {type(vit).__module__}.{type(vit).__name__}, not a timm "
+                         "VisionTransformer: prompt tuning here needs a ViT (e.g. "
+                         "vit_base_patch16_224, vit_small_patch16_224, deit_base_patch16_224)")
+    img = vit.patch_embed.img_size
+    return dict(num_patches=vit.patch_embed.num_patches, prefix=vit.num_prefix_tokens,
+                embed_dim=vit.embed_dim, depth=len(vit.blocks),
+                img_size=img[0] if isinstance(img, (tuple, list)) else img)
+
+
+def check_output_dir(path: Path) -> Path:
+    """Create the output directory and make sure a file can be written there (else BenchError)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".lspt-bench-", delete=True):
+            pass
+    except OSError as exc:
+        raise BenchError(f"cannot write to output directory {str(path)!r}: "
+                         f"{exc.strerror or exc} (choose another with --output DIR)") from None
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    cpu, gpu = DEFAULTS["cpu"], DEFAULTS["cuda"]
+    p = argparse.ArgumentParser(
+        prog="lspt-bench",
+        description="Max memory, train and inference time per batch of LSPT vs GaPT, VPT and the linear "
+                    "probe on a frozen timm ViT with random weights (the paper's table C.4), timed in "
+                    "interleaved rounds (median and quartiles). With no arguments: ViT-B/16 at 224 px; on a "
+                    "GPU the paper's setting (batch 64, Np 10 and 100, fp32 and bf16 autocast), on the CPU "
+                    f"batch {cpu['batch_size']}, Np {cpu['num_prompts']}, fp32.",
+        epilog="Subcommands: 'lspt-bench step --help' (the fused-step microbenchmark), "
+               "'lspt-bench gpu-suite --help' (the one-command GPU suite).")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="any timm VisionTransformer name (default: %(default)s)")
+    p.add_argument("--batch-size", default=None, help="batch size(s), comma-separated "
+                   f"(default: {gpu['batch_size']} on a GPU, {cpu['batch_size']} on the CPU)")
+    p.add_argument("--num-prompts", default=None, help="Np value(s), comma-separated "
+                   f"(default: {gpu['num_prompts']} on a GPU, {cpu['num_prompts']} on the CPU)")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (autocast), comma-separated "
+                   f"(default: {gpu['dtype']} on a GPU, {cpu['dtype']} on the CPU)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    p.add_argument("--methods", default="all",
+                   help="comma-separated subset of " + ",".join(M.bench_methods())
+                   + " (aliases: lspt = lspt-fused, lspt-eager = lspt-reference; default: all)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds (default: "
+                   f"{gpu['repeats']} on a GPU, {cpu['repeats']} on the CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls of each method first (default: "
+                   f"{gpu['warmup']} on a GPU, {cpu['warmup']} on the CPU)")
+    p.add_argument("--mem-steps", type=int, default=1,
+                   help="train steps over which peak memory is taken, after the warm-up (default: %(default)s)")
+    p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra keyword for timm.create_model, repeatable (e.g. depth=2, reg_tokens=4)")
+    p.add_argument("--num-classes", type=int, default=200, help="classes of the linear head (default: %(default)s)")
+    p.add_argument("--grad-checkpointing", nargs="?", const="on", default="off", choices=("off", "on", "both"),
+                   help="run the encoders with gradient checkpointing (encoder.set_grad_checkpointing): "
+                        "'on' (the bare flag), 'off', or 'both' to report every setting with and without it "
+                        "(default: %(default)s)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the lspt-compile row (default: %(default)s)")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode of the lspt-compile row; reduce-overhead (CUDA graphs) needs a GPU "
+                        "(default: %(default)s)")
+    p.add_argument("--output", default="lspt-bench-results",
+                   help="directory for bench.json, bench.csv, bench.png (default: %(default)s)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--in-process", action="store_true",
+                   help="CPU: take the memory pass in this process instead of a fresh subprocess per method "
+                        "(faster; the peak RSS then includes what earlier methods left behind)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (torch.set_num_threads; default: torch's, one per core)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random backbone, prompts, images and labels (default: %(default)s)")
+    # Timing is always interleaved now; the old opt-in flag is accepted so existing scripts still run.
+    p.add_argument("--interleave", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else list(argv)
+    if args_list[:1] == ["--_worker"]:
+        return worker(args_list[1], args_list[2])
+    if args_list[:1] == ["step"]:
+        from .step import main as step_main
+        return step_main(args_list[1:])
+    if args_list[:1] == ["gpu-suite"]:
+        from .gpu_suite import main as suite_main
+        return suite_main(args_list[1:])
+    args = build_parser().parse_args(args_list)
+    try:
+        return run(args, args_list)
+    except BenchError as exc:
+        print(f"lspt-bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _check_args(args, device: str) -> dict:
+    defaults = DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
+    batch_sizes = parse_list(args.batch_size or defaults["batch_size"], int, "batch-size")
+    prompts = parse_list(args.num_prompts or defaults["num_prompts"], int, "num-prompts")
+    dtypes = parse_list(args.dtype or defaults["dtype"], str, "dtype")
+    repeats = defaults["repeats"] if args.repeats is None else args.repeats
+    warmup = defaults["warmup"] if args.warmup is None else args.warmup
+    known = M.bench_methods()
+    methods = (list(known) if args.methods.strip() == "all"
+               else [M.canonical(m) for m in parse_list(args.methods, str, "methods")])
+    for name, values, ok in (("batch-size", batch_sizes, lambda v: v >= 1), ("num-prompts", prompts, lambda v: v >= 1),
+                             ("dtype", dtypes, lambda v: v in DTYPES), ("methods", methods, lambda v: v in known)):
+        bad = [v for v in values if not ok(v)]
+        if bad:
+            allowed = {"dtype": f"one of {', '.join(DTYPES)}", "methods": f"one of {', '.join(known)}"}.get(
+                name, "an int >= 1")
+            raise BenchError(f"--{name}: {', '.join(map(str, bad))} not allowed: each must be {allowed}")
+    methods = list(dict.fromkeys(methods))
+    if repeats < 1 or warmup < 1:
+        raise BenchError("--repeats and --warmup must be >= 1 (the first run of a compiled model compiles it)")
+    if args.mem_steps < 1:
+        raise BenchError("--mem-steps must be >= 1")
+    if args.num_classes < 1:
+        raise BenchError("--num-classes must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise BenchError("--threads must be >= 1")
+    if args.compile_mode == "reduce-overhead" and not device.startswith("cuda"):
+        raise BenchError("--compile-mode reduce-overhead uses CUDA graphs and needs a GPU (--device cuda)")
+    if args.grad_checkpointing != "off":
+        from ..encoders import PromptEncoder
+        if not callable(getattr(PromptEncoder, "set_grad_checkpointing", None)):
+            raise BenchError("--grad-checkpointing: this version of lspt_kernels has no "
+                             "PromptEncoder.set_grad_checkpointing(); run without the option")
+    ckpt = {"off": [False], "on": [True], "both": [False, True]}[args.grad_checkpointing]
+    return dict(batch_sizes=batch_sizes, prompts=prompts, dtypes=dtypes, repeats=repeats, warmup=warmup,
+                methods=methods, ckpt=ckpt)
+
+
+def run(args, argv: list[str]) -> int:
+    t_start = time.perf_counter()
+    load_start = loadavg()
+    import torch
+    device = resolve_device(args.device)
+    a = _check_args(args, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_kwargs = parse_model_args(args.model_arg)
+    shape = check_model(args.model, args.img_size, model_kwargs)
+    outdir = check_output_dir(Path(args.output))
+    backend, note = M.fused_backend(device)
+    is_cuda = device.startswith("cuda")
+    isolated = not is_cuda and not args.in_process
+    meta = environment(device, argv)
+    meta.update(loadavg_start=load_start, model=args.model, model_kwargs=model_kwargs,
+                img_size=args.img_size or shape["img_size"], depth=shape["depth"], embed_dim=shape["embed_dim"],
+                batch_sizes=a["batch_sizes"], num_prompts=a["prompts"], dtypes=a["dtypes"], methods=a["methods"],
+                repeats=a["repeats"], warmup=a["warmup"], mem_steps=args.mem_steps, fused_backend=backend,
+                fused_note=note, num_classes=args.num_classes, grad_checkpointing=args.grad_checkpointing,
+                compile_backend=args.compile_backend, compile_mode=args.compile_mode,
+                optimizer="SGD(lr=0.01, momentum=0.9)", loss="cross-entropy, random labels",
+                timing=("interleaved rounds in one process, shared frozen backbone, every method once per round "
+                        "(order rotated each round); median and quartiles over the rounds; ratios per round"),
+                isolation="subprocess per method" if isolated else "in-process",
+                memory=("torch.cuda.max_memory_allocated over the measured train step(s) (reset first)" if is_cuda
+                        else "peak RSS (VmHWM, reset after warm-up) during the measured train step(s) minus the "
+                             "process's RSS before the ViT was built (after imports and backend load)"))
+    print(f"lspt-bench: {args.model} ({meta['img_size']} px) on {meta['device_name']}; torch {meta['torch']}, "
+          f"timm {meta['timm']}, triton {meta['triton']}; fused backend: {backend}"
+          + (f" ({note})" if note else ""), flush=True)
+    print(f"lspt-bench: {load_line(load_start, 'at start')}", flush=True)
+    if note:
+        print(f"lspt-bench: warning: {note}; the 'fused' rows run the reference step", file=sys.stderr, flush=True)
+
+    settings = [(b, n, d, c) for c in a["ckpt"] for d in a["dtypes"] for n in a["prompts"] for b in a["batch_sizes"]]
+    methods = a["methods"]
+    total = len(settings) * (len(methods) + 1)
+    rows: list[dict] = []
+    interrupted = False
+    step = 0
+
+    def save():
+        add_comparisons(rows)
+        try:                                       # keep what is measured so far on disk
+            write_results(rows, meta, outdir, plot=False)
+        except OSError as exc:
+            print(f"lspt-bench: warning: cannot write results to {outdir}: {exc}", file=sys.stderr)
+
+    try:
+        for b, n, d, c in settings:
+            spec = dict(model=args.model, model_kwargs=model_kwargs, img_size=args.img_size, batch_size=b,
+                        num_prompts=n, dtype=d, device=device, repeats=a["repeats"], warmup=a["warmup"],
+                        mem_steps=args.mem_steps, num_classes=args.num_classes, seed=args.seed,
+                        fused_backend=backend, fused_note=note, compile_backend=args.compile_backend,
+                        compile_mode=args.compile_mode, threads=args.threads, grad_checkpointing=c)
+            where = f"B{b}, Np {n}, {d}" + (", grad checkpointing" if c else "")
+            group = []
+            for m in methods:
+                step += 1
+                t0 = time.perf_counter()
+                row = measure_isolated(m, spec) if isolated else measure_memory(m, spec)
+                row.update(repeats=a["repeats"], warmup=a["warmup"], device_name=meta["device_name"],
+                           memory_wall_s=time.perf_counter() - t0)
+                rows.append(row)
+                group.append(row)
+                print(_progress(step, total, row, where), flush=True)
+                save()
+            ok = [r["method"] for r in group if r.get("status") == "ok"]
+            step += 1
+            if ok:
+                t0 = time.perf_counter()
+                print(f"[{step}/{total}] timing {len(ok)} methods ({where}) in {a['repeats']} interleaved rounds ...",
+                      flush=True)
+                found = time_interleaved(ok, spec, progress=lambda text: print(f"    {text}", flush=True))
+                for r in group:
+                    t = found.get(r["method"], {})
+                    if t.get("timing_error"):
+                        r.update(status="error", error=f"timing: {t['timing_error']}", timing_error=t["timing_error"])
+                    for kind in ("train", "infer"):
+                        if t.get(kind):
+                            put_summary(r, f"{kind}_s", t[kind])
+                            r[f"{kind}_s_all"] = t[f"{kind}_s_all"]
+                print(f"[{step}/{total}] timed [{time.perf_counter() - t0:.1f} s]", flush=True)
+                save()
+    except KeyboardInterrupt:
+        interrupted = True
+        meta["interrupted"] = f"after {step} of {total} steps"
+        print(f"\nlspt-bench: interrupted after {step} of {total} steps; keeping what was measured",
+              file=sys.stderr, flush=True)
+    add_comparisons(rows)
+    meta["wall_s"] = time.perf_counter() - t_start
+    meta["loadavg_end"] = loadavg()
+    meta["load_warning"] = load_warning(load_start, meta["loadavg_end"])
+    print()
+    print(format_table(rows, meta), end="")
+    targets = evaluate_targets(rows)
+    if targets:
+        print("Targets (met / missed / inconclusive: the ratio's quartiles straddle the limit):")
+        print(format_targets(targets), end="")
+    try:
+        paths = write_results(rows, meta, outdir, plot=not args.no_plot)
+        print("wrote " + ", ".join(str(p) for p in paths))
+    except Exception as exc:
+        print(f"lspt-bench: error: cannot write the results to {outdir}: {type(exc).__name__}: {exc}; "
+              "the rows as JSON follow on stdout", file=sys.stderr)
+        print(json.dumps(dict(meta=meta, rows=rows), default=str))
+        return 1
+    print(f"total wall time {meta['wall_s']:.1f} s; {load_line(meta['loadavg_end'], 'at the end')}")
+    if meta["load_warning"]:
+        print(f"lspt-bench: warning: {meta['load_warning']}", file=sys.stderr)
+    if interrupted:
+        return 130
+    failed = [r for r in rows if r.get("status") != "ok"]
+    if failed:
+        print("lspt-bench: " + "; ".join(f"{row_label(r)} (B{r['batch_size']} Np{r['num_prompts']} {r['dtype']}): "
+                                         f"{r.get('status', 'error').upper()}" for r in failed)
+              + " - reported in the rows above; the other rows are complete", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _progress(i: int, total: int, r: dict, where: str) -> str:
+    head = f"[{i}/{total}] {row_label(r)} ({where}) memory"
+    if r.get("status") != "ok":
+        return f"{head}: {r.get('status', 'error').upper()}: {r.get('error')} [{r.get('memory_wall_s', 0):.1f} s]"
+    mem = r.get("peak_memory_gb")
+    extra = f", compile {r['compile_s']:.1f} s" if r.get("compile_s") is not None else ""
+    return f"{head}: {'-' if mem is None else f'{mem:.3f} GB'}{extra} [{r.get('memory_wall_s', 0):.1f} s]"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
