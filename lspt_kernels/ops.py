@@ -349,6 +349,9 @@ def _setup_context(ctx, inputs, output):
     # is the previous step's output, weight_hh a parameter. The gate bias is kept only to recompute
     # the gates: with saved gates the per-forward GEMM's output can be freed after forward.
     gates = output[3]
+    # Unused outputs (xhat, gates, the last step's cell) get no zero-filled gradients: backward
+    # fills what it needs, so no (B, Np, 4D) zeros are made per step.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[2], cell, gate_bias if gates.numel() == 0 else None, weight_hh, gates)
     ctx.k, ctx.backend, ctx.num_tokens, ctx.tokens_dtype = k, backend, tokens.shape[1], tokens.dtype
     ctx.gate_bias_shape = tuple(gate_bias.shape)
