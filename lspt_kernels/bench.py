@@ -295,6 +295,7 @@ def fused_backend(device: str) -> tuple[str, str | None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         name = resolve_backend("auto", torch.device(device))
+    name = "reference" if name == "eager" else name   # ops calls the plain-PyTorch step "eager"
     if name != "reference":
         return name, None
     order = ("cuda", "triton") if device.startswith("cuda") else ("cpu",)
