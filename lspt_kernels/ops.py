@@ -303,6 +303,7 @@ def _step_fwd(tokens: Tensor, cell: Tensor, gate_bias: Tensor, weight_hh: Tensor
               num_prefix_tokens: int, save_gates: bool,
               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = _kernels_for_op(backend, "lspt::step_fwd")
+    save_gates = save_gates and backend in SAVES_GATES   # the fake impl's rule, one switch
     if torch.is_autocast_enabled(tokens.device.type):
         with torch.autocast(tokens.device.type, enabled=False):
             return kernels.forward(tokens, cell, gate_bias, weight_hh, num_prefix_tokens, save_gates)

@@ -65,6 +65,26 @@ def test_fused_path_with_prompt_dropout(backend, shared_lstm):
     assert not torch.allclose(outs[0][0], outs[0][1])
 
 
+def test_fused_encoder_under_autocast():
+    """bf16 autocast on the CPU: the hoisted gate GEMM and the step run in bf16, the cell in fp32;
+    the cpu backend agrees with the eager one to bf16 precision, gradients included."""
+    _require_cpu()
+    vit = make_vit()
+    encs = [LSPTEncoder(vit, NP, NC, backend=b) for b in ("cpu", "eager")]
+    encs[1].load_state_dict(encs[0].state_dict())
+    images = _images(vit)
+    outs, grads = [], []
+    for enc in encs:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = enc(images)
+        outs.append(out.float())
+        grads.append(torch.autograd.grad(out.float().square().sum(), enc.trainable_parameters()))
+    scale = outs[1].abs().max()
+    assert (outs[0] - outs[1]).abs().max() <= 2e-2 * scale
+    for g, w in zip(*grads):
+        assert (g - w).abs().max() <= 3e-2 * w.abs().max() + 1e-6
+
+
 class _CountOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -155,3 +175,10 @@ def test_reduce_overhead_on_gpu(backend):
         for _ in range(3):
             out = compiled(images)
         torch.testing.assert_close(out, model(images), atol=1e-4, rtol=1e-4)
+
+
+def test_depth_one_vit_runs_no_step():
+    """A depth-1 ViT has no step (and no gate GEMM): the fused configuration still runs."""
+    _require_cpu()
+    enc = LSPTEncoder(make_vit(depth=1), NP, NC, backend="cpu")
+    assert enc(torch.randn(2, 3, 32, 32)).shape == (2, NC)

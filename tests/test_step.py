@@ -427,6 +427,30 @@ def test_unknown_backend():
         lspt_step(*_good(), backend="nope")
 
 
+@pytest.mark.parametrize("per_image", [False, True], ids=["shared-rows", "per-image-rows"])
+def test_cpu_backward_recomputing_the_gates(monkeypatch, per_image):
+    """The cpu backend's other backward (ops.SAVES_GATES without "cpu": recompute the gates from
+    Xhat_SP, as the GPU backends do) matches eager too."""
+    require("cpu")
+    monkeypatch.setattr(ops, "SAVES_GATES", ())
+    shape = ODD
+    B, n_p, N, D, k = shape
+    tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh = make_inputs(shape)
+    if per_image:
+        prompt = prompt * torch.rand(B, n_p, D, generator=torch.Generator().manual_seed(9))
+    grads = upstream(shape, torch.float32, torch.float32, "cpu")
+    params = (tokens, cell, w_ih, w_hh, b_ih, b_hh)
+    out = []
+    for name in ("cpu", "eager"):
+        gb = gate_bias_rows(prompt, w_ih, b_ih, b_hh)
+        h, c = ops.fused_step(tokens, cell, gb, w_hh, k, name)
+        out.append([h, c, *torch.autograd.grad((h, c), params, grads)])
+    *_, gates = torch.ops.lspt.step_fwd(tokens.detach(), cell.detach(), gb.detach(), w_hh.detach(), k, True, "cpu")
+    assert gates.numel() == 0
+    for g, w in zip(*out):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
 def test_reference_is_an_alias_of_eager():
     a = lspt_step(*_good(), backend="reference")
     b = lspt_step(*_good(), backend="eager")
