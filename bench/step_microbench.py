@@ -11,8 +11,10 @@ on the device ("cpu" on the CPU; "triton" and "cuda" on a GPU). Each figure is s
 from METHOD.md's cost model: FLOPs (forward 8*B*Np*D^2 + 8*Np*D^2, backward about twice that) over
 the peak GEMM rate, plus bytes (one read of the patch tokens for the mean; in backward the B*T*D
 grad_tokens write) over the copy bandwidth. Both peaks are measured on this machine (a large mm and a
-large copy) and printed. The fused backends recompute the gates in backward (they save only
-Xhat_SP), which is one forward GEMM more than this floor counts.
+large copy) and printed. The GPU backends recompute the gates in backward (they save only
+Xhat_SP), which is one forward GEMM more than this floor counts; the cpu backend saves the activated
+gates instead (ops.SAVES_GATES). `lspt_step` computes the gate bias rows (P W_ih^T + biases) per call,
+as eager does; inside the encoder that GEMM runs once per forward for all steps.
 
 CPU: time.perf_counter medians after warm-up, the backends timed round-robin (a shared machine's
 load then lands on all of them alike); `--threads 1 --clock thread` times CPU time of the one
