@@ -294,6 +294,25 @@ def test_gradcheck_fp64(backend):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=interpreted)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_fp64_per_image_gate_bias(backend):
+    """fp64 gradcheck of the step from per-image (B, Np, 4D) gate-bias rows (prompt dropout)."""
+    device = require(backend, torch.float64)
+    interpreted = backend == "triton" and TRITON_INTERPRETED
+    B, n_p, N, D, k = (2, 2, 3, 4, 1)
+    g = torch.Generator().manual_seed(0)
+
+    def t(*size, s=1.0):
+        return (torch.randn(*size, generator=g, dtype=torch.float64) * s).to(device).requires_grad_()
+
+    inputs = (t(B, k + n_p + N, D), t(B, n_p, D), t(B, n_p, 4 * D, s=0.5), t(4 * D, D, s=0.5))
+
+    def f(tokens, cell, gb, w_hh):
+        return ops.fused_step(tokens, cell, gb, w_hh, k, backend)
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=interpreted)
+
+
 def _fwd_args(backend, device, requires_grad=True, per_image=False):
     """(tokens, cell, gate_bias, w_hh, k, save_gates, backend) for torch.ops.lspt.step_fwd."""
     tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh = make_inputs(TINY, device=device)
