@@ -46,6 +46,10 @@ def load_extension(kind: str):
     name = f"_lspt_{kind}"
     try:
         module = importlib.import_module(f"lspt_kernels.{name}")  # built by setup.py
+        # Only this checkout's own binary: an editable install's import finder can hand out another
+        # checkout's (built from other sources, possibly another op signature).
+        if Path(module.__file__).resolve().parent != Path(__file__).resolve().parent:
+            raise ImportError(f"{module.__file__} belongs to another checkout")
     except ImportError:
         module = _jit(kind, name)
     _cache[kind] = module

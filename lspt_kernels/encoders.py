@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import lspt_step
+from .ops import check_fused_inputs, fused_step, gate_bias_rows, resolve_backend
 
 __all__ = ["PromptEncoder", "LinearProbe", "VPTEncoder", "GaPTEncoder", "LSPTEncoder", "AdapterEncoder",
            "METHODS", "build_encoder", "HEAD_INITS", "POOLS", "TRAINING_ONLY_OPTIONS"]
@@ -414,8 +414,11 @@ class LSPTEncoder(PromptEncoder):
         Xhat_SP = block prompt outputs + mean of the patch tokens          (CSPC)
         X_P, C  = LSTMCell(input=P[l], hidden=Xhat_SP, cell=C)             (LPC, shared over blocks)
 
-    written into the prompt slot for block l + 1. The default configuration runs the fused
-    `lspt_step` op (`backend` picks its kernels); the ablation options (docs/method.md) run in PyTorch:
+    written into the prompt slot for block l + 1. The default configuration (with shared_lstm either
+    way, with or without prompt dropout) runs the fused step op (`backend` picks its kernels: "auto",
+    "eager", "cpu", "triton", "cuda"), with the batch-independent P[l] W_ih^T + biases of every
+    step computed by one GEMM before the block loop; the other ablation options (docs/method.md) run
+    in PyTorch:
     cspc "mean" | "kmeans" | "none"; lpc "lstm" | "gru" | "transformer" | "none"; lstm_layers 1 | 2;
     shared_lstm True | False (one module per block l < L).
     """
@@ -438,9 +441,10 @@ class LSPTEncoder(PromptEncoder):
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if lstm_layers != 1 and lpc != "lstm":
             raise ValueError(f"lstm_layers={lstm_layers} needs lpc='lstm', got lpc={lpc!r}")
-        from .ops import BACKENDS
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        from .ops import ALIASES, BACKENDS
+        if backend != "auto" and backend not in BACKENDS and backend not in ALIASES:
+            raise ValueError(f"backend must be one of {('auto',) + BACKENDS} (or the alias 'reference' "
+                             f"for 'eager'), got {backend!r}")
         super().__init__(vit, num_prompts, num_classes, prompt_dropout, head_init, pool)
         self.cspc, self.lpc, self.lstm_layers, self.shared_lstm = cspc, lpc, lstm_layers, shared_lstm
         self.kmeans_steps, self.backend = kmeans_steps, backend
@@ -485,7 +489,40 @@ class LSPTEncoder(PromptEncoder):
         dtype = torch.float32 if autocast else x.dtype
         cells = [torch.zeros(B, n, D, dtype=dtype, device=x.device) for _ in range(self.lstm_layers)]
         gemm_dtype = torch.get_autocast_dtype(x.device.type) if autocast else None
-        return dict(cells=cells, gemm_dtype=gemm_dtype, weights={})
+        state = dict(cells=cells, gemm_dtype=gemm_dtype, weights={})
+        if self.fused and self.depth > 1:   # a depth-1 ViT runs no step
+            self._init_fused(x, state, autocast)
+        return state
+
+    def _fused_cell(self, l: int) -> nn.LSTMCell:
+        cell = self._lpc_module("lstm", l)
+        return cell[0] if isinstance(cell, nn.ModuleList) else cell
+
+    def _init_fused(self, x: Tensor, state: dict, autocast: bool) -> None:
+        """Once per forward, before the block loop: the backend, the input checks, and the
+        batch-independent half of every step's gates, P[l] W_ih^T + b_ih + b_hh for l = 1..L-1 (one
+        GEMM for a shared cell). Per-image prompt dropout makes those rows (B, Np, 4D) per step; its
+        masks are drawn one step at a time, in the order the PyTorch path draws them."""
+        B, steps = x.shape[0], range(self.depth - 1)
+        backend = resolve_backend(self.backend, x.device)
+        dropping = self.training and self.prompt_dropout.p > 0
+        cells = [self._fused_cell(0)] if self.shared_lstm else [self._fused_cell(l) for l in steps]
+        weights = [self._step_weights(c, state) for c in cells]          # (w_ih, w_hh, b_ih, b_hh) in W
+        w = weights[0][1].dtype
+        if dropping:
+            P = torch.stack([self._batch_prompts(self.prompts[l + 1], B, x.dtype) for l in steps]).to(w)
+        else:
+            P = self.prompts[1:].to(w)                                     # (L-1, [B,] Np, D)
+        if self.shared_lstm:
+            w_ih, w_hh, b_ih, b_hh = weights[0]
+            gate_bias = gate_bias_rows(P, w_ih, b_ih, b_hh).unbind(0)      # L-1 x ([B,] Np, 4D)
+            w_hhs = (w_hh,) * len(steps)
+        else:
+            gate_bias = [gate_bias_rows(P[l], w_ih, b_ih, b_hh) for l, (w_ih, _, b_ih, b_hh) in enumerate(weights)]
+            w_hhs = [wt[1] for wt in weights]
+        check_fused_inputs(x, state["cells"][0], gate_bias[0], w_hhs[0], self.num_prefix_tokens,
+                           autocast=autocast)
+        state.update(backend=backend, gate_bias=gate_bias, w_hh=w_hhs, save_gates=torch.is_grad_enabled())
 
     def _step_weights(self, cell: nn.LSTMCell, state) -> tuple[Tensor, ...]:
         """The cell's tensors in the GEMM dtype, cast once per forward (not once per block) under
@@ -502,17 +539,9 @@ class LSPTEncoder(PromptEncoder):
         cells = state["cells"]
         slot = self.prompt_slot(x)
         k, B, n, D = self.num_prefix_tokens, x.shape[0], self.num_prompts, self.embed_dim
-        # Per-image prompt dropout makes the LSTM input batch-dependent; the fused op takes one (Np, D)
-        # prompt, so a dropped-out step runs in PyTorch below.
-        dropping = self.training and self.prompt_dropout.p > 0
-        if self.fused and not dropping:
-            P = self.prompts[l + 1]                                         # (Np, D)
-            cell = self._lpc_module("lstm", l)
-            if isinstance(cell, nn.ModuleList):
-                cell = cell[0]
-            w_ih, w_hh, b_ih, b_hh = self._step_weights(cell, state)
-            hidden, cells[0] = lspt_step(x, cells[0], P, w_ih, w_hh, b_ih, b_hh,
-                                         num_prefix_tokens=k, backend=self.backend)
+        if self.fused:   # validated and resolved once per forward (_init_fused)
+            hidden, cells[0] = fused_step(x, cells[0], state["gate_bias"][l], state["w_hh"][l], k,
+                                          state["backend"], state["save_gates"])
             slot.copy_(hidden)
             return
         patches = x[:, k + n:]

@@ -5,30 +5,44 @@
     Xhat_SP = tokens[:, k:k+Np] + tokens[:, k+Np:].mean(1)           (CSPC, eq. 5)
     hidden, new_cell = LSTMCell(input=prompt, (Xhat_SP, cell))       (LPC, eq. 7)
 
+Its gates split into a batch-independent half and the one large product:
+
+    gates = gate_bias + Xhat_SP W_hh^T,    gate_bias = prompt W_ih^T + b_ih + b_hh   (Np, 4D)
+
+`gate_bias` depends on no image, so the encoder computes it for all L - 1 steps with ONE GEMM per
+forward (its backward is one GEMM for dW_ih and one for dP, done by autograd) and the step op only
+takes (tokens, cell, gate_bias, W_hh). With per-image prompt dropout the prompts, hence the gate bias
+rows, differ per image: the op takes gate_bias as (Np, 4D) or (B, Np, 4D).
+
 Backends
 --------
-- "reference": plain PyTorch ops, differentiated by eager autograd. It is what the benchmarks call
-  "eager" and what every other backend is compared with.
+- "eager" (alias "reference"): plain PyTorch ops, differentiated by eager autograd. It is what the
+  benchmarks call "eager" and what every other backend is compared with.
 - "cpu" (C++, csrc/cpu), "triton" (GPU), "cuda" (CUDA C++, csrc/cuda): one registered op
-  `lspt::step_fwd` with a fused forward, and `lspt::step_bwd` with a fused backward that recomputes
-  the gates from the only tensors it saves (Xhat_SP and the incoming cell).
+  `lspt::step_fwd` with a fused forward, and `lspt::step_bwd` with a fused backward. The GPU backends
+  recompute the gates from Xhat_SP and the incoming cell (the only activations they save); the cpu
+  backend saves the activated gates instead (SAVES_GATES), which skips the recompute GEMM and still
+  keeps less than eager autograd saves.
 
-Kernel contract (what every backend's forward/backward receives, already validated):
+Kernel contract (what every backend's forward/backward receives; the op bodies pass it on as is):
 
-    forward(tokens (B,T,D) [stride(-1) == 1], cell (B,Np,D) contiguous, prompt (Np,D),
-            w_ih (4D,D), w_hh (4D,D), b_ih (4D,), b_hh (4D,), k)
-        -> hidden (B,Np,D) tokens.dtype, new_cell (B,Np,D) cell.dtype, xhat (B,Np,D) w_hh.dtype
+    forward(tokens (B,T,D) [stride(-1) == 1], cell (B,Np,D) contiguous,
+            gate_bias (Np,4D) or (B,Np,4D) contiguous W, w_hh (4D,D) contiguous W, k, save_gates)
+        -> hidden (B,Np,D) tokens.dtype, new_cell (B,Np,D) cell.dtype, xhat (B,Np,D) W,
+           gates: the activated gates (B,Np,4D) in the accumulation dtype when the backend saves
+           them (SAVES_GATES) and save_gates is true, else an empty (0,) tensor
     backward(grad_hidden (B,Np,D) tokens.dtype, grad_cell (B,Np,D) cell.dtype, xhat, cell,
-             prompt, w_ih, w_hh, b_ih, b_hh, k, T)
-        -> grad_tokens (B,T,D) grad_hidden.dtype, grad_cell (cell.dtype), grad_prompt, grad_w_ih,
-           grad_w_hh, grad_b_ih, grad_b_hh (w_hh.dtype)
+             gate_bias, w_hh, gates, k, T)
+        -> grad_tokens (B,T,D) grad_hidden.dtype, grad_cell (cell.dtype), grad_gate_bias (gate_bias's
+           shape, W), grad_w_hh (W)
 
-dtypes: prompt, weights and biases share one dtype W (the GEMM precision). Either every tensor is W,
-or the cell is fp32 (the cell state is carried in fp32), or additionally tokens are fp32 with W
-low-precision (torch.autocast). Means and gate math are always computed in fp32.
+dtypes: gate_bias and w_hh share one dtype W (the GEMM precision). Either every tensor is W, or the
+cell is fp32 (the cell state is carried in fp32), or additionally tokens are fp32 with W
+low-precision (torch.autocast). Means and gate math are always computed in fp32 (fp64 for fp64).
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Callable, NamedTuple
 
@@ -36,7 +50,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+BACKENDS = ("eager", "cpu", "triton", "cuda")
+ALIASES = {"reference": "eager"}          # the old name of "eager", still accepted
+FUSED_BACKENDS = ("cpu", "triton", "cuda")
+# What "auto" tries, in order, for tensors on a device type; "eager" when none is available. A backend
+# belongs here only if it is at least as fast as eager there (issue 9, item 7): to stop "auto" from
+# picking one, delete it from its tuple (e.g. AUTO_ORDER["cpu"] = ()).
+AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+# Backends whose forward saves the activated gates for backward instead of recomputing them.
+SAVES_GATES = ("cpu",)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -46,23 +68,34 @@ class Kernels(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference: the step written with plain PyTorch ops (eager autograd differentiates it).
+# Eager: the step written with plain PyTorch ops (eager autograd differentiates it).
 # ----------------------------------------------------------------------------------------------
-def step_reference(tokens: Tensor, cell: Tensor, prompt: Tensor, weight_ih: Tensor,
-                   weight_hh: Tensor, bias_ih: Tensor, bias_hh: Tensor,
-                   num_prefix_tokens: int = 1) -> tuple[Tensor, Tensor]:
-    k, n_p = num_prefix_tokens, prompt.shape[0]
+def gate_bias_rows(prompt: Tensor, weight_ih: Tensor, bias_ih: Tensor, bias_hh: Tensor) -> Tensor:
+    """prompt W_ih^T + b_ih + b_hh: the batch-independent half of the gates, (..., Np, 4D) in W."""
+    return F.linear(prompt, weight_ih, bias_ih) + bias_hh
+
+
+def step_eager(tokens: Tensor, cell: Tensor, gate_bias: Tensor, weight_hh: Tensor,
+               num_prefix_tokens: int = 1) -> tuple[Tensor, Tensor]:
+    """The step from its gate bias rows ((Np, 4D) or (B, Np, 4D)), in plain PyTorch."""
+    k, n_p = num_prefix_tokens, cell.shape[1]
     w = weight_hh.dtype
     acc = torch.promote_types(tokens.dtype, torch.float32)   # means and gate math in >= fp32
     mean = tokens[:, k + n_p:].mean(1, keepdim=True, dtype=acc)                # (B, 1, D)
     xhat = (tokens[:, k:k + n_p].to(acc) + mean).to(w)                        # (B, Np, D)
-    # Batch-independent part once per step, then the one large product.
-    gates = F.linear(prompt, weight_ih, bias_ih) + bias_hh                    # (Np, 4D)
-    gates = (F.linear(xhat, weight_hh) + gates).to(acc)                       # (B, Np, 4D)
+    gates = (F.linear(xhat, weight_hh) + gate_bias).to(acc)                   # (B, Np, 4D)
     i, f, g, o = gates.chunk(4, dim=-1)
     new_cell = torch.sigmoid(f) * cell.to(acc) + torch.sigmoid(i) * torch.tanh(g)
     hidden = torch.sigmoid(o) * torch.tanh(new_cell)
     return hidden.to(tokens.dtype), new_cell.to(cell.dtype)
+
+
+def step_reference(tokens: Tensor, cell: Tensor, prompt: Tensor, weight_ih: Tensor,
+                   weight_hh: Tensor, bias_ih: Tensor, bias_hh: Tensor,
+                   num_prefix_tokens: int = 1) -> tuple[Tensor, Tensor]:
+    """METHOD.md's step with plain PyTorch ops, from the prompt and all four LSTM tensors."""
+    return step_eager(tokens, cell, gate_bias_rows(prompt, weight_ih, bias_ih, bias_hh), weight_hh,
+                      num_prefix_tokens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,35 +136,57 @@ def _load_backend(name: str) -> Kernels | None:
 
 def unavailable_reason(name: str) -> str | None:
     """Why a backend cannot run here (None when it can)."""
+    name = ALIASES.get(name, name)
+    if name == "eager":
+        return None
     _load_backend(name)
     return _UNAVAILABLE.get(name)
 
 
+def _check_op_backend(backend: str, fn: str) -> None:
+    if backend not in FUSED_BACKENDS:
+        raise ValueError(f"{fn}: backend must be one of {FUSED_BACKENDS} (the fused kernels; the "
+                         f"plain-PyTorch step is lspt_step(..., backend='eager')), got {backend!r}")
+
+
+def _kernels_for_op(backend: str, fn: str) -> Kernels:
+    """The op bodies' own loader: a direct torch.ops.lspt.* call, or a graph exported and reloaded in
+    a fresh process, runs without lspt_step having loaded the backend first."""
+    kernels = _KERNELS.get(backend)
+    if kernels is None:
+        _check_op_backend(backend, fn)
+        kernels = _load_backend(backend)
+        if kernels is None:
+            raise RuntimeError(f"{fn}: backend {backend!r} is not available here: {_UNAVAILABLE[backend]}")
+    return kernels
+
+
 def _triton_runs_on(device: torch.device) -> bool:
-    import os
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-_warned_fallback = False
+_warned_fallback: set = set()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map "auto" to the fastest backend for `device`; check that a named one can run there."""
-    global _warned_fallback
+    """Map "auto" to the fastest backend for `device` (AUTO_ORDER) and an alias to its name; check
+    that a named backend can run there. Called once per forward (encoder) or per lspt_step call."""
+    backend = ALIASES.get(backend, backend) if isinstance(backend, str) else backend
     if backend == "auto":
-        order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+        order = AUTO_ORDER.get(device.type, ())
         for name in order:
             if _load_backend(name) is not None:
                 return name
-        if not _warned_fallback:
-            _warned_fallback = True
+        if order and device.type not in _warned_fallback:
+            _warned_fallback.add(device.type)
             why = "; ".join(f"{n}: {_UNAVAILABLE.get(n)}" for n in order)
             warnings.warn(f"lspt_kernels: no fused backend for {device.type} tensors ({why}); "
-                          "using the pure-PyTorch reference step", RuntimeWarning, stacklevel=3)
-        return "reference"
+                          "using the eager (pure-PyTorch) step", RuntimeWarning, stacklevel=3)
+        return "eager"
     if backend not in BACKENDS:
-        raise ValueError(f"lspt_step: backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-    if backend == "reference":
+        raise ValueError(f"lspt_step: backend must be one of {('auto',) + BACKENDS} (or the alias "
+                         f"'reference' for 'eager'), got {backend!r}")
+    if backend == "eager":
         return backend
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"lspt_step: backend 'cpu' needs CPU tensors, got tensors on {device}")
@@ -145,12 +200,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Input checks: every backend gets the same clear errors, before any kernel runs.
+# Input checks: every backend gets the same clear errors, before any kernel runs. The encoder runs
+# `check_fused_inputs` once per forward (every block's tokens have one shape); lspt_step runs
+# `check_step_inputs` per call.
 # ----------------------------------------------------------------------------------------------
-def check_step_inputs(tokens, cell, prompt, weight_ih, weight_hh, bias_ih, bias_hh,
-                      num_prefix_tokens, *, autocast: bool = False) -> None:
-    named = dict(tokens=tokens, cell=cell, prompt=prompt, weight_ih=weight_ih, weight_hh=weight_hh,
-                 bias_ih=bias_ih, bias_hh=bias_hh)
+def _check_tensors(named: dict) -> None:
     for name, t in named.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"lspt_step: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -160,22 +214,45 @@ def check_step_inputs(tokens, cell, prompt, weight_ih, weight_hh, bias_ih, bias_
     if len(devices) > 1:
         where = ", ".join(f"{n} on {t.device}" for n, t in named.items())
         raise ValueError(f"lspt_step: all tensors must be on one device, got {where}")
+
+
+def _check_tokens_and_cell(tokens: Tensor, cell: Tensor, n_p: int, num_prefix_tokens) -> tuple[int, int, int]:
+    """The one rule for num_prefix_tokens (every backend): an int >= 0, not a bool."""
     if tokens.dim() != 3:
         raise ValueError(f"lspt_step: tokens must be (B, T, D), got shape {tuple(tokens.shape)}")
     B, T, D = tokens.shape
-    if prompt.dim() != 2 or prompt.shape[1] != D:
-        raise ValueError(f"lspt_step: prompt must be (Np, D) with D={D} (from tokens), "
-                         f"got shape {tuple(prompt.shape)}")
-    n_p = prompt.shape[0]
     if n_p < 1:
         raise ValueError("lspt_step: prompt must hold at least one prompt token (Np >= 1)")
-    if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-        raise ValueError(f"lspt_step: num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise ValueError(f"lspt_step: num_prefix_tokens must be an int >= 0 (not a bool), got {num_prefix_tokens!r}")
     if num_prefix_tokens + n_p >= T:
         raise ValueError(f"lspt_step: tokens has T={T} tokens but num_prefix_tokens + Np = "
                          f"{num_prefix_tokens} + {n_p} leaves no patch token (need T > k + Np)")
     if tuple(cell.shape) != (B, n_p, D):
         raise ValueError(f"lspt_step: cell must be (B, Np, D) = {(B, n_p, D)}, got {tuple(cell.shape)}")
+    return B, T, D
+
+
+def _check_activation_dtypes(tokens: Tensor, cell: Tensor, w: torch.dtype, autocast: bool) -> None:
+    if not autocast and tokens.dtype != w:
+        raise TypeError(f"lspt_step: tokens ({tokens.dtype}) and the LSTM weights ({w}) must share one "
+                        "dtype outside torch.autocast")
+    if autocast and tokens.dtype not in (w, torch.float32):
+        raise TypeError(f"lspt_step: under autocast tokens must be float32 or {w}, got {tokens.dtype}")
+    if cell.dtype not in (tokens.dtype, torch.float32):
+        raise TypeError(f"lspt_step: cell must be {tokens.dtype} (like tokens) or float32, got {cell.dtype}")
+
+
+def check_step_inputs(tokens, cell, prompt, weight_ih, weight_hh, bias_ih, bias_hh,
+                      num_prefix_tokens, *, autocast: bool = False) -> None:
+    named = dict(tokens=tokens, cell=cell, prompt=prompt, weight_ih=weight_ih, weight_hh=weight_hh,
+                 bias_ih=bias_ih, bias_hh=bias_hh)
+    _check_tensors(named)
+    if tokens.dim() == 3 and (prompt.dim() != 2 or prompt.shape[1] != tokens.shape[2]):
+        raise ValueError(f"lspt_step: prompt must be (Np, D) with D={tokens.shape[2]} (from tokens), "
+                         f"got shape {tuple(prompt.shape)}")
+    B, T, D = _check_tokens_and_cell(tokens, cell, prompt.shape[0] if prompt.dim() == 2 else 0,
+                                     num_prefix_tokens)
     for name in ("weight_ih", "weight_hh"):
         if tuple(named[name].shape) != (4 * D, D):
             raise ValueError(f"lspt_step: {name} must be (4D, D) = {(4 * D, D)} for D={D} (from tokens),"
@@ -188,75 +265,133 @@ def check_step_inputs(tokens, cell, prompt, weight_ih, weight_hh, bias_ih, bias_
     if mixed:
         raise TypeError(f"lspt_step: prompt, weight_ih, weight_hh, bias_ih and bias_hh must share one "
                         f"dtype; weight_hh is {w} but " + ", ".join(f"{n} is {named[n].dtype}" for n in mixed))
-    if not autocast and tokens.dtype != w:
-        raise TypeError(f"lspt_step: tokens ({tokens.dtype}) and the LSTM weights ({w}) must share one "
-                        "dtype outside torch.autocast")
-    if cell.dtype not in (tokens.dtype, torch.float32):
-        raise TypeError(f"lspt_step: cell must be {tokens.dtype} (like tokens) or float32, got {cell.dtype}")
+    _check_activation_dtypes(tokens, cell, w, autocast)
+
+
+def check_fused_inputs(tokens, cell, gate_bias, weight_hh, num_prefix_tokens, *,
+                       autocast: bool = False) -> None:
+    """The op's inputs as the encoder passes them (gate bias rows instead of prompt and W_ih)."""
+    _check_tensors(dict(tokens=tokens, cell=cell, gate_bias=gate_bias, weight_hh=weight_hh))
+    n_p = cell.shape[1] if cell.dim() == 3 else 0
+    B, T, D = _check_tokens_and_cell(tokens, cell, n_p, num_prefix_tokens)
+    if tuple(gate_bias.shape) not in ((n_p, 4 * D), (B, n_p, 4 * D)):
+        raise ValueError(f"lspt_step: gate_bias must be (Np, 4D) = {(n_p, 4 * D)} or (B, Np, 4D) = "
+                         f"{(B, n_p, 4 * D)}, got {tuple(gate_bias.shape)}")
+    if tuple(weight_hh.shape) != (4 * D, D):
+        raise ValueError(f"lspt_step: weight_hh must be (4D, D) = {(4 * D, D)}, got {tuple(weight_hh.shape)}")
+    if gate_bias.dtype != weight_hh.dtype:
+        raise TypeError(f"lspt_step: gate_bias ({gate_bias.dtype}) and weight_hh ({weight_hh.dtype}) "
+                        "must share one dtype")
+    _check_activation_dtypes(tokens, cell, weight_hh.dtype, autocast)
+    # The kernels' layout contract, which the encoder's tensors meet by construction.
+    if tokens.stride(-1) != 1 or not (cell.is_contiguous() and gate_bias.is_contiguous()
+                                      and weight_hh.is_contiguous()):
+        raise ValueError("lspt_step: the fused op needs tokens with stride(-1) == 1 and contiguous "
+                         "cell, gate_bias and weight_hh")
 
 
 # ----------------------------------------------------------------------------------------------
-# The registered ops.
+# The registered ops. The bodies stay thin: load the kernels (once), keep autocast from re-casting
+# inside them, call. Extra per-call checks belong in the kernels (which re-check the contract).
 # ----------------------------------------------------------------------------------------------
+def _acc_dtype(tokens_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if tokens_dtype == torch.float64 else torch.float32
+
+
 @torch.library.custom_op("lspt::step_fwd", mutates_args=())
-def _step_fwd(tokens: Tensor, cell: Tensor, prompt: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-              bias_ih: Tensor, bias_hh: Tensor, num_prefix_tokens: int,
-              backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    # Autocast must not re-cast inside the kernels: the wrapper already chose every dtype.
-    with torch.autocast(tokens.device.type, enabled=False):
-        return _KERNELS[backend].forward(tokens, cell, prompt, weight_ih, weight_hh, bias_ih,
-                                         bias_hh, num_prefix_tokens)
+def _step_fwd(tokens: Tensor, cell: Tensor, gate_bias: Tensor, weight_hh: Tensor,
+              num_prefix_tokens: int, save_gates: bool,
+              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    kernels = _kernels_for_op(backend, "lspt::step_fwd")
+    save_gates = save_gates and backend in SAVES_GATES   # the fake impl's rule, one switch
+    if torch.is_autocast_enabled(tokens.device.type):
+        with torch.autocast(tokens.device.type, enabled=False):
+            return kernels.forward(tokens, cell, gate_bias, weight_hh, num_prefix_tokens, save_gates)
+    return kernels.forward(tokens, cell, gate_bias, weight_hh, num_prefix_tokens, save_gates)
 
 
 @_step_fwd.register_fake
-def _step_fwd_fake(tokens, cell, prompt, weight_ih, weight_hh, bias_ih, bias_hh, num_prefix_tokens,
-                   backend):
+def _step_fwd_fake(tokens, cell, gate_bias, weight_hh, num_prefix_tokens, save_gates, backend):
+    _check_op_backend(backend, "lspt::step_fwd")
     B, _, D = tokens.shape
-    n_p = prompt.shape[0]
+    n_p = cell.shape[1]
+    acc = _acc_dtype(tokens.dtype)
+    gates = (tokens.new_empty((B, n_p, 4 * D), dtype=acc) if save_gates and backend in SAVES_GATES
+             else tokens.new_empty((0,), dtype=acc))
     return (tokens.new_empty((B, n_p, D)), cell.new_empty((B, n_p, D)),
-            tokens.new_empty((B, n_p, D), dtype=weight_hh.dtype))
+            tokens.new_empty((B, n_p, D), dtype=weight_hh.dtype), gates)
 
 
 @torch.library.custom_op("lspt::step_bwd", mutates_args=())
-def _step_bwd(grad_hidden: Tensor, grad_cell: Tensor, xhat: Tensor, cell: Tensor, prompt: Tensor,
-              weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor, bias_hh: Tensor,
-              num_prefix_tokens: int, num_tokens: int,
-              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    with torch.autocast(grad_hidden.device.type, enabled=False):
-        return _KERNELS[backend].backward(grad_hidden, grad_cell, xhat, cell, prompt, weight_ih,
-                                          weight_hh, bias_ih, bias_hh, num_prefix_tokens, num_tokens)
+def _step_bwd(grad_hidden: Tensor, grad_cell: Tensor, xhat: Tensor, cell: Tensor, gate_bias: Tensor,
+              weight_hh: Tensor, gates: Tensor, num_prefix_tokens: int, num_tokens: int,
+              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    kernels = _kernels_for_op(backend, "lspt::step_bwd")
+    if torch.is_autocast_enabled(grad_hidden.device.type):
+        with torch.autocast(grad_hidden.device.type, enabled=False):
+            return kernels.backward(grad_hidden, grad_cell, xhat, cell, gate_bias, weight_hh, gates,
+                                    num_prefix_tokens, num_tokens)
+    return kernels.backward(grad_hidden, grad_cell, xhat, cell, gate_bias, weight_hh, gates,
+                            num_prefix_tokens, num_tokens)
 
 
 @_step_bwd.register_fake
-def _step_bwd_fake(grad_hidden, grad_cell, xhat, cell, prompt, weight_ih, weight_hh, bias_ih, bias_hh,
-                   num_prefix_tokens, num_tokens, backend):
+def _step_bwd_fake(grad_hidden, grad_cell, xhat, cell, gate_bias, weight_hh, gates, num_prefix_tokens,
+                   num_tokens, backend):
+    _check_op_backend(backend, "lspt::step_bwd")
     B, _, D = grad_hidden.shape
     return (grad_hidden.new_empty((B, num_tokens, D)), torch.empty_like(cell),
-            torch.empty_like(prompt), torch.empty_like(weight_ih), torch.empty_like(weight_hh),
-            torch.empty_like(bias_ih), torch.empty_like(bias_hh))
+            torch.empty_like(gate_bias), torch.empty_like(weight_hh))
 
 
 def _setup_context(ctx, inputs, output):
-    tokens, cell, prompt, weight_ih, weight_hh, bias_ih, bias_hh, k, backend = inputs
-    # Only Xhat_SP and the incoming cell are new memory; prompt and weights are parameters.
-    ctx.save_for_backward(output[2], cell, prompt, weight_ih, weight_hh, bias_ih, bias_hh)
+    tokens, cell, gate_bias, weight_hh, k, save_gates, backend = inputs
+    # New memory: Xhat_SP (and the activated gates on a backend that saves them); the incoming cell
+    # is the previous step's output, weight_hh a parameter. The gate bias is kept only to recompute
+    # the gates: with saved gates the per-forward GEMM's output can be freed after forward.
+    gates = output[3]
+    # Unused outputs (xhat, gates, the last step's cell) get no zero-filled gradients: backward
+    # fills what it needs, so no (B, Np, 4D) zeros are made per step.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[2], cell, gate_bias if gates.numel() == 0 else None, weight_hh, gates)
     ctx.k, ctx.backend, ctx.num_tokens, ctx.tokens_dtype = k, backend, tokens.shape[1], tokens.dtype
+    ctx.gate_bias_shape = tuple(gate_bias.shape)
 
 
-def _backward(ctx, grad_hidden, grad_cell, _grad_xhat):
-    xhat, cell, prompt, weight_ih, weight_hh, bias_ih, bias_hh = ctx.saved_tensors
-    B, n_p, D = xhat.shape
+def _backward(ctx, grad_hidden, grad_cell, _grad_xhat, _grad_gates):
+    xhat, cell, gate_bias, weight_hh, gates = ctx.saved_tensors
+    if gate_bias is None:   # not read when the gates were saved: a stride-0 stand-in of its shape
+        gate_bias = weight_hh.as_strided(ctx.gate_bias_shape, (0,) * len(ctx.gate_bias_shape))
     if grad_hidden is None:
-        grad_hidden = xhat.new_zeros((B, n_p, D), dtype=ctx.tokens_dtype)
-    if grad_cell is None:
+        grad_hidden = xhat.new_zeros(xhat.shape, dtype=ctx.tokens_dtype)
+    elif not grad_hidden.is_contiguous():   # the slot of the next block's input gradient: a view
+        grad_hidden = grad_hidden.contiguous()
+    if grad_cell is None:                   # the last step's cell feeds nothing
         grad_cell = torch.zeros_like(cell)
-    grads = torch.ops.lspt.step_bwd(grad_hidden.contiguous(), grad_cell.contiguous(), xhat, cell,
-                                    prompt, weight_ih, weight_hh, bias_ih, bias_hh, ctx.k,
-                                    ctx.num_tokens, ctx.backend)
-    return (*grads, None, None)
+    elif not grad_cell.is_contiguous():
+        grad_cell = grad_cell.contiguous()
+    g_tokens, g_cell, g_bias, g_w_hh = _STEP_BWD(grad_hidden, grad_cell, xhat, cell, gate_bias, weight_hh,
+                                                 gates, ctx.k, ctx.num_tokens, ctx.backend)
+    return g_tokens, g_cell, g_bias, g_w_hh, None, None, None
 
 
 torch.library.register_autograd("lspt::step_fwd", _backward, setup_context=_setup_context)
+_STEP_FWD = torch.ops.lspt.step_fwd.default
+_STEP_BWD = torch.ops.lspt.step_bwd.default
+
+
+def fused_step(tokens: Tensor, cell: Tensor, gate_bias: Tensor, weight_hh: Tensor, num_prefix_tokens: int,
+               backend: str, save_gates: bool = True) -> tuple[Tensor, Tensor]:
+    """One step from already validated inputs and a resolved backend: the encoder's per-block call.
+    gate_bias: (Np, 4D) or (B, Np, 4D) = prompt W_ih^T + b_ih + b_hh (`gate_bias_rows`)."""
+    if backend == "eager":
+        if torch.is_autocast_enabled(tokens.device.type):
+            with torch.autocast(tokens.device.type, enabled=False):
+                return step_eager(tokens, cell, gate_bias, weight_hh, num_prefix_tokens)
+        return step_eager(tokens, cell, gate_bias, weight_hh, num_prefix_tokens)
+    hidden, new_cell, _, _ = _STEP_FWD(tokens, cell, gate_bias, weight_hh, num_prefix_tokens, save_gates,
+                                       backend)
+    return hidden, new_cell
 
 
 def lspt_step(tokens: Tensor, cell: Tensor, prompt: Tensor, weight_ih: Tensor, weight_hh: Tensor,
@@ -281,14 +416,14 @@ def lspt_step(tokens: Tensor, cell: Tensor, prompt: Tensor, weight_ih: Tensor, w
     check_step_inputs(tokens, cell, prompt, weight_ih, weight_hh, bias_ih, bias_hh, num_prefix_tokens,
                       autocast=autocast)
     backend = resolve_backend(backend, tokens.device)
-    if backend == "reference":
+    if autocast:
         with torch.autocast(device_type, enabled=False):
-            return step_reference(tokens, cell, prompt, weight_ih, weight_hh, bias_ih, bias_hh,
-                                  num_prefix_tokens)
-    if tokens.stride(-1) != 1:
-        tokens = tokens.contiguous()
-    hidden, new_cell, _ = torch.ops.lspt.step_fwd(tokens, cell.contiguous(), prompt.contiguous(),
-                                                  weight_ih.contiguous(), weight_hh.contiguous(),
-                                                  bias_ih.contiguous(), bias_hh.contiguous(),
-                                                  num_prefix_tokens, backend)
-    return hidden, new_cell
+            gate_bias = gate_bias_rows(prompt, weight_ih, bias_ih, bias_hh)
+    else:
+        gate_bias = gate_bias_rows(prompt, weight_ih, bias_ih, bias_hh)
+    if backend != "eager":
+        if tokens.stride(-1) != 1:
+            tokens = tokens.contiguous()
+        cell, weight_hh = cell.contiguous(), weight_hh.contiguous()
+    save = torch.is_grad_enabled()
+    return fused_step(tokens, cell, gate_bias, weight_hh, num_prefix_tokens, backend, save)

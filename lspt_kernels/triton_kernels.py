@@ -4,27 +4,30 @@ One step, with k prefix tokens, Np prompts and N = T - k - Np patches per image:
 
     m[b]        = mean_n tokens[b, k+Np+n]                      (fp32; fp64 for fp64 inputs)
     xhat[b, p]  = tokens[b, k+p] + m[b]                         (stored in the weight dtype W)
-    gates[b, p] = xhat[b, p] @ w_hh^T + prompt[p] @ w_ih^T + b_ih + b_hh
+    gates[b, p] = xhat[b, p] @ w_hh^T + gate_bias[p]  (or gate_bias[b, p] for per-image rows)
     i, f, g, o  = sigmoid, sigmoid, tanh, sigmoid of the four D-wide chunks (nn.LSTMCell order)
     new_cell    = f * cell + i * g;   hidden = o * tanh(new_cell)
 
-Launches
---------
-forward (3 launches):
-    torch.mm          Pw = prompt @ w_ih^T                           (Np, 4D) in W; batch-independent
+gate_bias = P[l] @ w_ih^T + b_ih + b_hh comes in precomputed (the encoder computes it for all steps
+with one GEMM per forward; see lspt_kernels/ops.py). Gate-bias row of GEMM row r: r % period, with
+period = Np for (Np, 4D) rows and B*Np for (B, Np, 4D) rows.
+
+Launches per step
+-----------------
+forward (2 launches):
     _xhat_kernel      grid (B, D/BLOCK_D): mean over the N patch rows (fp32 accumulation), then
                       xhat[b, p, :] = tokens[b, k+p, :] + mean for all Np prompts
     _lstm_fwd_kernel  grid (B*Np/BLOCK_M, D/BLOCK_N): four tl.dot accumulators (rows g*D + n of
-                      w_hh, g = i, f, g, o) over K = D, then the epilogue adds Pw[row % Np] + b_ih +
-                      b_hh in fp32, applies the LSTM gate math in fp32 and writes hidden and new_cell.
+                      w_hh, g = i, f, g, o) over K = D, then the epilogue adds the gate-bias row in
+                      fp32, applies the LSTM gate math in fp32 and writes hidden and new_cell.
                       The gates never touch memory.
-backward (recomputes the gates from xhat and the incoming cell, the only saved activations):
-    torch.mm          Pw again
+backward (5 launches; recomputes the gates from xhat and the incoming cell, the only saved
+activations):
     _lstm_bwd_kernel  the same tiled GEMM as the forward, then the LSTM backward in fp32; writes
                       dgates (B*Np, 4D) in W and grad_cell
-    torch (cuBLAS)    dxhat = dgates @ w_hh; dW_hh = dgates^T @ xhat; dPg = sum_b dgates (fp32
-                      accumulation); db_ih = db_hh = sum_p dPg; dprompt = dPg @ w_ih;
-                      dW_ih = dPg^T @ prompt
+    torch (cuBLAS)    dxhat = dgates @ w_hh;  dW_hh = dgates^T @ xhat
+    torch.sum         d gate_bias = sum_b dgates (fp32 accumulation, written in W); for per-image
+                      rows d gate_bias is dgates itself (no launch: 4 launches)
     _grad_tokens_kernel  grid (B, D/BLOCK_D, T/BLOCK_T): prefix rows 0, prompt rows dxhat, patch
                       rows (sum_p dxhat[b, p]) / N, in grad_hidden's dtype (the tokens' dtype)
 
@@ -32,8 +35,7 @@ Why dgates is stored in W (not fp32): the reference's autograd produces the gate
 (the gates are computed in W and cast to fp32, whose backward casts the gradient back), so W matches
 its rounding; every consumer of dgates is a GEMM that cuBLAS runs on tensor cores only when both
 operands share W (an fp32 dgates would need an fp32 copy of w_hh, or fp32 GEMMs); and it halves
-the bytes written and read for fp16/bf16. The batch and bias reductions of dgates accumulate in
-fp32 (torch.sum(dtype=...)).
+the bytes written and read for fp16/bf16. The batch reduction of dgates accumulates in fp32.
 
 Launch parameters are a small fixed table (GEMM_CONFIGS, ROW_CONFIGS) picked by gemm_config_name /
 row_config_name from D, the weight dtype, the tl.dot precision and (for one 16-bit entry) B*Np: no
@@ -95,11 +97,11 @@ def _xhat_kernel(tok_ptr, xhat_ptr, stride_tb, stride_tt, k, Np, N, D,
 
 
 @triton.jit
-def _gate_preacts(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, rm, rn, M, Np, D,
+def _gate_preacts(xhat_ptr, w_ptr, gb_ptr, rm, rn, M, GB_PERIOD, D,
                   ACC: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Pre-activations of the four gates for rows rm (of B*Np) and columns rn (of D), in ACC:
-    xhat[rm] @ w_hh[g*D + rn]^T + Pw[rm % Np, g*D + rn] + b_ih[g*D + rn] + b_hh[g*D + rn].
+    xhat[rm] @ w_hh[g*D + rn]^T + gate_bias[rm % GB_PERIOD, g*D + rn].
     Rows >= M and columns >= D are clamped (not masked) in the K loop, as in Triton's matmul
     tutorial: they read valid memory, their results are never stored, and only the K tail needs a
     mask (zero padding); that keeps predicates out of the inner loop."""
@@ -127,28 +129,24 @@ def _gate_preacts(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, rm, rn, M, Np, D,
         acc_o = tl.dot(a, w_o, acc_o, input_precision=PREC)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    # Batch-independent part: Pw (Np, 4D) in W plus both biases, added in ACC.
-    pw_ptrs = pw_ptr + (rm_c % Np)[:, None] * (4 * D) + rn_c[None, :]
-    b_i = tl.load(bih_ptr + rn_c).to(ACC) + tl.load(bhh_ptr + rn_c).to(ACC)
-    b_f = tl.load(bih_ptr + D + rn_c).to(ACC) + tl.load(bhh_ptr + D + rn_c).to(ACC)
-    b_g = tl.load(bih_ptr + 2 * D + rn_c).to(ACC) + tl.load(bhh_ptr + 2 * D + rn_c).to(ACC)
-    b_o = tl.load(bih_ptr + 3 * D + rn_c).to(ACC) + tl.load(bhh_ptr + 3 * D + rn_c).to(ACC)
-    acc_i += tl.load(pw_ptrs).to(ACC) + b_i[None, :]
-    acc_f += tl.load(pw_ptrs + D).to(ACC) + b_f[None, :]
-    acc_g += tl.load(pw_ptrs + 2 * D).to(ACC) + b_g[None, :]
-    acc_o += tl.load(pw_ptrs + 3 * D).to(ACC) + b_o[None, :]
+    # The gate-bias row (Np, 4D) or (B*Np, 4D) in W, added in ACC.
+    gb_ptrs = gb_ptr + (rm_c % GB_PERIOD)[:, None] * (4 * D) + rn_c[None, :]
+    acc_i += tl.load(gb_ptrs).to(ACC)
+    acc_f += tl.load(gb_ptrs + D).to(ACC)
+    acc_g += tl.load(gb_ptrs + 2 * D).to(ACC)
+    acc_o += tl.load(gb_ptrs + 3 * D).to(ACC)
     return acc_i, acc_f, acc_g, acc_o
 
 
 @triton.jit
-def _lstm_fwd_kernel(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, cell_ptr, hid_ptr, ncell_ptr,
-                     M, Np, D,
+def _lstm_fwd_kernel(xhat_ptr, w_ptr, gb_ptr, cell_ptr, hid_ptr, ncell_ptr,
+                     M, GB_PERIOD, D,
                      ACC: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """hidden, new_cell for a BLOCK_M x BLOCK_N tile of the (B*Np, D) outputs."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    gi, gf, gg, go = _gate_preacts(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, rm, rn, M, Np, D,
+    gi, gf, gg, go = _gate_preacts(xhat_ptr, w_ptr, gb_ptr, rm, rn, M, GB_PERIOD, D,
                                    ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     mmask = rm < M
     nmask = rn < D
@@ -166,14 +164,14 @@ def _lstm_fwd_kernel(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, cell_ptr, hid_pt
 
 
 @triton.jit
-def _lstm_bwd_kernel(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, cell_ptr, gh_ptr, gc_ptr,
-                     dgates_ptr, gcell_ptr, M, Np, D,
+def _lstm_bwd_kernel(xhat_ptr, w_ptr, gb_ptr, cell_ptr, gh_ptr, gc_ptr,
+                     dgates_ptr, gcell_ptr, M, GB_PERIOD, D,
                      ACC: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Recompute the gates of a tile and write dgates (B*Np, 4D) and grad_cell (B*Np, D)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    gi, gf, gg, go = _gate_preacts(xhat_ptr, w_ptr, pw_ptr, bih_ptr, bhh_ptr, rm, rn, M, Np, D,
+    gi, gf, gg, go = _gate_preacts(xhat_ptr, w_ptr, gb_ptr, rm, rn, M, GB_PERIOD, D,
                                    ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     mmask = rm < M
     nmask = rn < D
@@ -346,19 +344,19 @@ def _check_common(named: dict, w_hh: Tensor, B: int, n_p: int, D: int) -> None:
     if _interpreting() and device.type != "cpu":
         _fail(ValueError, f"the kernels were loaded for the Triton interpreter (TRITON_INTERPRET=1) "
                           f"and need CPU tensors, got {device}")
-    expect = dict(prompt=(n_p, D), weight_ih=(4 * D, D), weight_hh=(4 * D, D), bias_ih=(4 * D,),
-                  bias_hh=(4 * D,))
-    w = w_hh.dtype
-    for name, shape in expect.items():
-        t = named[name]
-        if tuple(t.shape) != shape:
-            _fail(ValueError, f"{name} must have shape {shape}, got {tuple(t.shape)}")
-        if t.dtype != w:
-            _fail(TypeError, f"{name} must share weight_hh's dtype {w}, got {t.dtype}")
+    if n_p < 1:
+        _fail(ValueError, "cell must hold at least one prompt token (Np >= 1)")
+    gb, w = named["gate_bias"], w_hh.dtype
+    if tuple(w_hh.shape) != (4 * D, D):
+        _fail(ValueError, f"weight_hh must have shape {(4 * D, D)}, got {tuple(w_hh.shape)}")
+    if tuple(gb.shape) not in ((n_p, 4 * D), (B, n_p, 4 * D)):
+        _fail(ValueError, f"gate_bias must be (Np, 4D) = {(n_p, 4 * D)} or (B, Np, 4D) = "
+                          f"{(B, n_p, 4 * D)}, got {tuple(gb.shape)}")
+    if gb.dtype != w:
+        _fail(TypeError, f"gate_bias must share weight_hh's dtype {w}, got {gb.dtype}")
+    for name, t in (("gate_bias", gb), ("weight_hh", w_hh)):
         if not t.is_contiguous():
             _fail(ValueError, f"{name} must be contiguous")
-    if n_p < 1:
-        _fail(ValueError, "prompt must hold at least one prompt token (Np >= 1)")
 
 
 def _check_act_dtypes(tok_name: str, tok_dtype, cell_name: str, cell_dtype, w) -> None:
@@ -376,18 +374,16 @@ def _check_k(k, n_p: int, T: int) -> None:
         _fail(ValueError, f"T={T} tokens but num_prefix_tokens + Np = {k} + {n_p} leaves no patch token")
 
 
-def _check_forward(tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh, k) -> None:
-    named = dict(tokens=tokens, cell=cell, prompt=prompt, weight_ih=w_ih, weight_hh=w_hh,
-                 bias_ih=b_ih, bias_hh=b_hh)
+def _check_forward(tokens, cell, gate_bias, w_hh, k) -> None:
     if not isinstance(tokens, Tensor):
         _fail(TypeError, f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
     if tokens.dim() != 3:
         _fail(ValueError, f"tokens must be (B, T, D), got shape {tuple(tokens.shape)}")
-    if not isinstance(prompt, Tensor) or prompt.dim() != 2:
-        _fail(ValueError, "prompt must be an (Np, D) tensor")
+    if not isinstance(cell, Tensor) or cell.dim() != 3:
+        _fail(ValueError, "cell must be a (B, Np, D) tensor")
     B, T, D = tokens.shape
-    n_p = prompt.shape[0]
-    _check_common(named, w_hh, B, n_p, D)
+    n_p = cell.shape[1]
+    _check_common(dict(tokens=tokens, cell=cell, gate_bias=gate_bias, weight_hh=w_hh), w_hh, B, n_p, D)
     if tokens.stride(-1) != 1 and D > 1:
         _fail(ValueError, f"tokens must have stride(-1) == 1, got strides {tokens.stride()}")
     if T * max(tokens.stride(1), 1) >= 2 ** 31:
@@ -401,15 +397,13 @@ def _check_forward(tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh, k) -> None:
     _check_k(k, n_p, T)
 
 
-def _check_backward(grad_hidden, grad_cell, xhat, cell, prompt, w_ih, w_hh, b_ih, b_hh, k, T) -> None:
-    named = dict(grad_hidden=grad_hidden, grad_cell=grad_cell, xhat=xhat, cell=cell, prompt=prompt,
-                 weight_ih=w_ih, weight_hh=w_hh, bias_ih=b_ih, bias_hh=b_hh)
+def _check_backward(grad_hidden, grad_cell, xhat, cell, gate_bias, w_hh, k, T) -> None:
+    named = dict(grad_hidden=grad_hidden, grad_cell=grad_cell, xhat=xhat, cell=cell,
+                 gate_bias=gate_bias, weight_hh=w_hh)
     if not isinstance(xhat, Tensor) or xhat.dim() != 3:
         _fail(ValueError, "xhat must be a (B, Np, D) tensor")
     B, n_p, D = xhat.shape
-    if not isinstance(prompt, Tensor) or prompt.dim() != 2:
-        _fail(ValueError, "prompt must be an (Np, D) tensor")
-    _check_common(named, w_hh, B, prompt.shape[0], D)
+    _check_common(named, w_hh, B, n_p, D)
     for name in ("grad_hidden", "grad_cell", "xhat", "cell"):
         t = named[name]
         if tuple(t.shape) != (B, n_p, D):
@@ -466,64 +460,62 @@ def _gemm_launch_args(M: int, D: int, w_dtype: torch.dtype):
     return grid, meta
 
 
-def forward(tokens: Tensor, cell: Tensor, prompt: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
-            b_hh: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """-> hidden (B,Np,D) tokens.dtype, new_cell (B,Np,D) cell.dtype, xhat (B,Np,D) w_hh.dtype."""
-    _check_forward(tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh, k)
+def forward(tokens: Tensor, cell: Tensor, gate_bias: Tensor, w_hh: Tensor, k: int,
+            save_gates: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> hidden (B,Np,D) tokens.dtype, new_cell (B,Np,D) cell.dtype, xhat (B,Np,D) w_hh.dtype, and an
+    empty tensor (this backend recomputes the gates in backward; save_gates is ignored)."""
+    _check_forward(tokens, cell, gate_bias, w_hh, k)
     B, T, D = tokens.shape
-    n_p = prompt.shape[0]
+    n_p = cell.shape[1]
     w = w_hh.dtype
     acc_tl, _ = _acc(w)
     hidden = tokens.new_empty((B, n_p, D))
     new_cell = torch.empty_like(cell, memory_format=torch.contiguous_format)
     xhat = tokens.new_empty((B, n_p, D), dtype=w)
+    no_gates = tokens.new_empty((0,), dtype=torch.float64 if tokens.dtype == torch.float64 else torch.float32)
     if B * D == 0:  # empty batch or width: nothing to compute (and no zero-size grid to launch)
-        return hidden, new_cell, xhat
-    pw = torch.mm(prompt, w_ih.t())                                           # (Np, 4D) in W
+        return hidden, new_cell, xhat, no_gates
     M = B * n_p
+    period = M if gate_bias.dim() == 3 else n_p
     grid, meta = _gemm_launch_args(M, D, w)
     with _on_device(tokens):
         _launch_xhat(tokens, xhat, k, n_p, acc_tl)
-        _lstm_fwd_kernel[grid](xhat, w_hh, pw, b_ih, b_hh, cell, hidden, new_cell, M, n_p, D, **meta)
-    return hidden, new_cell, xhat
+        _lstm_fwd_kernel[grid](xhat, w_hh, gate_bias, cell, hidden, new_cell, M, period, D, **meta)
+    return hidden, new_cell, xhat, no_gates
 
 
-def backward(grad_hidden: Tensor, grad_cell: Tensor, xhat: Tensor, cell: Tensor, prompt: Tensor,
-             w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, k: int, num_tokens: int):
-    """-> grad_tokens (B,T,D) grad_hidden.dtype, grad_cell (cell.dtype), grad_prompt, grad_w_ih,
-    grad_w_hh, grad_b_ih, grad_b_hh (w_hh.dtype)."""
-    _check_backward(grad_hidden, grad_cell, xhat, cell, prompt, w_ih, w_hh, b_ih, b_hh, k, num_tokens)
+def backward(grad_hidden: Tensor, grad_cell: Tensor, xhat: Tensor, cell: Tensor, gate_bias: Tensor,
+             w_hh: Tensor, gates: Tensor, k: int, num_tokens: int):
+    """-> grad_tokens (B,T,D) grad_hidden.dtype, grad_cell (cell.dtype), grad_gate_bias (gate_bias's
+    shape) and grad_w_hh (w_hh.dtype). `gates` is unused: this backend recomputes them."""
+    _check_backward(grad_hidden, grad_cell, xhat, cell, gate_bias, w_hh, k, num_tokens)
     B, n_p, D = xhat.shape
     T = num_tokens
     w = w_hh.dtype
-    acc_tl, acc_torch = _acc(w)
+    acc_tl, _ = _acc(w)
     M = B * n_p
+    batched = gate_bias.dim() == 3
     grad_tokens = grad_hidden.new_empty((B, T, D))
     grad_cell_prev = torch.empty_like(cell, memory_format=torch.contiguous_format)
     if M * D == 0:
         grad_tokens.zero_()
         grad_cell_prev.zero_()
-        return (grad_tokens, grad_cell_prev, torch.zeros_like(prompt), torch.zeros_like(w_ih),
-                torch.zeros_like(w_hh), torch.zeros_like(b_ih), torch.zeros_like(b_hh))
-    pw = torch.mm(prompt, w_ih.t())                                           # (Np, 4D) in W
+        return grad_tokens, grad_cell_prev, torch.zeros_like(gate_bias), torch.zeros_like(w_hh)
     dgates = xhat.new_empty((M, 4 * D))                                       # in W (see top)
     grid, meta = _gemm_launch_args(M, D, w)
     with _on_device(xhat):
-        _lstm_bwd_kernel[grid](xhat, w_hh, pw, b_ih, b_hh, cell, grad_hidden, grad_cell, dgates,
-                               grad_cell_prev, M, n_p, D, **meta)
+        _lstm_bwd_kernel[grid](xhat, w_hh, gate_bias, cell, grad_hidden, grad_cell, dgates,
+                               grad_cell_prev, M, M if batched else n_p, D, **meta)
         # Products on cuBLAS (each is a plain GEMM with no epilogue worth fusing).
         dxhat = torch.mm(dgates, w_hh)                                        # (B*Np, D)
         grad_w_hh = torch.mm(dgates.t(), xhat.view(M, D))                     # (4D, D)
-        dpg = dgates.view(B, n_p, 4 * D).sum(0, dtype=acc_torch)              # (Np, 4D) fp32
-        db = dpg.sum(0)                                                       # (4D,)
-        grad_b_ih = db.to(w, copy=True)
-        grad_b_hh = db.to(w, copy=True)
-        dpg_w = dpg.to(w)
-        grad_prompt = torch.mm(dpg_w, w_ih)                                   # (Np, D)
-        grad_w_ih = torch.mm(dpg_w.t(), prompt)                               # (4D, D)
+        if batched:
+            grad_gate_bias = dgates.view(B, n_p, 4 * D)
+        else:   # batch sum, accumulated in ACC (torch's reduction), written in W
+            grad_gate_bias = dgates.view(B, n_p, 4 * D).sum(0)
         cfg = ROW_CONFIGS[row_config_name(D)]
         grid_t = (B, triton.cdiv(D, cfg.BLOCK_D), triton.cdiv(T, cfg.BLOCK_T))
         _grad_tokens_kernel[grid_t](dxhat, grad_tokens, k, n_p, T - k - n_p, T, D, ACC=acc_tl,
                                     BLOCK_T=cfg.BLOCK_T, BLOCK_D=cfg.BLOCK_D,
                                     num_warps=cfg.num_warps, num_stages=1, enable_fp_fusion=True)
-    return grad_tokens, grad_cell_prev, grad_prompt, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
+    return grad_tokens, grad_cell_prev, grad_gate_bias, grad_w_hh

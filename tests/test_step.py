@@ -1,6 +1,6 @@
 """The fused LSPT step (lspt_kernels.lspt_step / torch.ops.lspt.step_fwd, step_bwd) on every backend.
 
-Each backend is compared with the pure-PyTorch `step_reference` and with torch.nn.LSTMCell on the
+Each backend is compared with the pure-PyTorch `step_reference` (the "eager" backend) and with torch.nn.LSTMCell on the
 same inputs and upstream gradients: forward (hidden, new_cell) and all seven gradients. A backend
 that cannot run here is skipped with the reason from `unavailable_reason`, never reported as passed.
 "triton" runs on a GPU, or on the CPU under TRITON_INTERPRET=1 (tests/conftest.py sets it when no
@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lspt_kernels import ops
-from lspt_kernels.ops import lspt_step, step_reference
+from lspt_kernels.ops import gate_bias_rows, lspt_step, step_eager, step_reference
 
-BACKENDS = ["reference", "cpu", "triton", "cuda"]
+BACKENDS = ["eager", "cpu", "triton", "cuda"]
 FUSED = ["cpu", "triton", "cuda"]
 HAS_CUDA = torch.cuda.is_available()
 TRITON_INTERPRETED = not HAS_CUDA and os.environ.get("TRITON_INTERPRET") == "1"
@@ -50,7 +50,7 @@ def require(backend: str, dtype: torch.dtype | None = None) -> str:
         pytest.skip("triton backend: needs a GPU or TRITON_INTERPRET=1")
     if backend == "triton" and TRITON_INTERPRETED and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter has no bf16 arithmetic (tested on a GPU)")
-    if backend != "reference":
+    if backend != "eager":
         why = ops.unavailable_reason(backend)
         if why is not None:
             pytest.skip(f"{backend} backend unavailable: {why}")
@@ -239,8 +239,10 @@ def test_kernel_reads_strided_tokens_in_place(backend):
     shape = ODD
     tokens = _strided_tokens("slice-T", shape, device).detach()
     _, cell, *params = (t.detach() for t in make_inputs(shape, device=device))
-    got = torch.ops.lspt.step_fwd(tokens, cell, *params, shape[4], backend)
-    want = torch.ops.lspt.step_fwd(tokens.contiguous(), cell, *params, shape[4], backend)
+    prompt, w_ih, w_hh, b_ih, b_hh = params
+    gb = gate_bias_rows(prompt, w_ih, b_ih, b_hh)
+    got = torch.ops.lspt.step_fwd(tokens, cell, gb, w_hh, shape[4], True, backend)
+    want = torch.ops.lspt.step_fwd(tokens.contiguous(), cell, gb, w_hh, shape[4], True, backend)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
 
@@ -292,27 +294,74 @@ def test_gradcheck_fp64(backend):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=interpreted)
 
 
-def _fwd_args(backend, device, requires_grad=True):
-    inputs = make_inputs(TINY, device=device)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_fp64_per_image_gate_bias(backend):
+    """fp64 gradcheck of the step from per-image (B, Np, 4D) gate-bias rows (prompt dropout)."""
+    device = require(backend, torch.float64)
+    interpreted = backend == "triton" and TRITON_INTERPRETED
+    B, n_p, N, D, k = (2, 2, 3, 4, 1)
+    g = torch.Generator().manual_seed(0)
+
+    def t(*size, s=1.0):
+        return (torch.randn(*size, generator=g, dtype=torch.float64) * s).to(device).requires_grad_()
+
+    inputs = (t(B, k + n_p + N, D), t(B, n_p, D), t(B, n_p, 4 * D, s=0.5), t(4 * D, D, s=0.5))
+
+    def f(tokens, cell, gb, w_hh):
+        return ops.fused_step(tokens, cell, gb, w_hh, k, backend)
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=interpreted)
+
+
+def _fwd_args(backend, device, requires_grad=True, per_image=False):
+    """(tokens, cell, gate_bias, w_hh, k, save_gates, backend) for torch.ops.lspt.step_fwd."""
+    tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh = make_inputs(TINY, device=device)
+    if per_image:   # per-image prompt rows (prompt dropout): (B, Np, 4D) gate bias
+        prompt = prompt * torch.rand(TINY[0], *prompt.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    with torch.no_grad():
+        gb = gate_bias_rows(prompt, w_ih, b_ih, b_hh)
+    inputs = (tokens, cell, gb.requires_grad_(), w_hh)
     if not requires_grad:
         inputs = tuple(t.detach() for t in inputs)
-    return (*inputs, TINY[4], backend)
+    return (*inputs, TINY[4], True, backend)
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_opcheck_step_fwd(backend):
+@pytest.mark.parametrize("per_image", [False, True], ids=["shared-rows", "per-image-rows"])
+def test_opcheck_step_fwd(backend, per_image):
     device = require(backend)
-    torch.library.opcheck(torch.ops.lspt.step_fwd, _fwd_args(backend, device))
+    torch.library.opcheck(torch.ops.lspt.step_fwd, _fwd_args(backend, device, per_image=per_image))
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_opcheck_step_bwd(backend):
+@pytest.mark.parametrize("per_image", [False, True], ids=["shared-rows", "per-image-rows"])
+def test_opcheck_step_bwd(backend, per_image):
     device = require(backend)
-    tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh, k, _ = _fwd_args(backend, device, requires_grad=False)
-    _, _, xhat = torch.ops.lspt.step_fwd(tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh, k, backend)
+    tokens, cell, gb, w_hh, k, save, _ = _fwd_args(backend, device, requires_grad=False, per_image=per_image)
+    _, _, xhat, gates = torch.ops.lspt.step_fwd(tokens, cell, gb, w_hh, k, save, backend)
     gh, gc = upstream(TINY, torch.float32, torch.float32, device)
     torch.library.opcheck(torch.ops.lspt.step_bwd,
-                          (gh, gc, xhat, cell, prompt, w_ih, w_hh, b_ih, b_hh, k, tokens.shape[1], backend))
+                          (gh, gc, xhat, cell, gb, w_hh, gates, k, tokens.shape[1], backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [TINY, ODD], ids=["tiny", "odd"])
+def test_per_image_gate_bias(backend, shape):
+    """Per-image gate bias rows (B, Np, 4D), as prompt dropout makes them: forward and all gradients
+    match the eager step on the same rows (the shared (Np, 4D) case is what lspt_step runs)."""
+    device = require(backend)
+    B, n_p, N, D, k = shape
+    tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh = make_inputs(shape, device=device)
+    mask = (torch.rand(B, n_p, D, generator=torch.Generator().manual_seed(5)) > 0.3).to(device) / 0.7
+    grads = upstream(shape, torch.float32, torch.float32, device)
+    params = (tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh)
+    out = []
+    for name in (backend, "eager"):
+        gb = gate_bias_rows(prompt * mask, w_ih, b_ih, b_hh)                  # (B, Np, 4D)
+        assert gb.shape == (B, n_p, 4 * D)
+        h, c = ops.fused_step(tokens, cell, gb, w_hh, k, name)
+        out.append([h, c, *torch.autograd.grad((h, c), params, grads)])
+    assert_step_close(out[0], out[1], torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,15 +384,26 @@ def saved_bytes(step, inputs, k):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_saves_only_xhat_for_backward(backend):
+def test_saves_less_than_eager_for_backward(backend):
+    """GPU backends keep only Xhat_SP (they recompute the gates); the cpu backend also keeps the
+    activated gates (4D fp32 values per row, ops.SAVES_GATES) and not the gate bias, still less
+    than eager autograd."""
     device = require(backend)
     shape = ODD
     B, n_p, _, D, k = shape
     inputs = make_inputs(shape, device=device)
     eager, _ = saved_bytes(reference, inputs, k)
     fused_bytes, _ = saved_bytes(fused(backend), inputs, k)
-    assert fused_bytes == B * n_p * D * 4, f"{backend} saved {fused_bytes} B, expected only Xhat_SP"
+    # GPU backends: Xhat_SP and the gate bias rows lspt_step computed (to recompute the gates);
+    # the cpu backend: Xhat_SP and the activated gates.
+    saves_gates = backend in ops.SAVES_GATES
+    expected = B * n_p * D * 4 + (B * n_p * 4 * D * 4 if saves_gates else n_p * 4 * D * 4)
+    assert fused_bytes == expected, f"{backend} saved {fused_bytes} B, expected {expected} B"
     assert fused_bytes < eager, f"{backend} saved {fused_bytes} B, eager autograd {eager} B"
+    with torch.no_grad():   # nothing saved, and no gates written, when no gradient is needed
+        *_, gates = torch.ops.lspt.step_fwd(inputs[0], inputs[1], gate_bias_rows(*inputs[2:4], *inputs[5:]),
+                                            inputs[4], k, False, backend)
+    assert gates.numel() == 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -386,6 +446,53 @@ def test_unknown_backend():
         lspt_step(*_good(), backend="nope")
 
 
+@pytest.mark.parametrize("per_image", [False, True], ids=["shared-rows", "per-image-rows"])
+def test_cpu_backward_recomputing_the_gates(monkeypatch, per_image):
+    """The cpu backend's other backward (ops.SAVES_GATES without "cpu": recompute the gates from
+    Xhat_SP, as the GPU backends do) matches eager too."""
+    require("cpu")
+    monkeypatch.setattr(ops, "SAVES_GATES", ())
+    shape = ODD
+    B, n_p, N, D, k = shape
+    tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh = make_inputs(shape)
+    if per_image:
+        prompt = prompt * torch.rand(B, n_p, D, generator=torch.Generator().manual_seed(9))
+    grads = upstream(shape, torch.float32, torch.float32, "cpu")
+    params = (tokens, cell, w_ih, w_hh, b_ih, b_hh)
+    out = []
+    for name in ("cpu", "eager"):
+        gb = gate_bias_rows(prompt, w_ih, b_ih, b_hh)
+        h, c = ops.fused_step(tokens, cell, gb, w_hh, k, name)
+        out.append([h, c, *torch.autograd.grad((h, c), params, grads)])
+    *_, gates = torch.ops.lspt.step_fwd(tokens.detach(), cell.detach(), gb.detach(), w_hh.detach(), k, True, "cpu")
+    assert gates.numel() == 0
+    for g, w in zip(*out):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_is_an_alias_of_eager():
+    a = lspt_step(*_good(), backend="reference")
+    b = lspt_step(*_good(), backend="eager")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert ops.resolve_backend("reference", torch.device("cpu")) == "eager"
+
+
+def test_op_refuses_unknown_backend():
+    """A direct op call names the choices (issue 13, item 10), not a bare KeyError."""
+    tokens, cell, gb, w_hh, k, save, _ = _fwd_args("cpu", "cpu", requires_grad=False)
+    for name in ("nonsense", "eager", "auto"):
+        with pytest.raises(ValueError, match=r"lspt::step_fwd: backend must be one of \('cpu', 'triton', 'cuda'\).*" + repr(name)):
+            torch.ops.lspt.step_fwd(tokens, cell, gb, w_hh, k, save, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bool_num_prefix_tokens_refused(backend):
+    """num_prefix_tokens=True is not 1: one rule (in the one input check) for every backend."""
+    device = require(backend)
+    with pytest.raises(ValueError, match=r"num_prefix_tokens must be an int >= 0 \(not a bool\), got True"):
+        lspt_step(*_good(device), num_prefix_tokens=True, backend=backend)
+
+
 def test_unavailable_backend(monkeypatch):
     monkeypatch.delitem(ops._KERNELS, "cpu", raising=False)
     monkeypatch.setitem(ops._UNAVAILABLE, "cpu", "RuntimeError: no C++ compiler")
@@ -409,24 +516,29 @@ def test_kernel_checks(backend):
     tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh = _good(device)
     fwd = ops._KERNELS[backend].forward
     bwd = ops._KERNELS[backend].backward
+    gb = gate_bias_rows(prompt, w_ih, b_ih, b_hh)
     with pytest.raises((RuntimeError, ValueError), match="cell"):
-        fwd(tokens, cell[:, :-1].contiguous(), prompt, w_ih, w_hh, b_ih, b_hh, k)
+        fwd(tokens, cell[:, :, :-1].contiguous(), gb, w_hh, k, True)
     with pytest.raises((RuntimeError, ValueError), match="w_hh|weight"):
-        fwd(tokens, cell, prompt, w_ih, w_hh[:-1], b_ih, b_hh, k)
+        fwd(tokens, cell, gb, w_hh[:-1], k, True)
+    with pytest.raises((RuntimeError, ValueError), match="gate_bias"):
+        fwd(tokens, cell, gb[:-1], w_hh, k, True)
     with pytest.raises((RuntimeError, ValueError), match="patch"):
-        fwd(tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh, N + 1)
+        fwd(tokens, cell, gb, w_hh, N + 1, True)
     with pytest.raises((RuntimeError, ValueError), match="stride"):
-        fwd(tokens.transpose(1, 2).contiguous().transpose(1, 2), cell, prompt, w_ih, w_hh, b_ih, b_hh, k)
+        fwd(tokens.transpose(1, 2).contiguous().transpose(1, 2), cell, gb, w_hh, k, True)
     with pytest.raises((RuntimeError, TypeError), match="tokens"):
-        fwd(tokens.double(), cell.double(), prompt, w_ih, w_hh, b_ih, b_hh, k)
-    hidden, new_cell, xhat = fwd(tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh, k)
+        fwd(tokens.double(), cell.double(), gb, w_hh, k, True)
+    hidden, new_cell, xhat, gates = fwd(tokens, cell, gb, w_hh, k, True)
     with pytest.raises((RuntimeError, ValueError), match="patch"):
-        bwd(hidden, new_cell, xhat, cell, prompt, w_ih, w_hh, b_ih, b_hh, k, k + n_p)
+        bwd(hidden, new_cell, xhat, cell, gb, w_hh, gates, k, k + n_p)
     with pytest.raises((RuntimeError, ValueError), match="grad_cell"):
-        bwd(hidden, new_cell[:1], xhat, cell, prompt, w_ih, w_hh, b_ih, b_hh, k, T)
+        bwd(hidden, new_cell[:1], xhat, cell, gb, w_hh, gates, k, T)
     if backend == "cpu":
         with pytest.raises(RuntimeError, match="cell must be a CPU tensor"):
-            fwd(tokens, cell.to("meta"), prompt, w_ih, w_hh, b_ih, b_hh, k)
+            fwd(tokens, cell.to("meta"), gb, w_hh, k, True)
+        with pytest.raises(RuntimeError, match="gates"):
+            bwd(hidden, new_cell, xhat, cell, gb, w_hh, gates[:1], k, T)
 
 
 # ------------------------------------------------------------------------------------------------

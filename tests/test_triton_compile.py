@@ -90,7 +90,7 @@ def _cases() -> list[dict]:
 def _ptr_dtypes(kind, combo):
     tok, cell, w = combo
     if kind == "gemm":
-        return dict(xhat_ptr=w, w_ptr=w, pw_ptr=w, bih_ptr=w, bhh_ptr=w, dgates_ptr=w,
+        return dict(xhat_ptr=w, w_ptr=w, gb_ptr=w, dgates_ptr=w,
                     cell_ptr=cell, ncell_ptr=cell, gc_ptr=cell, gcell_ptr=cell, hid_ptr=tok, gh_ptr=tok)
     return dict(tok_ptr=tok, xhat_ptr=w, dx_ptr=w, out_ptr=tok)
 

@@ -1,12 +1,19 @@
 // Fused LSPT step on the CPU.
 //
+// The batch-independent half of the gates, gate_bias = P W_ih^T + b_ih + b_hh ((Np, 4D), or
+// (B, Np, 4D) under per-image prompt dropout), comes in precomputed (the encoder does it for every
+// step with one GEMM per forward). Per step:
 // Forward:  xhat = prompt rows + patch mean      (pass 1, one sweep over the patch tokens)
 //           then per block of whole images:
-//             gates = xhat W_hh^T                (ATen GEMM, the only large product)
-//             hidden, new_cell = LSTM cell(gates + Pg)   (pass 2, over the block's rows)
-// Backward: gates recomputed (one GEMM), one fused pass producing dgates (in place over the
-//           recomputed gates), dcell_prev and dPg (the batch sum of dgates), the GEMMs, and one
-//           pass writing grad_tokens.
+//             G = xhat W_hh^T                    (ATen GEMM, the only large product)
+//             hidden, new_cell = LSTM cell(G + gate_bias)   (pass 2, over the block's rows); with
+//             save_gates it also stores the activated gates i, f, g, o (fp32) for backward
+// Backward: with saved gates no GEMM is recomputed (without them: G again, one GEMM); one fused
+//           pass producing dgates, dcell_prev and d gate_bias (the batch sum of dgates, or dgates
+//           itself for per-image rows), the two GEMMs (dxhat, dW_hh), and one pass writing
+//           grad_tokens. Saving the gates (4D fp32 values per row) keeps less than eager autograd
+//           (which saves the four activations, tanh(c), the cell and xhat) and removes the
+//           recompute GEMM that made the fused backward slower than eager (issue 9, item 7).
 //
 // The gate math is written as plain loops over contiguous columns with call-free exp/tanh so
 // that the compiler vectorises them without architecture flags (-march=native measured within noise:
@@ -24,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // The row loops stream up to a dozen arrays; GCC only honours __restrict__ on parameters and gives
@@ -204,12 +212,15 @@ void mean_add_prompts(const tok_t* tokens, int64_t sB, int64_t sT, int64_t B, in
 }
 
 // ------------------------------------------------------------------------------------------------
-// Pass 2 (forward): gates (rows, 4D) from the GEMM plus pg (Np, 4D, bias included) -> hidden,
-// new_cell. The rows start at an image boundary, so row r holds prompt r % Np.
+// Pass 2 (forward): G (rows, 4D) from the GEMM plus the gate bias rows -> hidden, new_cell and, when
+// SAVE, the activated gates (rows, 4D) in the accumulation dtype. Row r uses gate-bias row
+// r % period: period = Np for (Np, 4D) rows (the block starts at an image boundary), or the block's
+// row count for per-image rows (gb then points at the block's first row).
 // ------------------------------------------------------------------------------------------------
-template <typename tok_t, typename cell_t, typename w_t>
-void lstm_cell_forward(const w_t* gates, const acc_type<tok_t>* pg, const cell_t* cell,
-                       tok_t* hidden, cell_t* new_cell, int64_t rows, int64_t Np, int64_t D) {
+template <bool SAVE, typename tok_t, typename cell_t, typename w_t>
+void lstm_cell_forward(const w_t* gates, const w_t* gb, int64_t period, const cell_t* cell,
+                       tok_t* hidden, cell_t* new_cell, acc_type<tok_t>* act, int64_t rows,
+                       int64_t D) {
   using acc_t = acc_type<tok_t>;
   using M = Math<acc_t>;
   at::parallel_for(0, rows, grain_for(8 * D), [&](int64_t begin, int64_t end) {
@@ -218,36 +229,46 @@ void lstm_cell_forward(const w_t* gates, const acc_type<tok_t>* pg, const cell_t
       const w_t* __restrict__ gf = gi + D;
       const w_t* __restrict__ gg = gi + 2 * D;
       const w_t* __restrict__ go = gi + 3 * D;
-      const acc_t* __restrict__ pi = pg + (r % Np) * 4 * D;
-      const acc_t* __restrict__ pf = pi + D;
-      const acc_t* __restrict__ pgg = pi + 2 * D;
-      const acc_t* __restrict__ po = pi + 3 * D;
+      const w_t* __restrict__ pi = gb + (r % period) * 4 * D;
+      const w_t* __restrict__ pf = pi + D;
+      const w_t* __restrict__ pgg = pi + 2 * D;
+      const w_t* __restrict__ po = pi + 3 * D;
       const cell_t* __restrict__ c = cell + r * D;
       tok_t* __restrict__ h = hidden + r * D;
       cell_t* __restrict__ nc = new_cell + r * D;
+      acc_t* __restrict__ ai = SAVE ? act + r * 4 * D : nullptr;
       LSPT_IVDEP
       for (int64_t j = 0; j < D; ++j) {
-        const acc_t i = M::sigmoid(static_cast<acc_t>(gi[j]) + pi[j]);
-        const acc_t f = M::sigmoid(static_cast<acc_t>(gf[j]) + pf[j]);
-        const acc_t g = M::tanh(static_cast<acc_t>(gg[j]) + pgg[j]);
-        const acc_t o = M::sigmoid(static_cast<acc_t>(go[j]) + po[j]);
+        const acc_t i = M::sigmoid(static_cast<acc_t>(gi[j]) + static_cast<acc_t>(pi[j]));
+        const acc_t f = M::sigmoid(static_cast<acc_t>(gf[j]) + static_cast<acc_t>(pf[j]));
+        const acc_t g = M::tanh(static_cast<acc_t>(gg[j]) + static_cast<acc_t>(pgg[j]));
+        const acc_t o = M::sigmoid(static_cast<acc_t>(go[j]) + static_cast<acc_t>(po[j]));
         const acc_t c2 = f * static_cast<acc_t>(c[j]) + i * g;
         nc[j] = static_cast<cell_t>(c2);
         h[j] = static_cast<tok_t>(o * M::tanh(c2));
+        if constexpr (SAVE) {
+          ai[j] = i;
+          ai[D + j] = f;
+          ai[2 * D + j] = g;
+          ai[3 * D + j] = o;
+        }
       }
     }
   });
 }
 
 // ------------------------------------------------------------------------------------------------
-// Backward pass A: recomputed gates -> dgates (written over the gates, same layout), dcell_prev,
-// and dpg[p] = sum_b dgates[b,p]. Items are (p, column chunk) so each thread owns its dpg slice and
-// the batch sum needs no atomics or second pass.
+// Backward pass A: the gates (SAVED: the activated gates from forward; else the recomputed G plus
+// the gate bias, read from `pre`, which may be the `dgates` buffer itself: each column's four gates
+// are read before its four dgates are stored) -> dgates (rows, 4D) in W, dcell_prev and, when dpg
+// is not null, dpg[p] = sum_b dgates[b,p] in the accumulation dtype. Items are (p, column chunk)
+// so each thread owns its dpg slice and the batch sum needs no atomics or second pass.
 // ------------------------------------------------------------------------------------------------
-template <typename tok_t, typename cell_t, typename w_t>
-void lstm_cell_backward(w_t* gates, const acc_type<tok_t>* pg, const cell_t* cell,
-                        const tok_t* grad_hidden, const cell_t* grad_cell, cell_t* grad_cell_prev,
-                        acc_type<tok_t>* dpg, int64_t B, int64_t Np, int64_t D) {
+template <bool SAVED, typename tok_t, typename cell_t, typename w_t>
+void lstm_cell_backward(const w_t* pre, const acc_type<tok_t>* act, const w_t* gb, int64_t period,
+                        const cell_t* cell, const tok_t* grad_hidden, const cell_t* grad_cell,
+                        cell_t* grad_cell_prev, w_t* dgates, acc_type<tok_t>* dpg, int64_t B,
+                        int64_t Np, int64_t D) {
   using acc_t = acc_type<tok_t>;
   using M = Math<acc_t>;
   const int64_t chunk = column_chunk(D, Np);
@@ -262,28 +283,30 @@ void lstm_cell_backward(w_t* gates, const acc_type<tok_t>* pg, const cell_t* cel
       acc_t* __restrict__ sg = si + 2 * chunk;
       acc_t* __restrict__ so = si + 3 * chunk;
       std::fill(sums.begin(), sums.end(), acc_t(0));
-      const acc_t* __restrict__ pi = pg + p * 4 * D + d0;
-      const acc_t* __restrict__ pf = pi + D;
-      const acc_t* __restrict__ pgg = pi + 2 * D;
-      const acc_t* __restrict__ po = pi + 3 * D;
       for (int64_t b = 0; b < B; ++b) {
         const int64_t r = b * Np + p;
-        // Read and written in place: each column's four gates are read before its four dgates
-        // are stored, so no restrict here.
-        w_t* gi = gates + r * 4 * D + d0;
-        w_t* gf = gi + D;
-        w_t* gg = gi + 2 * D;
-        w_t* go = gi + 3 * D;
+        const w_t* gi = pre + r * 4 * D + d0;
+        const w_t* __restrict__ pi = gb + (r % period) * 4 * D + d0;
+        const acc_t* __restrict__ ai = SAVED ? act + r * 4 * D + d0 : nullptr;
+        w_t* di = dgates + r * 4 * D + d0;
         const cell_t* __restrict__ c = cell + r * D + d0;
         const tok_t* __restrict__ dh = grad_hidden + r * D + d0;
         const cell_t* __restrict__ dc2 = grad_cell + r * D + d0;
         cell_t* __restrict__ dcp = grad_cell_prev + r * D + d0;
         LSPT_IVDEP
         for (int64_t j = 0; j < len; ++j) {
-          const acc_t i = M::sigmoid(static_cast<acc_t>(gi[j]) + pi[j]);
-          const acc_t f = M::sigmoid(static_cast<acc_t>(gf[j]) + pf[j]);
-          const acc_t g = M::tanh(static_cast<acc_t>(gg[j]) + pgg[j]);
-          const acc_t o = M::sigmoid(static_cast<acc_t>(go[j]) + po[j]);
+          acc_t i, f, g, o;
+          if constexpr (SAVED) {
+            i = ai[j];
+            f = ai[D + j];
+            g = ai[2 * D + j];
+            o = ai[3 * D + j];
+          } else {
+            i = M::sigmoid(static_cast<acc_t>(gi[j]) + static_cast<acc_t>(pi[j]));
+            f = M::sigmoid(static_cast<acc_t>(gi[D + j]) + static_cast<acc_t>(pi[D + j]));
+            g = M::tanh(static_cast<acc_t>(gi[2 * D + j]) + static_cast<acc_t>(pi[2 * D + j]));
+            o = M::sigmoid(static_cast<acc_t>(gi[3 * D + j]) + static_cast<acc_t>(pi[3 * D + j]));
+          }
           const acc_t cp = static_cast<acc_t>(c[j]);
           const acc_t tc = M::tanh(f * cp + i * g);
           const acc_t dhj = static_cast<acc_t>(dh[j]);
@@ -293,18 +316,20 @@ void lstm_cell_backward(w_t* gates, const acc_type<tok_t>* pg, const cell_t* cel
           const acc_t dgg = dc * i * (acc_t(1) - g * g);
           const acc_t dgo = dhj * tc * o * (acc_t(1) - o);
           dcp[j] = static_cast<cell_t>(dc * f);
-          gi[j] = static_cast<w_t>(dgi);
-          gf[j] = static_cast<w_t>(dgf);
-          gg[j] = static_cast<w_t>(dgg);
-          go[j] = static_cast<w_t>(dgo);
+          di[j] = static_cast<w_t>(dgi);
+          di[D + j] = static_cast<w_t>(dgf);
+          di[2 * D + j] = static_cast<w_t>(dgg);
+          di[3 * D + j] = static_cast<w_t>(dgo);
           si[j] += dgi;
           sf[j] += dgf;
           sg[j] += dgg;
           so[j] += dgo;
         }
       }
-      acc_t* out = dpg + p * 4 * D + d0;
-      for (int64_t q = 0; q < 4; ++q) std::copy(si + q * chunk, si + q * chunk + len, out + q * D);
+      if (dpg != nullptr) {
+        acc_t* out = dpg + p * 4 * D + d0;
+        for (int64_t q = 0; q < 4; ++q) std::copy(si + q * chunk, si + q * chunk + len, out + q * D);
+      }
     }
   });
 }
@@ -369,27 +394,22 @@ void check_shape(const char* fn, const char* name, const Tensor& t, at::IntArray
   TORCH_CHECK(t.sizes() == shape, fn, ": ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
-// Parameters (prompt, weights, biases) share one dtype W; returns it.
-ScalarType check_params(const char* fn, const Tensor& prompt, const Tensor& w_ih,
-                        const Tensor& w_hh, const Tensor& b_ih, const Tensor& b_hh, int64_t D) {
-  check_cpu(fn, "prompt", prompt);
-  check_cpu(fn, "w_ih", w_ih);
+// gate_bias ((Np, 4D) or (B, Np, 4D)) and w_hh (4D, D) share one dtype W; returns it and whether
+// the gate bias has one row set per image.
+std::pair<ScalarType, bool> check_params(const char* fn, const Tensor& gate_bias, const Tensor& w_hh,
+                                         int64_t B, int64_t Np, int64_t D) {
+  check_cpu(fn, "gate_bias", gate_bias);
   check_cpu(fn, "w_hh", w_hh);
-  check_cpu(fn, "b_ih", b_ih);
-  check_cpu(fn, "b_hh", b_hh);
-  TORCH_CHECK(prompt.dim() == 2 && prompt.size(1) == D && prompt.size(0) >= 1, fn,
-              ": prompt must be (Np, D) with Np >= 1 and D = ", D, ", got ", prompt.sizes());
-  check_shape(fn, "w_ih", w_ih, {4 * D, D});
   check_shape(fn, "w_hh", w_hh, {4 * D, D});
-  check_shape(fn, "b_ih", b_ih, {4 * D});
-  check_shape(fn, "b_hh", b_hh, {4 * D});
+  const bool batched = gate_bias.dim() == 3;
+  TORCH_CHECK(gate_bias.sizes() == at::IntArrayRef({Np, 4 * D}) ||
+                  gate_bias.sizes() == at::IntArrayRef({B, Np, 4 * D}),
+              fn, ": gate_bias must be (Np, 4D) = (", Np, ", ", 4 * D, ") or (B, Np, 4D) = (", B, ", ",
+              Np, ", ", 4 * D, "), got ", gate_bias.sizes());
   const ScalarType w = w_hh.scalar_type();
-  TORCH_CHECK(prompt.scalar_type() == w && w_ih.scalar_type() == w && b_ih.scalar_type() == w &&
-                  b_hh.scalar_type() == w,
-              fn, ": prompt, w_ih, w_hh, b_ih and b_hh must share one dtype, got ",
-              prompt.scalar_type(), ", ", w_ih.scalar_type(), ", ", w, ", ", b_ih.scalar_type(),
-              ", ", b_hh.scalar_type());
-  return w;
+  TORCH_CHECK(gate_bias.scalar_type() == w, fn, ": gate_bias (", gate_bias.scalar_type(),
+              ") and w_hh (", w, ") must share one dtype");
+  return {w, batched};
 }
 
 // tokens-side dtype is W, or fp32 with low-precision W (autocast); the cell is that or fp32.
@@ -400,15 +420,6 @@ void check_activation_dtypes(const char* fn, const char* tok_name, ScalarType to
               "), or be float32 with float16/bfloat16 weights");
   TORCH_CHECK(cell == tok || cell == ScalarType::Float, fn, ": ", cell_name, " (", cell,
               ") must be ", tok, " (like ", tok_name, ") or float32");
-}
-
-// pg = prompt W_ih^T + b_ih + b_hh in the gate-math dtype: batch independent, computed once per
-// call and re-read from cache by every image's rows.
-Tensor prompt_gates(const Tensor& prompt, const Tensor& w_ih, const Tensor& b_ih,
-                    const Tensor& b_hh, ScalarType acc) {
-  Tensor pg = at::addmm(b_ih, prompt, w_ih.t()).to(acc);
-  pg.add_(b_hh);
-  return pg.contiguous();
 }
 
 // `weight` as the right operand of a GEMM. ATen runs bf16/fp16 GEMMs on CPUs without native
@@ -434,32 +445,37 @@ ScalarType acc_dtype(ScalarType tok) {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor> cpu_forward(const Tensor& tokens, const Tensor& cell_in,
-                                               const Tensor& prompt, const Tensor& w_ih,
-                                               const Tensor& w_hh, const Tensor& b_ih,
-                                               const Tensor& b_hh, int64_t k) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(const Tensor& tokens, const Tensor& cell_in,
+                                                       const Tensor& gate_bias_in, const Tensor& w_hh_in,
+                                                       int64_t k, bool save_gates) {
   constexpr const char* fn = "lspt cpu_forward";
   check_cpu(fn, "tokens", tokens);
   check_cpu(fn, "cell", cell_in);
   TORCH_CHECK(tokens.dim() == 3, fn, ": tokens must be (B, T, D), got ", tokens.sizes());
   const int64_t B = tokens.size(0), T = tokens.size(1), D = tokens.size(2);
-  const ScalarType w = check_params(fn, prompt, w_ih, w_hh, b_ih, b_hh, D);
-  const int64_t Np = prompt.size(0);
+  TORCH_CHECK(cell_in.dim() == 3 && cell_in.size(0) == B && cell_in.size(2) == D && cell_in.size(1) >= 1,
+              fn, ": cell must be (B, Np, D) with B = ", B, ", D = ", D, " (from tokens) and Np >= 1, got ",
+              cell_in.sizes());
+  const int64_t Np = cell_in.size(1);
+  const auto [w, batched] = check_params(fn, gate_bias_in, w_hh_in, B, Np, D);
   TORCH_CHECK(k >= 0, fn, ": num_prefix_tokens k must be >= 0, got ", k);
   TORCH_CHECK(k + Np < T, fn, ": tokens has T = ", T, " but k + Np = ", k, " + ", Np,
               " leaves no patch token");
   TORCH_CHECK(tokens.stride(2) == 1 || D <= 1, fn,
               ": tokens must have stride(-1) == 1, got strides ", tokens.strides());
-  check_shape(fn, "cell", cell_in, {B, Np, D});
   check_activation_dtypes(fn, "tokens", tokens.scalar_type(), "cell", cell_in.scalar_type(), w);
 
+  // No copies for the encoder's tensors (contiguous by construction); a direct call may pass views.
   const Tensor cell = cell_in.contiguous();
+  const Tensor gate_bias = gate_bias_in.contiguous();
+  const Tensor w_hh = w_hh_in.contiguous();
   const ScalarType acc = acc_dtype(tokens.scalar_type());
   const int64_t N = T - k - Np;
   Tensor xhat = at::empty({B, Np, D}, w_hh.options());
   Tensor hidden = at::empty({B, Np, D}, tokens.options());
   Tensor new_cell = at::empty({B, Np, D}, cell.options());
-  const Tensor pg = prompt_gates(prompt, w_ih, b_ih, b_hh, acc);
+  Tensor act = save_gates ? at::empty({B, Np, 4 * D}, tokens.options().dtype(acc))
+                          : at::empty({0}, tokens.options().dtype(acc));
 
   dispatch_dtypes(w, tokens.scalar_type(), cell.scalar_type(), [&](auto wt, auto tt, auto ct) {
     using w_t = typename decltype(wt)::type;
@@ -474,23 +490,33 @@ std::tuple<Tensor, Tensor, Tensor> cpu_forward(const Tensor& tokens, const Tenso
     const int64_t images = images_per_gemm_block(B, Np);
     Tensor gates = at::empty({std::min(B, images) * Np, 4 * D}, w_hh.options());
     const Tensor xhat2d = xhat.view({B * Np, D});
+    const w_t* gb = gate_bias.data_ptr<w_t>();
+    acc_t* act_ptr = save_gates ? act.data_ptr<acc_t>() : nullptr;
     for (int64_t b0 = 0; b0 < B; b0 += images) {
       const int64_t rows = std::min(images, B - b0) * Np;
       Tensor block = gates.narrow(0, 0, rows);
       at::mm_out(block, xhat2d.narrow(0, b0 * Np, rows), w_hh.t());
-      lstm_cell_forward<tok_t, cell_t, w_t>(
-          block.data_ptr<w_t>(), pg.data_ptr<acc_t>(), cell.data_ptr<cell_t>() + b0 * Np * D,
-          hidden.data_ptr<tok_t>() + b0 * Np * D, new_cell.data_ptr<cell_t>() + b0 * Np * D, rows,
-          Np, D);
+      const w_t* gb_block = batched ? gb + b0 * Np * 4 * D : gb;
+      const int64_t period = batched ? rows : Np;
+      const int64_t off = b0 * Np * D;
+      if (save_gates) {
+        lstm_cell_forward<true, tok_t, cell_t, w_t>(
+            block.data_ptr<w_t>(), gb_block, period, cell.data_ptr<cell_t>() + off,
+            hidden.data_ptr<tok_t>() + off, new_cell.data_ptr<cell_t>() + off, act_ptr + 4 * off, rows, D);
+      } else {
+        lstm_cell_forward<false, tok_t, cell_t, w_t>(
+            block.data_ptr<w_t>(), gb_block, period, cell.data_ptr<cell_t>() + off,
+            hidden.data_ptr<tok_t>() + off, new_cell.data_ptr<cell_t>() + off, nullptr, rows, D);
+      }
     }
   });
-  return {hidden, new_cell, xhat};
+  return {hidden, new_cell, xhat, act};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_backward(
     const Tensor& grad_hidden_in, const Tensor& grad_cell_in, const Tensor& xhat_in,
-    const Tensor& cell_in, const Tensor& prompt, const Tensor& w_ih, const Tensor& w_hh,
-    const Tensor& b_ih, const Tensor& b_hh, int64_t k, int64_t num_tokens) {
+    const Tensor& cell_in, const Tensor& gate_bias_in, const Tensor& w_hh_in, const Tensor& gates_in,
+    int64_t k, int64_t num_tokens) {
   constexpr const char* fn = "lspt cpu_backward";
   check_cpu(fn, "grad_hidden", grad_hidden_in);
   check_cpu(fn, "grad_cell", grad_cell_in);
@@ -499,8 +525,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_backward(
   TORCH_CHECK(xhat_in.dim() == 3, fn, ": xhat must be (B, Np, D), got ", xhat_in.sizes());
   const int64_t B = xhat_in.size(0), Np = xhat_in.size(1), D = xhat_in.size(2);
   const int64_t T = num_tokens;
-  const ScalarType w = check_params(fn, prompt, w_ih, w_hh, b_ih, b_hh, D);
-  TORCH_CHECK(prompt.size(0) == Np, fn, ": prompt has ", prompt.size(0), " rows but xhat has Np = ", Np);
+  const auto [w, batched] = check_params(fn, gate_bias_in, w_hh_in, B, Np, D);
   TORCH_CHECK(k >= 0, fn, ": num_prefix_tokens k must be >= 0, got ", k);
   TORCH_CHECK(k + Np < T, fn, ": num_tokens T = ", T, " but k + Np = ", k, " + ", Np,
               " leaves no patch token");
@@ -513,18 +538,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_backward(
                           cell_in.scalar_type(), w);
   TORCH_CHECK(grad_cell_in.scalar_type() == cell_in.scalar_type(), fn, ": grad_cell (",
               grad_cell_in.scalar_type(), ") must have the cell's dtype (", cell_in.scalar_type(), ")");
+  const ScalarType acc = acc_dtype(grad_hidden_in.scalar_type());
+  const bool saved = gates_in.numel() > 0;
+  if (saved) {
+    check_cpu(fn, "gates", gates_in);
+    check_shape(fn, "gates", gates_in, {B, Np, 4 * D});
+    TORCH_CHECK(gates_in.scalar_type() == acc, fn, ": gates (", gates_in.scalar_type(), ") must be ", acc);
+  }
 
   const Tensor grad_hidden = grad_hidden_in.contiguous();
   const Tensor grad_cell = grad_cell_in.contiguous();
   const Tensor xhat = xhat_in.contiguous().view({B * Np, D});
   const Tensor cell = cell_in.contiguous();
-  const ScalarType acc = acc_dtype(grad_hidden.scalar_type());
-  const Tensor pg = prompt_gates(prompt, w_ih, b_ih, b_hh, acc);
+  // With saved gates the gate bias is not read (ops.py passes a stride-0 stand-in): no copy.
+  const Tensor gate_bias = saved ? gate_bias_in : gate_bias_in.contiguous();
+  const Tensor w_hh = w_hh_in.contiguous();
+  const Tensor gates = saved ? gates_in.contiguous() : gates_in;
 
-  // Recomputed gates; pass A overwrites them with dgates (one B*Np*4D buffer instead of two).
-  Tensor dgates = at::mm(xhat, w_hh.t()).contiguous();  // (B*Np, 4D)
+  // Without saved gates: G recomputed, and pass A overwrites it with dgates (one buffer, not two).
+  Tensor dgates = saved ? at::empty({B * Np, 4 * D}, w_hh.options()) : at::mm(xhat, w_hh.t()).contiguous();
   Tensor grad_cell_prev = at::empty({B, Np, D}, cell.options());
-  Tensor dpg = at::empty({Np, 4 * D}, pg.options());
+  Tensor dpg = batched ? Tensor() : at::empty({Np, 4 * D}, grad_hidden.options().dtype(acc));
   Tensor grad_tokens = at::empty({B, T, D}, grad_hidden.options());
 
   dispatch_dtypes(w, grad_hidden.scalar_type(), cell.scalar_type(), [&](auto wt, auto tt, auto ct) {
@@ -532,22 +566,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_backward(
     using tok_t = typename decltype(tt)::type;
     using cell_t = typename decltype(ct)::type;
     using acc_t = acc_type<tok_t>;
-    lstm_cell_backward<tok_t, cell_t, w_t>(
-        dgates.data_ptr<w_t>(), pg.data_ptr<acc_t>(), cell.data_ptr<cell_t>(),
-        grad_hidden.data_ptr<tok_t>(), grad_cell.data_ptr<cell_t>(),
-        grad_cell_prev.data_ptr<cell_t>(), dpg.data_ptr<acc_t>(), B, Np, D);
+    const int64_t period = batched ? B * Np : Np;
+    acc_t* dpg_ptr = batched ? nullptr : dpg.data_ptr<acc_t>();
+    if (saved) {
+      lstm_cell_backward<true, tok_t, cell_t, w_t>(
+          dgates.data_ptr<w_t>(), gates.data_ptr<acc_t>(), gate_bias.data_ptr<w_t>(), period,
+          cell.data_ptr<cell_t>(), grad_hidden.data_ptr<tok_t>(), grad_cell.data_ptr<cell_t>(),
+          grad_cell_prev.data_ptr<cell_t>(), dgates.data_ptr<w_t>(), dpg_ptr, B, Np, D);
+    } else {
+      lstm_cell_backward<false, tok_t, cell_t, w_t>(
+          dgates.data_ptr<w_t>(), nullptr, gate_bias.data_ptr<w_t>(), period,
+          cell.data_ptr<cell_t>(), grad_hidden.data_ptr<tok_t>(), grad_cell.data_ptr<cell_t>(),
+          grad_cell_prev.data_ptr<cell_t>(), dgates.data_ptr<w_t>(), dpg_ptr, B, Np, D);
+    }
     const Tensor dxhat = at::mm(dgates, gemm_right_operand(w_hh)).contiguous();  // (B*Np, D)
     write_grad_tokens<tok_t, w_t>(dxhat.data_ptr<w_t>(), grad_tokens.data_ptr<tok_t>(), B, T, Np,
                                   D, k);
   });
 
   Tensor grad_w_hh = at::mm(dgates.t(), xhat);  // (4D, D)
-  const Tensor dpg_w = dpg.to(w);
-  Tensor grad_prompt = at::mm(dpg_w, gemm_right_operand(w_ih));  // (Np, D)
-  Tensor grad_w_ih = at::mm(dpg_w.t(), prompt);  // (4D, D)
-  Tensor grad_b_ih = dpg.sum(0).to(w);
-  Tensor grad_b_hh = grad_b_ih.clone();  // the op returns two distinct tensors
-  return {grad_tokens, grad_cell_prev, grad_prompt, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+  // Per-image rows: their gradient is dgates itself; shared rows: the batch sum (in the acc dtype).
+  Tensor grad_gate_bias = batched ? dgates.view({B, Np, 4 * D}) : dpg.to(w);
+  return {grad_tokens, grad_cell_prev, grad_gate_bias, grad_w_hh};
 }
 
 }  // namespace lspt

@@ -9,18 +9,17 @@
 
 namespace lspt {
 
-// (hidden (B,Np,D) tokens.dtype, new_cell (B,Np,D) cell.dtype, xhat (B,Np,D) w_hh.dtype)
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(
-    const at::Tensor& tokens, const at::Tensor& cell, const at::Tensor& prompt,
-    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b_ih,
-    const at::Tensor& b_hh, int64_t k);
+// (hidden (B,Np,D) tokens.dtype, new_cell (B,Np,D) cell.dtype, xhat (B,Np,D) w_hh.dtype,
+//  activated gates (B,Np,4D) in the accumulation dtype when save_gates, else an empty (0,) tensor)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_forward(
+    const at::Tensor& tokens, const at::Tensor& cell, const at::Tensor& gate_bias,
+    const at::Tensor& w_hh, int64_t k, bool save_gates);
 
-// (grad_tokens (B,T,D) grad_hidden.dtype, grad_cell cell.dtype, grad_prompt, grad_w_ih,
-//  grad_w_hh, grad_b_ih, grad_b_hh in w_hh.dtype)
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-cpu_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const at::Tensor& xhat,
-             const at::Tensor& cell, const at::Tensor& prompt, const at::Tensor& w_ih,
-             const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh, int64_t k,
-             int64_t num_tokens);
+// (grad_tokens (B,T,D) grad_hidden.dtype, grad_cell cell.dtype, grad_gate_bias (gate_bias's shape)
+//  and grad_w_hh in w_hh.dtype). gates: the forward's saved gates, or empty (then recomputed).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
+    const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const at::Tensor& xhat,
+    const at::Tensor& cell, const at::Tensor& gate_bias, const at::Tensor& w_hh,
+    const at::Tensor& gates, int64_t k, int64_t num_tokens);
 
 }  // namespace lspt

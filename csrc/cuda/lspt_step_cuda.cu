@@ -3,30 +3,30 @@
 // tokens (B, T, D) = [prefix k | prompts Np | patches N]; W = the weights' dtype (GEMM precision);
 // A = the accumulation type (float, or double for fp64 tokens).
 //
-// Forward, three launches on the current stream:
-//   1. prologue_kernel, one grid with two kinds of blocks:
-//        - Pg blocks (scheduled first): Pg = prompt @ w_ih^T + b_ih + b_hh, (Np, 4D) in A. This is the
-//          batch-independent part (8·Np·D² FLOPs, 1/B of the main product): 16/32 x 64 tiles on CUDA
-//          cores in A (global loads prefetched one k-step ahead), which run beside the memory-bound
-//          xhat blocks instead of costing a cuBLAS launch of their own (a fourth launch);
-//        - xhat blocks: one pass over the patch tokens of image b (mean in A) and the prompt rows,
-//          writing xhat[b, p] = W(tokens[b, k+p] + mean_n tokens[b, k+Np+n]).
-//   2. G = xhat (B·Np, D) @ w_hh^T (at::mm -> cuBLAS(Lt)), (B·Np, 4D) in W, like the reference's linear.
-//   3. epilogue_kernel: gates = G + Pg in A, the LSTM cell update, hidden (tokens dtype) and new_cell.
+// gate_bias = P[l] @ w_ih^T + b_ih + b_hh comes in precomputed, (Np, 4D) or, under per-image prompt
+// dropout, (B, Np, 4D) in W (the encoder computes it for every step with one GEMM per forward; see
+// lspt_kernels/ops.py). GEMM row r uses gate-bias row r % period (period = Np or B*Np).
 //
-// Backward, six launches (only xhat and the incoming cell are saved; the gates are recomputed):
-//   1. prologue_kernel with Pg blocks only (also zeroes the tickets of the in-kernel reductions);
-//   2. G = xhat @ w_hh^T (cuBLAS);
-//   3. bwd_elementwise_kernel: recomputes the gates, writes dgates in W over G (in place: they are the
+// Forward, three launches on the current stream:
+//   1. prologue_kernel: one block per (image b, column tile): one pass over the patch tokens of
+//      image b (mean in A) and the prompt rows, writing xhat[b, p] = W(tokens[b, k+p] + mean_n
+//      tokens[b, k+Np+n]);
+//   2. G = xhat (B·Np, D) @ w_hh^T (at::mm -> cuBLAS(Lt)), (B·Np, 4D) in W, like the reference's linear.
+//   3. epilogue_kernel: gates = G + gate bias in A, the LSTM cell update, hidden (tokens dtype) and
+//      new_cell.
+//
+// Backward, five launches (plus a ticket memset when the batch-sum is split over blocks; only xhat
+// and the incoming cell are saved: the gates are recomputed):
+//   1. G = xhat @ w_hh^T (cuBLAS);
+//   2. bwd_elementwise_kernel: recomputes the gates, writes dgates in W over G (in place: they are the
 //      input of the two cuBLAS GEMMs below, which run in W, as the reference's autograd does), the
-//      grad of the incoming cell, and dPg = batch-sum of the unrounded dgates in A. The batch-sum is
-//      split over grid.y chunks of the batch; the last block of each column tile (atomic ticket) adds
-//      the chunks' partial sums in a fixed order, so the result is deterministic (gradcheck checks
-//      that backward is reentrant; float atomics would not be);
-//   4. dxhat = dgates @ w_hh (cuBLAS, W);   5. grad_w_hh = dgates^T @ xhat (cuBLAS, W);
-//   6. tail_kernel, one grid with four kinds of blocks: grad_prompt = dPg @ w_ih (tiles with a
-//      deterministic split-K), grad_w_ih = dPg^T @ prompt, grad_b_ih = grad_b_hh = sum_p dPg, and
-//      grad_tokens (prefix rows 0, prompt rows dxhat, patch rows sum_p dxhat / N).
+//      grad of the incoming cell, and for (Np, 4D) gate-bias rows their gradient = batch-sum of the
+//      unrounded dgates in A, stored in W (for per-image rows the gradient is dgates itself). The
+//      batch-sum is split over grid.y chunks of the batch; the last block of each column tile (atomic
+//      ticket) adds the chunks' partial sums in a fixed order, so the result is deterministic
+//      (gradcheck checks that backward is reentrant; float atomics would not be);
+//   3. dxhat = dgates @ w_hh (cuBLAS, W);   4. grad_w_hh = dgates^T @ xhat (cuBLAS, W);
+//   5. tail_kernel: grad_tokens (prefix rows 0, prompt rows dxhat, patch rows sum_p dxhat / N).
 //
 // Vectorised (16-byte where the dtype allows) loads and stores when D and every pointer and stride
 // are aligned; the same kernels instantiated with VEC = 1 otherwise.
@@ -117,102 +117,8 @@ __device__ __forceinline__ float tanh_acc(float x) {
 __device__ __forceinline__ double tanh_acc(double x) { return tanh(x); }
 
 // ------------------------------------------------------------------------------------------------
-// Small tile product on CUDA cores: acc[i][j] += sum_{k in [k_begin,k_end)} A(m,k) B(k,n) for the
-// BM x BN tile at (m0, n0), m = m0 + ty + 16 i, n = n0 + tx + 16 j (256 threads as 16 x 16).
-// A(m,k) = a[m*lda + k] if A_K_CONTIG else a[k*lda + m]; B(k,n) = b[k*ldb + n] if B_N_CONTIG else
-// b[n*ldb + k]. Global loads run along the contiguous index (coalesced) and are prefetched one
-// k-step ahead into registers, so their latency overlaps the previous step's FMAs (these products
-// are short and latency-bound); the shared tiles are padded by one element so that the transposing
-// stores do not conflict.
+// Row-lane reductions
 // ------------------------------------------------------------------------------------------------
-// k-step: 64 in fp32 (the M = Np products walk K = D or 4D), 32 in fp64 (48 KiB of static smem).
-template <typename A>
-constexpr int small_bk() { return sizeof(A) == 8 ? 32 : 64; }
-constexpr int kBKW = 32;  // k-step of grad_w_ih (K = Np, usually short)
-
-template <typename A, int BM, int BN, int BK>
-struct TileSmem {
-  A a[BK][BM + 1];
-  A b[BK][BN + 1];
-};
-
-// One operand's share of a k-step: a ROWS x FAST block whose FAST index is contiguous in memory.
-// Thread t owns column t % FAST of rows t / FAST + r * (256 / FAST): one base pointer and one
-// stride per k-step, so the prefetch costs few registers.
-template <typename A, int FAST, int ROWS, typename TX>
-struct OperandFetch {
-  static constexpr int kStep = kThreads / FAST, kCount = ROWS / kStep;
-  static_assert(kThreads % FAST == 0 && ROWS % kStep == 0, "tile shape");
-  A v[kCount];
-  // rows [row0, row0 + ROWS) x columns [col0, col0 + FAST) of x (leading dimension ld), zero
-  // outside rows < row_end and columns < col_end.
-  __device__ __forceinline__ void fetch(const TX* __restrict__ x, int64_t ld, int row0, int row_end,
-                                        int col0, int col_end) {
-    const int col = col0 + int(threadIdx.x) % FAST, row = row0 + int(threadIdx.x) / FAST;
-    const bool col_ok = col < col_end;
-    const TX* ptr = x + int64_t(row) * ld + col;
-#pragma unroll
-    for (int r = 0; r < kCount; ++r) {
-      v[r] = (col_ok && row + r * kStep < row_end) ? load_cast<A>(ptr[int64_t(r) * kStep * ld]) : A(0);
-    }
-  }
-  // Stores into s[k][mn] (k-major shared tile); K_FAST says whether FAST runs along k.
-  template <bool K_FAST, int LD>
-  __device__ __forceinline__ void store(A (*s)[LD]) const {
-    const int c = int(threadIdx.x) % FAST, r0 = int(threadIdx.x) / FAST;
-#pragma unroll
-    for (int r = 0; r < kCount; ++r) {
-      if (K_FAST) s[c][r0 + r * kStep] = v[r];
-      else s[r0 + r * kStep][c] = v[r];
-    }
-  }
-};
-
-template <typename A, int BM, int BN, int BK, bool A_K_CONTIG, bool B_N_CONTIG, typename TA, typename TB>
-__device__ __forceinline__ void tile_product(const TA* __restrict__ a, int64_t lda,
-                                             const TB* __restrict__ b, int64_t ldb, int M, int N,
-                                             int k_begin, int k_end, int m0, int n0,
-                                             TileSmem<A, BM, BN, BK>& sm, A (&acc)[BM / 16][BN / 16]) {
-  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-  // A: FAST = k (rows m) when A_K_CONTIG, else FAST = m (rows k); B likewise with n.
-  OperandFetch<A, A_K_CONTIG ? BK : BM, A_K_CONTIG ? BM : BK, TA> fa;
-  OperandFetch<A, B_N_CONTIG ? BN : BK, B_N_CONTIG ? BK : BN, TB> fb;
-  auto fetch = [&](int k0) {
-    if (A_K_CONTIG) fa.fetch(a, lda, m0, M, k0, k_end);
-    else fa.fetch(a, lda, k0, k_end, m0, M);
-    if (B_N_CONTIG) fb.fetch(b, ldb, k0, k_end, n0, N);
-    else fb.fetch(b, ldb, n0, N, k0, k_end);
-  };
-  if (k_begin < k_end) fetch(k_begin);
-  for (int k0 = k_begin; k0 < k_end; k0 += BK) {
-    fa.template store<A_K_CONTIG, BM + 1>(sm.a);
-    fb.template store<!B_N_CONTIG, BN + 1>(sm.b);
-    __syncthreads();
-    if (k0 + BK < k_end) fetch(k0 + BK);  // next step's loads are in flight during the FMAs
-#pragma unroll 8
-    for (int kk = 0; kk < BK; ++kk) {
-      A af[BM / 16], bf[BN / 16];
-#pragma unroll
-      for (int i = 0; i < BM / 16; ++i) af[i] = sm.a[kk][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < BN / 16; ++j) bf[j] = sm.b[kk][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < BM / 16; ++i)
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j) acc[i][j] = fma(af[i], bf[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
-}
-
-template <typename A, int BM, int BN>
-__device__ __forceinline__ void zero_acc(A (&acc)[BM / 16][BN / 16]) {
-#pragma unroll
-  for (int i = 0; i < BM / 16; ++i)
-#pragma unroll
-    for (int j = 0; j < BN / 16; ++j) acc[i][j] = A(0);
-}
-
 template <typename A, int VEC>
 constexpr size_t red_bytes() { return size_t(kThreads) * VEC * sizeof(A); }
 
@@ -239,67 +145,24 @@ __device__ __forceinline__ void reduce_row_lanes(A* red, const A (&acc)[VEC], in
 }
 
 // ------------------------------------------------------------------------------------------------
-// 1. Prologue: Pg blocks + xhat blocks
+// 1. Prologue: xhat blocks
 // ------------------------------------------------------------------------------------------------
 template <typename T, typename W, typename A>
 struct PrologueArgs {
-  // Pg = prompt @ w_ih^T + b_ih + b_hh
-  const W* prompt;
-  const W* w_ih;
-  const W* b_ih;
-  const W* b_hh;
-  A* pg;
-  int pg_bm, pg_tiles_m, n_pg_blocks;
-  // xhat
   const T* tokens;
   int64_t tok_sb, tok_st;
   W* xhat;
   int B, Np, N, D, k;
   int dt_shift, n_dtiles;
-  // tickets to zero for the backward's in-kernel reductions (block 0)
-  int* zero_ptr;
-  int zero_count;
 };
-
-template <typename T, typename W, typename A, int BM>
-__device__ __forceinline__ void pg_tile(const PrologueArgs<T, W, A>& p, int bid, unsigned char* smem) {
-  constexpr int BK = small_bk<A>();
-  auto& sm = *reinterpret_cast<TileSmem<A, BM, 64, BK>*>(smem);
-  const int D4 = 4 * p.D;
-  const int m0 = (bid % p.pg_tiles_m) * BM, n0 = (bid / p.pg_tiles_m) * 64;
-  A acc[BM / 16][4];
-  zero_acc<A, BM, 64>(acc);
-  tile_product<A, BM, 64, BK, true, false>(p.prompt, p.D, p.w_ih, p.D, p.Np, D4, 0, p.D, m0, n0, sm, acc);
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int n = n0 + tx + 16 * j;
-    if (n >= D4) continue;
-    const A bias = load_cast<A>(p.b_ih[n]) + load_cast<A>(p.b_hh[n]);
-#pragma unroll
-    for (int i = 0; i < BM / 16; ++i) {
-      const int m = m0 + ty + 16 * i;
-      if (m < p.Np) p.pg[int64_t(m) * D4 + n] = acc[i][j] + bias;
-    }
-  }
-}
 
 template <typename T, typename W, typename A, int VEC>
 __global__ void __launch_bounds__(kThreads)
 prologue_kernel(const PrologueArgs<T, W, A> p) {
-  constexpr size_t kSmem = cmax(sizeof(TileSmem<A, 32, 64, small_bk<A>()>), red_bytes<A, VEC>());
-  __shared__ __align__(16) unsigned char smem[kSmem];
+  __shared__ __align__(16) unsigned char smem[red_bytes<A, VEC>()];
   const int tid = threadIdx.x;
-  if (blockIdx.x == 0 && p.zero_ptr != nullptr)
-    for (int i = tid; i < p.zero_count; i += kThreads) p.zero_ptr[i] = 0;
-
-  if (int(blockIdx.x) < p.n_pg_blocks) {
-    if (p.pg_bm == 16) pg_tile<T, W, A, 16>(p, blockIdx.x, smem);
-    else pg_tile<T, W, A, 32>(p, blockIdx.x, smem);
-    return;
-  }
   // xhat block: image b, VEC-wide column lanes [dtile*DT, dtile*DT + DT) x NL row lanes.
-  const int x = blockIdx.x - p.n_pg_blocks;
+  const int x = blockIdx.x;
   const int b = x / p.n_dtiles, dtile = x - b * p.n_dtiles;
   const int DT = 1 << p.dt_shift, NL = kThreads >> p.dt_shift;
   const int dlane = tid & (DT - 1), nlane = tid >> p.dt_shift;
@@ -338,16 +201,16 @@ prologue_kernel(const PrologueArgs<T, W, A> p) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// 3. Forward epilogue: gates = G + Pg, cell update
+// 3. Forward epilogue: gates = G + gate bias, cell update
 // ------------------------------------------------------------------------------------------------
 template <typename T, typename C, typename W, typename A>
 struct EpilogueArgs {
   const W* gates;  // (B*Np, 4D)
-  const A* pg;     // (Np, 4D)
+  const W* gb;     // (period, 4D): gate-bias rows
   const C* cell;   // (B*Np, D)
   T* hidden;
   C* new_cell;
-  int Np, D, Dv;
+  int period, D, Dv;
   int rows;  // B*Np
 };
 
@@ -368,15 +231,15 @@ epilogue_kernel(const EpilogueArgs<T, C, W, A> p) {
     }
     const int64_t row = r;
     const int d0 = dv * VEC;
-    const int q = r % p.Np;
+    const int64_t q = r % p.period;
     const W* g = p.gates + row * D4 + d0;
-    const A* pg = p.pg + q * D4 + d0;
+    const W* gb = p.gb + q * D4 + d0;
     A z[4][VEC], c[VEC];
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       A bias[VEC];
       load_vec<VEC>(g + s * p.D, z[s]);
-      load_vec<VEC>(pg + s * p.D, bias);
+      load_vec<VEC>(gb + s * p.D, bias);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) z[s][v] += bias[v];
     }
@@ -395,20 +258,21 @@ epilogue_kernel(const EpilogueArgs<T, C, W, A> p) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Backward 3: dgates (in place over G), grad of the incoming cell, dPg = sum_b dgates
+// Backward 2: dgates (in place over G), grad of the incoming cell, d gate_bias = sum_b dgates
 // ------------------------------------------------------------------------------------------------
 template <typename T, typename C, typename W, typename A>
 struct BwdElemArgs {
   W* gates;           // in: G = xhat @ w_hh^T; out: dgates (B*Np, 4D)
-  const A* pg;        // (Np, 4D)
+  const W* gb;        // gate-bias rows: (Np, 4D), or (B*Np, 4D) when batched
   const C* cell;      // incoming cell (B*Np, D)
   const T* grad_h;    // (B*Np, D)
   const C* grad_c;    // (B*Np, D)
   C* grad_cell_prev;  // (B*Np, D)
-  A* dpg;             // (Np, 4D)
+  W* dgb;             // (Np, 4D) gradient of shared gate-bias rows; null when batched
   A* partial;         // (nchunks, Np, 4D) when nchunks > 1
-  int* tickets;       // one per column tile (grid.x), zeroed by the prologue
+  int* tickets;       // one per column tile (grid.x), zeroed before the launch
   int B, Np, D, Dv, chunk_b, nchunks;
+  bool batched;
 };
 
 template <typename T, typename C, typename W, typename A, int VEC>
@@ -430,10 +294,16 @@ bwd_elementwise_kernel(const BwdElemArgs<T, C, W, A> p) {
 
   if (active) {
     A bias[4][VEC];
+    if (!p.batched) {
 #pragma unroll
-    for (int s = 0; s < 4; ++s) load_vec<VEC>(p.pg + q * D4 + s * p.D + d0, bias[s]);
+      for (int s = 0; s < 4; ++s) load_vec<VEC>(p.gb + q * D4 + s * p.D + d0, bias[s]);
+    }
     for (int b = b_begin; b < b_end; ++b) {
       const int64_t row = int64_t(b) * p.Np + q;
+      if (p.batched) {
+#pragma unroll
+        for (int s = 0; s < 4; ++s) load_vec<VEC>(p.gb + row * D4 + s * p.D + d0, bias[s]);
+      }
       W* g = p.gates + row * D4 + d0;
       A z[4][VEC], c[VEC], dh[VEC], dcn[VEC];
 #pragma unroll
@@ -463,10 +333,11 @@ bwd_elementwise_kernel(const BwdElemArgs<T, C, W, A> p) {
     }
   }
 
+  if (p.dgb == nullptr) return;  // per-image rows: their gradient is dgates itself
   if (p.nchunks == 1) {
     if (active) {
 #pragma unroll
-      for (int s = 0; s < 4; ++s) store_vec<VEC>(p.dpg + q * D4 + s * p.D + d0, acc[s]);
+      for (int s = 0; s < 4; ++s) store_vec<VEC>(p.dgb + q * D4 + s * p.D + d0, acc[s]);
     }
     return;
   }
@@ -494,134 +365,27 @@ bwd_elementwise_kernel(const BwdElemArgs<T, C, W, A> p) {
     for (int ch = 0; ch < p.nchunks; ++ch)
 #pragma unroll
       for (int v = 0; v < VEC; ++v) sum[v] += __ldcg(part + ch * chunk_stride + v);
-    store_vec<VEC>(p.dpg + q * D4 + s * p.D + d0, sum);
+    store_vec<VEC>(p.dgb + q * D4 + s * p.D + d0, sum);
   }
 }
 
 // ------------------------------------------------------------------------------------------------
-// Backward 6: tail (grad_prompt, grad_w_ih, grad biases, grad_tokens)
+// Backward 5: tail (grad_tokens)
 // ------------------------------------------------------------------------------------------------
 template <typename T, typename W, typename A>
 struct TailArgs {
-  const A* dpg;  // (Np, 4D)
-  const W* prompt;
-  const W* w_ih;
-  W* grad_prompt;
-  W* grad_w_ih;
-  W* grad_b_ih;
-  W* grad_b_hh;
-  A* partial;    // (dp_splits, Np, D) when dp_splits > 1
-  int* tickets;  // one per grad_prompt tile, zeroed by the prologue
-  int dp_tiles_m, dp_tiles_n, dp_splits, dp_kchunk, n_dp_blocks;
-  int wi_tiles_m, n_wi_blocks;
-  int n_db_blocks;
   const W* dxhat;  // (B*Np, D)
   T* grad_tokens;  // (B, T, D) contiguous
   int B, Np, N, D, k, T_total;
   int dt_shift, n_dtiles;
 };
 
-template <typename T, typename W, typename A, int BM>
-__device__ __forceinline__ void grad_prompt_tile(const TailArgs<T, W, A>& p, int bid,
-                                                 unsigned char* smem, int* s_flag) {
-  constexpr int BK = small_bk<A>();
-  auto& sm = *reinterpret_cast<TileSmem<A, BM, 64, BK>*>(smem);
-  const int D4 = 4 * p.D, tiles = p.dp_tiles_m * p.dp_tiles_n;
-  const int tile = bid % tiles, split = bid / tiles;
-  const int m0 = (tile % p.dp_tiles_m) * BM, n0 = (tile / p.dp_tiles_m) * 64;
-  const int kb = split * p.dp_kchunk, ke = min(D4, kb + p.dp_kchunk);
-  A acc[BM / 16][4];
-  zero_acc<A, BM, 64>(acc);
-  tile_product<A, BM, 64, BK, true, true>(p.dpg, D4, p.w_ih, p.D, p.Np, p.D, kb, ke, m0, n0, sm, acc);
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  if (p.dp_splits == 1) {
-#pragma unroll
-    for (int i = 0; i < BM / 16; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
-        if (m < p.Np && n < p.D) p.grad_prompt[int64_t(m) * p.D + n] = store_cast<W>(acc[i][j]);
-      }
-    return;
-  }
-  const int64_t split_stride = int64_t(p.Np) * p.D;
-#pragma unroll
-  for (int i = 0; i < BM / 16; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
-      if (m < p.Np && n < p.D) p.partial[split * split_stride + int64_t(m) * p.D + n] = acc[i][j];
-    }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) *s_flag = atomicAdd(&p.tickets[tile], 1) == p.dp_splits - 1;
-  __syncthreads();
-  if (!*s_flag) return;
-  __threadfence();
-#pragma unroll
-  for (int i = 0; i < BM / 16; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
-      if (m < p.Np && n < p.D) {
-        const A* src = p.partial + int64_t(m) * p.D + n;
-        A s = A(0);
-        for (int sp = 0; sp < p.dp_splits; ++sp) s += __ldcg(src + sp * split_stride);
-        p.grad_prompt[int64_t(m) * p.D + n] = store_cast<W>(s);
-      }
-    }
-}
-
-template <typename T, typename W, typename A>
-__device__ __forceinline__ void grad_w_ih_tile(const TailArgs<T, W, A>& p, int bid, unsigned char* smem) {
-  auto& sm = *reinterpret_cast<TileSmem<A, 64, 64, kBKW>*>(smem);
-  const int D4 = 4 * p.D;
-  const int m0 = (bid % p.wi_tiles_m) * 64, n0 = (bid / p.wi_tiles_m) * 64;
-  A acc[4][4];
-  zero_acc<A, 64, 64>(acc);
-  // grad_w_ih (4D, D) = dPg^T (4D, Np) @ prompt (Np, D)
-  tile_product<A, 64, 64, kBKW, false, true>(p.dpg, D4, p.prompt, p.D, D4, p.D, 0, p.Np, m0, n0, sm, acc);
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
-      if (m < D4 && n < p.D) p.grad_w_ih[int64_t(m) * p.D + n] = store_cast<W>(acc[i][j]);
-    }
-}
-
 template <typename T, typename W, typename A, int VEC>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads)
 tail_kernel(const TailArgs<T, W, A> p) {
-  constexpr size_t kSmem = cmax(cmax(sizeof(TileSmem<A, 64, 64, kBKW>),
-                                     sizeof(TileSmem<A, 16, 64, small_bk<A>()>)),
-                                red_bytes<A, VEC>());
-  __shared__ __align__(16) unsigned char smem[kSmem];
-  __shared__ int s_flag;
+  __shared__ __align__(16) unsigned char smem[red_bytes<A, VEC>()];
   const int tid = threadIdx.x;
-  int bid = blockIdx.x;
-  if (bid < p.n_dp_blocks) {  // longest blocks first (K = 4D)
-    grad_prompt_tile<T, W, A, 16>(p, bid, smem, &s_flag);
-    return;
-  }
-  bid -= p.n_dp_blocks;
-  if (bid < p.n_wi_blocks) {
-    grad_w_ih_tile<T, W, A>(p, bid, smem);
-    return;
-  }
-  bid -= p.n_wi_blocks;
-  if (bid < p.n_db_blocks) {
-    const int D4 = 4 * p.D, j = bid * kThreads + tid;
-    if (j < D4) {
-      A s = A(0);
-      for (int q = 0; q < p.Np; ++q) s += p.dpg[int64_t(q) * D4 + j];
-      p.grad_b_ih[j] = store_cast<W>(s);
-      p.grad_b_hh[j] = store_cast<W>(s);
-    }
-    return;
-  }
-  bid -= p.n_db_blocks;
+  const int bid = blockIdx.x;
   // grad_tokens block: image b, VEC-wide column lanes x row lanes (as the prologue's xhat blocks).
   const int b = bid / p.n_dtiles, dtile = bid - b * p.n_dtiles;
   const int DT = 1 << p.dt_shift, NL = kThreads >> p.dt_shift;
@@ -716,30 +480,24 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef shape, b
   TORCH_CHECK(!contiguous || t.is_contiguous(), "lspt cuda: ", name, " must be contiguous");
 }
 
-// The parameters shared by forward and backward: prompt (Np, D), w_ih/w_hh (4D, D), b_ih/b_hh (4D),
-// all contiguous, all one floating dtype.
-void check_params(const at::Tensor& prompt, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                  const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Device& device, int64_t D) {
-  check_cuda_tensor(prompt, "prompt", device);
-  check_cuda_tensor(w_ih, "w_ih", device);
+// The parameters shared by forward and backward: gate_bias (Np, 4D) or (B, Np, 4D) and w_hh (4D, D),
+// contiguous, one floating dtype. Returns whether the gate-bias rows are per image.
+bool check_params(const at::Tensor& gate_bias, const at::Tensor& w_hh, const at::Device& device,
+                  int64_t B, int64_t Np, int64_t D) {
+  check_cuda_tensor(gate_bias, "gate_bias", device);
   check_cuda_tensor(w_hh, "w_hh", device);
-  check_cuda_tensor(b_ih, "b_ih", device);
-  check_cuda_tensor(b_hh, "b_hh", device);
   TORCH_CHECK(D >= 1, "lspt cuda: the width D must be >= 1");
   TORCH_CHECK(4 * D <= INT_MAX / 4, "lspt cuda: D = ", D, " is too large");
-  TORCH_CHECK(prompt.dim() == 2 && prompt.size(1) == D && prompt.size(0) >= 1,
-              "lspt cuda: prompt must be (Np, D) with Np >= 1 and D = ", D, ", got ", prompt.sizes());
-  TORCH_CHECK(prompt.is_contiguous(), "lspt cuda: prompt must be contiguous");
-  check_shape(w_ih, "w_ih", {4 * D, D});
   check_shape(w_hh, "w_hh", {4 * D, D});
-  check_shape(b_ih, "b_ih", {4 * D});
-  check_shape(b_hh, "b_hh", {4 * D});
-  const auto w = w_hh.scalar_type();
-  TORCH_CHECK(prompt.scalar_type() == w && w_ih.scalar_type() == w && b_ih.scalar_type() == w &&
-                  b_hh.scalar_type() == w,
-              "lspt cuda: prompt, w_ih, w_hh, b_ih and b_hh must share one dtype, got ",
-              prompt.scalar_type(), ", ", w_ih.scalar_type(), ", ", w, ", ", b_ih.scalar_type(), ", ",
-              b_hh.scalar_type());
+  const bool batched = gate_bias.dim() == 3;
+  TORCH_CHECK(gate_bias.sizes() == at::IntArrayRef({Np, 4 * D}) ||
+                  gate_bias.sizes() == at::IntArrayRef({B, Np, 4 * D}),
+              "lspt cuda: gate_bias must be (Np, 4D) = (", Np, ", ", 4 * D, ") or (B, Np, 4D) = (", B,
+              ", ", Np, ", ", 4 * D, "), got ", gate_bias.sizes());
+  TORCH_CHECK(gate_bias.is_contiguous(), "lspt cuda: gate_bias must be contiguous");
+  TORCH_CHECK(gate_bias.scalar_type() == w_hh.scalar_type(), "lspt cuda: gate_bias (",
+              gate_bias.scalar_type(), ") and w_hh (", w_hh.scalar_type(), ") must share one dtype");
+  return batched;
 }
 
 bool aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
@@ -770,7 +528,7 @@ void launch_prologue(PrologueArgs<T, W, A> p, int vec, int64_t B, int sms, cudaS
     const int64_t Dv = ceil_div(p.D, V);
     p.dt_shift = pick_dt_shift(Dv, B, sms);
     p.n_dtiles = int(ceil_div(Dv, int64_t(1) << p.dt_shift));
-    const int64_t blocks = p.n_pg_blocks + (p.xhat != nullptr ? B * p.n_dtiles : 0);
+    const int64_t blocks = B * p.n_dtiles;
     TORCH_CHECK(blocks <= INT_MAX, "lspt cuda: problem too large");
     prologue_kernel<T, W, A, V><<<unsigned(blocks), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -780,39 +538,26 @@ void launch_prologue(PrologueArgs<T, W, A> p, int vec, int64_t B, int sms, cudaS
   else launch(std::integral_constant<int, 1>{});
 }
 
-// Pg blocks of the prologue: (Np x 4D) output tiles of 16 or 32 rows by 64 columns.
-template <typename T, typename W, typename A>
-void set_pg(PrologueArgs<T, W, A>& p, const at::Tensor& prompt, const at::Tensor& w_ih,
-            const at::Tensor& b_ih, const at::Tensor& b_hh, at::Tensor& pg) {
-  p.prompt = prompt.data_ptr<W>();
-  p.w_ih = w_ih.data_ptr<W>();
-  p.b_ih = b_ih.data_ptr<W>();
-  p.b_hh = b_hh.data_ptr<W>();
-  p.pg = pg.data_ptr<A>();
-  p.pg_bm = p.Np <= 16 ? 16 : 32;
-  p.pg_tiles_m = int(ceil_div(p.Np, p.pg_bm));
-  p.n_pg_blocks = int(p.pg_tiles_m * ceil_div(4 * int64_t(p.D), 64));
-}
-
 template <typename A>
 at::ScalarType acc_type() { return std::is_same<A, double>::value ? at::kDouble : at::kFloat; }
 
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(
-    const at::Tensor& tokens, const at::Tensor& cell, const at::Tensor& prompt,
-    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b_ih,
-    const at::Tensor& b_hh, int64_t k) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_forward(
+    const at::Tensor& tokens, const at::Tensor& cell, const at::Tensor& gate_bias,
+    const at::Tensor& w_hh, int64_t k, bool /*save_gates: this backend recomputes the gates*/) {
   TORCH_CHECK(tokens.defined() && tokens.is_cuda(), "lspt cuda: tokens must be a CUDA tensor, got ",
               tokens.defined() ? tokens.device().str() : std::string("an undefined tensor"));
   const at::Device device = tokens.device();
   TORCH_CHECK(tokens.dim() == 3, "lspt cuda: tokens must be (B, T, D), got ", tokens.sizes());
   const int64_t B = tokens.size(0), T = tokens.size(1), D = tokens.size(2);
-  check_params(prompt, w_ih, w_hh, b_ih, b_hh, device, D);
-  const int64_t Np = prompt.size(0);
   check_cuda_tensor(cell, "cell", device);
+  TORCH_CHECK(cell.dim() == 3 && cell.size(1) >= 1, "lspt cuda: cell must be (B, Np, D) with Np >= 1, got ",
+              cell.sizes());
+  const int64_t Np = cell.size(1);
   check_shape(cell, "cell", {B, Np, D});
+  const bool batched = check_params(gate_bias, w_hh, device, B, Np, D);
   TORCH_CHECK(tokens.stride(2) == 1 || D == 1, "lspt cuda: tokens must have stride(-1) == 1, got ",
               tokens.strides());
   TORCH_CHECK(k >= 0, "lspt cuda: num_prefix_tokens must be >= 0, got ", k);
@@ -825,7 +570,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(
   auto xhat = at::empty({B, Np, D}, w_hh.options());
   auto hidden = at::empty({B, Np, D}, tokens.options());
   auto new_cell = at::empty({B, Np, D}, cell.options());
-  if (B == 0) return {hidden, new_cell, xhat};
+  auto no_gates = at::empty({0}, tokens.options().dtype(
+      tokens.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  if (B == 0) return {hidden, new_cell, xhat, no_gates};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = sm_count();
 
@@ -835,12 +582,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(
     using Ct = typename decltype(c_tag)::type;
     using Wt = typename decltype(w_tag)::type;
     using At = typename std::conditional<std::is_same<Tt, double>::value, double, float>::type;
-    at::Tensor pg = at::empty({Np, 4 * D}, tokens.options().dtype(acc_type<At>()));
 
-    // 1. prologue: Pg + xhat
+    // 1. prologue: xhat
     PrologueArgs<Tt, Wt, At> pa{};
     pa.B = int(B); pa.Np = int(Np); pa.N = int(N); pa.D = int(D); pa.k = int(k);
-    set_pg(pa, prompt, w_ih, b_ih, b_hh, pg);
     pa.tokens = tokens.data_ptr<Tt>();
     pa.tok_sb = tokens.stride(0);
     pa.tok_st = tokens.stride(1);
@@ -856,14 +601,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(
     // 3. epilogue
     EpilogueArgs<Tt, Ct, Wt, At> ea{};
     ea.gates = gates.data_ptr<Wt>();
-    ea.pg = pg.data_ptr<At>();
+    ea.gb = gate_bias.data_ptr<Wt>();
     ea.cell = cell.data_ptr<Ct>();
     ea.hidden = hidden.data_ptr<Tt>();
     ea.new_cell = new_cell.data_ptr<Ct>();
-    ea.Np = int(Np); ea.D = int(D);
+    ea.period = int(batched ? B * Np : Np); ea.D = int(D);
     constexpr int kVecE = sizeof(At) == 8 ? 2 : 4;
     const bool vec_e = D % kVecE == 0 && aligned(ea.gates, kVecE * sizeof(Wt)) &&
-                       aligned(ea.pg, kVecE * sizeof(At)) && aligned(ea.cell, kVecE * sizeof(Ct)) &&
+                       aligned(ea.gb, kVecE * sizeof(Wt)) && aligned(ea.cell, kVecE * sizeof(Ct)) &&
                        aligned(ea.hidden, kVecE * sizeof(Tt)) && aligned(ea.new_cell, kVecE * sizeof(Ct));
     const auto launch = [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
@@ -876,15 +621,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(
     if (vec_e) launch(std::integral_constant<int, kVecE>{});
     else launch(std::integral_constant<int, 1>{});
   });
-  return {hidden, new_cell, xhat};
+  return {hidden, new_cell, xhat, no_gates};
 }
 
 // ------------------------------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 cuda_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const at::Tensor& xhat,
-              const at::Tensor& cell, const at::Tensor& prompt, const at::Tensor& w_ih,
-              const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh, int64_t k,
-              int64_t num_tokens) {
+              const at::Tensor& cell, const at::Tensor& gate_bias, const at::Tensor& w_hh,
+              const at::Tensor& /*gates: not saved by this backend*/, int64_t k, int64_t num_tokens) {
   TORCH_CHECK(grad_hidden.defined() && grad_hidden.is_cuda(),
               "lspt cuda: grad_hidden must be a CUDA tensor, got ",
               grad_hidden.defined() ? grad_hidden.device().str() : std::string("an undefined tensor"));
@@ -892,9 +636,7 @@ cuda_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const 
   TORCH_CHECK(grad_hidden.dim() == 3, "lspt cuda: grad_hidden must be (B, Np, D), got ",
               grad_hidden.sizes());
   const int64_t B = grad_hidden.size(0), Np = grad_hidden.size(1), D = grad_hidden.size(2);
-  check_params(prompt, w_ih, w_hh, b_ih, b_hh, device, D);
-  TORCH_CHECK(prompt.size(0) == Np, "lspt cuda: prompt has ", prompt.size(0),
-              " rows but grad_hidden has Np = ", Np);
+  const bool batched = check_params(gate_bias, w_hh, device, B, Np, D);
   check_cuda_tensor(grad_cell, "grad_cell", device);
   check_cuda_tensor(xhat, "xhat", device);
   check_cuda_tensor(cell, "cell", device);
@@ -913,18 +655,10 @@ cuda_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const 
   const int64_t T = num_tokens, N = T - k - Np, D4 = 4 * D;
 
   c10::cuda::CUDAGuard guard(device);
-  const auto wopt = w_hh.options();
   auto grad_tokens = at::empty({B, T, D}, grad_hidden.options());
   auto grad_cell_prev = at::empty({B, Np, D}, cell.options());
-  if (B == 0) {
-    return {grad_tokens, grad_cell_prev, at::zeros_like(prompt), at::zeros_like(w_ih),
-            at::zeros_like(w_hh), at::zeros_like(b_ih), at::zeros_like(b_hh)};
-  }
-  auto grad_prompt = at::empty({Np, D}, wopt);
-  auto grad_w_ih = at::empty({D4, D}, wopt);
-  auto grad_b_ih = at::empty({D4}, wopt);
-  auto grad_b_hh = at::empty({D4}, wopt);
-  at::Tensor grad_w_hh;
+  if (B == 0) return {grad_tokens, grad_cell_prev, at::zeros_like(gate_bias), at::zeros_like(w_hh)};
+  at::Tensor grad_w_hh, grad_gate_bias;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = sm_count();
 
@@ -939,89 +673,57 @@ cuda_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const 
     constexpr int kVecT = 16 / sizeof(Tt);
     const bool vec_e = D % kVecE == 0 && aligned(grad_hidden.data_ptr(), kVecE * sizeof(Tt)) &&
                        aligned(grad_cell.data_ptr(), kVecE * sizeof(Ct)) &&
-                       aligned(cell.data_ptr(), kVecE * sizeof(Ct));  // the rest is allocated here
+                       aligned(cell.data_ptr(), kVecE * sizeof(Ct)) &&
+                       aligned(gate_bias.data_ptr(), kVecE * sizeof(Wt));  // the rest is allocated here
     const int64_t Dv_e = vec_e ? D / kVecE : D;
 
     // Batch chunks of the elementwise kernel: enough blocks to fill the GPU, but no more chunks
-    // than ~2 sqrt(B), so that the last block's sum over chunks stays short.
+    // than ~2 sqrt(B), so that the last block's sum over chunks stays short. Per-image gate-bias
+    // rows need no batch sum.
     const int64_t col_blocks = ceil_div(Np * Dv_e, kThreads);
     const int64_t cap = std::min<int64_t>(B, 2 * int64_t(std::ceil(std::sqrt(double(B)))));
     int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(4 * sms, col_blocks), cap));
     nchunks = std::min<int64_t>(nchunks, 65535);
     const int64_t chunk_b = ceil_div(B, nchunks);
     nchunks = ceil_div(B, chunk_b);
+    const bool split_sum = nchunks > 1 && !batched;
 
-    // grad_prompt = dPg (Np, 4D) @ w_ih (4D, D): 16 x 64 tiles (one tile shape keeps the tail
-    // kernel's registers low), split-K for parallelism.
-    const int dp_bm = 16;
-    const int64_t dp_tiles_m = ceil_div(Np, dp_bm), dp_tiles_n = ceil_div(D, 64);
-    constexpr int kBKdp = small_bk<At>();
-    const int64_t dp_tiles = dp_tiles_m * dp_tiles_n, ksteps = ceil_div(D4, kBKdp);
-    int64_t splits = std::max<int64_t>(1, std::min<int64_t>(ceil_div(2 * sms, dp_tiles), ksteps / 4));
-    const int64_t kchunk = ceil_div(ksteps, splits) * kBKdp;
-    splits = ceil_div(D4, kchunk);
+    // Tickets of the in-kernel batch-sum start at zero (one memset, only when the sum is split).
+    at::Tensor tickets = split_sum ? at::zeros({col_blocks}, grad_hidden.options().dtype(at::kInt))
+                                   : at::empty({1}, grad_hidden.options().dtype(at::kInt));
+    at::Tensor partial = at::empty({split_sum ? nchunks * Np * D4 : 1}, aopt);
 
-    const int64_t n_tickets_e = nchunks > 1 ? col_blocks : 0, n_tickets_dp = splits > 1 ? dp_tiles : 0;
-    at::Tensor tickets = at::empty({std::max<int64_t>(1, n_tickets_e + n_tickets_dp)},
-                             grad_hidden.options().dtype(at::kInt));
-    const int64_t part_numel = std::max<int64_t>(nchunks > 1 ? nchunks * Np * D4 : 0,
-                                                 splits > 1 ? splits * Np * D : 0);
-    at::Tensor partial = at::empty({std::max<int64_t>(1, part_numel)}, aopt);
-    at::Tensor pg = at::empty({Np, D4}, aopt);
-    at::Tensor dpg = at::empty({Np, D4}, aopt);
-
-    // 1. prologue: Pg only, and zero the tickets
-    PrologueArgs<Tt, Wt, At> pa{};
-    pa.B = int(B); pa.Np = int(Np); pa.N = int(N); pa.D = int(D); pa.k = int(k);
-    set_pg(pa, prompt, w_ih, b_ih, b_hh, pg);
-    pa.xhat = nullptr;
-    pa.zero_ptr = tickets.data_ptr<int>();
-    pa.zero_count = int(n_tickets_e + n_tickets_dp);
-    launch_prologue(pa, 1, B, sms, stream);
-
-    // 2. recompute G = xhat @ w_hh^T (cuBLAS)
+    // 1. recompute G = xhat @ w_hh^T (cuBLAS)
     const at::Tensor xhat2d = xhat.view({B * Np, D});
     at::Tensor gates = at::mm(xhat2d, w_hh.t());
+    if (!batched) grad_gate_bias = at::empty({Np, D4}, w_hh.options());
 
-    // 3. dgates (over G), grad of the incoming cell, dPg
+    // 2. dgates (over G), grad of the incoming cell, d gate_bias
     BwdElemArgs<Tt, Ct, Wt, At> ba{};
     ba.gates = gates.data_ptr<Wt>();
-    ba.pg = pg.data_ptr<At>();
+    ba.gb = gate_bias.data_ptr<Wt>();
     ba.cell = cell.data_ptr<Ct>();
     ba.grad_h = grad_hidden.data_ptr<Tt>();
     ba.grad_c = grad_cell.data_ptr<Ct>();
     ba.grad_cell_prev = grad_cell_prev.data_ptr<Ct>();
-    ba.dpg = dpg.data_ptr<At>();
+    ba.dgb = batched ? nullptr : grad_gate_bias.data_ptr<Wt>();
     ba.partial = partial.data_ptr<At>();
     ba.tickets = tickets.data_ptr<int>();
     ba.B = int(B); ba.Np = int(Np); ba.D = int(D); ba.Dv = int(Dv_e);
     ba.chunk_b = int(chunk_b); ba.nchunks = int(nchunks);
+    ba.batched = batched;
     const dim3 egrid{unsigned(col_blocks), unsigned(nchunks)};
     if (vec_e) bwd_elementwise_kernel<Tt, Ct, Wt, At, kVecE><<<egrid, kThreads, 0, stream>>>(ba);
     else bwd_elementwise_kernel<Tt, Ct, Wt, At, 1><<<egrid, kThreads, 0, stream>>>(ba);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (batched) grad_gate_bias = gates.view({B, Np, D4});
 
-    // 4., 5. dxhat = dgates @ w_hh, grad_w_hh = dgates^T @ xhat (cuBLAS)
+    // 3., 4. dxhat = dgates @ w_hh, grad_w_hh = dgates^T @ xhat (cuBLAS)
     at::Tensor dxhat = at::mm(gates, w_hh);
     grad_w_hh = at::mm(gates.t(), xhat2d);
 
-    // 6. tail
+    // 5. tail: grad_tokens
     TailArgs<Tt, Wt, At> ta{};
-    ta.dpg = dpg.data_ptr<At>();
-    ta.prompt = prompt.data_ptr<Wt>();
-    ta.w_ih = w_ih.data_ptr<Wt>();
-    ta.grad_prompt = grad_prompt.data_ptr<Wt>();
-    ta.grad_w_ih = grad_w_ih.data_ptr<Wt>();
-    ta.grad_b_ih = grad_b_ih.data_ptr<Wt>();
-    ta.grad_b_hh = grad_b_hh.data_ptr<Wt>();
-    ta.partial = partial.data_ptr<At>();
-    ta.tickets = tickets.data_ptr<int>() + n_tickets_e;
-    ta.dp_tiles_m = int(dp_tiles_m); ta.dp_tiles_n = int(dp_tiles_n);
-    ta.dp_splits = int(splits); ta.dp_kchunk = int(kchunk);
-    ta.n_dp_blocks = int(dp_tiles * splits);
-    ta.wi_tiles_m = int(ceil_div(D4, 64));
-    ta.n_wi_blocks = int(ta.wi_tiles_m * ceil_div(D, 64));
-    ta.n_db_blocks = int(ceil_div(D4, kThreads));
     ta.dxhat = dxhat.data_ptr<Wt>();
     ta.grad_tokens = grad_tokens.data_ptr<Tt>();
     ta.B = int(B); ta.Np = int(Np); ta.N = int(N); ta.D = int(D); ta.k = int(k); ta.T_total = int(T);
@@ -1032,7 +734,7 @@ cuda_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const 
       const int64_t Dv = ceil_div(D, V);
       ta.dt_shift = pick_dt_shift(Dv, B, sms);
       ta.n_dtiles = int(ceil_div(Dv, int64_t(1) << ta.dt_shift));
-      const int64_t blocks = int64_t(ta.n_dp_blocks) + ta.n_wi_blocks + ta.n_db_blocks + B * ta.n_dtiles;
+      const int64_t blocks = B * ta.n_dtiles;
       TORCH_CHECK(blocks <= INT_MAX, "lspt cuda: problem too large");
       tail_kernel<Tt, Wt, At, V><<<unsigned(blocks), kThreads, 0, stream>>>(ta);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1040,7 +742,7 @@ cuda_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const 
     if (vec_t) launch(std::integral_constant<int, kVecT>{});
     else launch(std::integral_constant<int, 1>{});
   });
-  return {grad_tokens, grad_cell_prev, grad_prompt, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+  return {grad_tokens, grad_cell_prev, grad_gate_bias, grad_w_hh};
 }
 
 }  // namespace lspt

@@ -1,5 +1,6 @@
-// Fused LSPT step on CUDA: three launches forward (prologue, one cuBLAS GEMM, epilogue), six
-// backward (prologue, three cuBLAS GEMMs, one elementwise kernel, one tail kernel).
+// Fused LSPT step on CUDA: three launches forward (prologue, one cuBLAS GEMM, epilogue), five
+// backward (one cuBLAS GEMM, one elementwise kernel, two cuBLAS GEMMs, one tail kernel; plus a
+// ticket memset when the gate-bias batch sum is split over blocks).
 // The contract (shapes, dtypes, what is saved for backward) is the docstring of lspt_kernels/ops.py.
 // This header holds ATen types only, so a plain C++ compiler can include it (csrc/bindings.cpp).
 #pragma once
@@ -11,18 +12,17 @@
 
 namespace lspt {
 
-// (hidden (B,Np,D) tokens.dtype, new_cell (B,Np,D) cell.dtype, xhat (B,Np,D) w_hh.dtype)
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(
-    const at::Tensor& tokens, const at::Tensor& cell, const at::Tensor& prompt,
-    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b_ih,
-    const at::Tensor& b_hh, int64_t k);
+// (hidden (B,Np,D) tokens.dtype, new_cell (B,Np,D) cell.dtype, xhat (B,Np,D) w_hh.dtype, an empty
+//  tensor: the gates are recomputed in backward, save_gates is ignored)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_forward(
+    const at::Tensor& tokens, const at::Tensor& cell, const at::Tensor& gate_bias,
+    const at::Tensor& w_hh, int64_t k, bool save_gates);
 
-// (grad_tokens (B,T,D) grad_hidden.dtype, grad_cell cell.dtype, grad_prompt, grad_w_ih,
-//  grad_w_hh, grad_b_ih, grad_b_hh in w_hh.dtype)
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-cuda_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const at::Tensor& xhat,
-              const at::Tensor& cell, const at::Tensor& prompt, const at::Tensor& w_ih,
-              const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh, int64_t k,
-              int64_t num_tokens);
+// (grad_tokens (B,T,D) grad_hidden.dtype, grad_cell cell.dtype, grad_gate_bias (gate_bias's shape)
+//  and grad_w_hh in w_hh.dtype)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_backward(
+    const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const at::Tensor& xhat,
+    const at::Tensor& cell, const at::Tensor& gate_bias, const at::Tensor& w_hh,
+    const at::Tensor& gates, int64_t k, int64_t num_tokens);
 
 }  // namespace lspt

@@ -1,0 +1,86 @@
+"""The registered op on its own (issue 9, item 1): a direct torch.ops.lspt.* call in a fresh process,
+and a torch.export-ed model saved, loaded and run in a fresh process, without lspt_step ever having
+loaded the backend first."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_vit
+
+from lspt_kernels import LSPTEncoder, ops
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _require_cpu():
+    why = ops.unavailable_reason("cpu")
+    if why is not None:
+        pytest.skip(f"cpu backend unavailable: {why}")
+
+
+def _run_fresh(code: str, tmp_path: Path) -> str:
+    """Run `code` in a fresh interpreter that imports this checkout's package."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "python"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"fresh process failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_direct_op_call_in_a_fresh_process(tmp_path):
+    _require_cpu()
+    out = _run_fresh("""
+        import torch
+        import lspt_kernels.ops as ops          # registers the op; loads no backend
+        assert not ops._KERNELS, ops._KERNELS
+        g = torch.Generator().manual_seed(0)
+        B, Np, N, D, k = 2, 3, 5, 8, 1
+        tokens = torch.randn(B, k + Np + N, D, generator=g)
+        cell = torch.randn(B, Np, D, generator=g)
+        gate_bias = torch.randn(Np, 4 * D, generator=g)
+        w_hh = torch.randn(4 * D, D, generator=g) * D ** -0.5
+        h, c, xhat, gates = torch.ops.lspt.step_fwd(tokens, cell, gate_bias, w_hh, k, True, "cpu")
+        h_ref, c_ref = ops.step_eager(tokens, cell, gate_bias, w_hh, k)
+        torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(c, c_ref, atol=1e-5, rtol=1e-5)
+        try:
+            torch.ops.lspt.step_fwd(tokens, cell, gate_bias, w_hh, k, True, "nonsense")
+        except ValueError as exc:
+            print("ERR", exc)
+        print("OK")
+    """, tmp_path)
+    assert "OK" in out
+    assert "backend must be one of ('cpu', 'triton', 'cuda')" in out and "'nonsense'" in out
+
+
+def test_export_save_load_in_a_fresh_process(tmp_path):
+    """torch.export -> save -> load in a new process -> run: matches eager."""
+    _require_cpu()
+    model = LSPTEncoder(make_vit(), 3, 5, backend="cpu").eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(images)
+        ep = torch.export.export(model, (images,))
+    names = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert any("lspt.step_fwd" in str(t) for t in names), "the exported graph must hold the fused op"
+    torch.export.save(ep, tmp_path / "model.pt2")
+    torch.save(dict(images=images, expected=expected), tmp_path / "io.pt")
+    out = _run_fresh("""
+        import torch
+        import lspt_kernels.ops as ops          # the op's registration; the backend loads itself
+        ep = torch.export.load("model.pt2")
+        io = torch.load("io.pt")
+        assert not ops._KERNELS
+        with torch.no_grad():
+            got = ep.module()(io["images"])
+        torch.testing.assert_close(got, io["expected"], atol=1e-5, rtol=1e-5)
+        print("OK")
+    """, tmp_path)
+    assert "OK" in out
