@@ -175,10 +175,3 @@ def test_reduce_overhead_on_gpu(backend):
         for _ in range(3):
             out = compiled(images)
         torch.testing.assert_close(out, model(images), atol=1e-4, rtol=1e-4)
-
-
-def test_depth_one_vit_runs_no_step():
-    """A depth-1 ViT has no step (and no gate GEMM): the fused configuration still runs."""
-    _require_cpu()
-    enc = LSPTEncoder(make_vit(depth=1), NP, NC, backend="cpu")
-    assert enc(torch.randn(2, 3, 32, 32)).shape == (2, NC)
