@@ -28,8 +28,11 @@ def test_step_cli_writes_spreads_speedups_host_overhead_and_verdicts(tmp_path, c
             assert r[f"{key}_q1"] <= r[key] <= r[f"{key}_q3"] and len(r[f"{key}_all"]) == 3
         assert r["fwd_bwd_speedup_n"] == 3 and r["fwd_bwd_of_floor"] > 0
     assert rows["eager"]["fwd_bwd_speedup"] == pytest.approx(1.0)
-    over = {r["backend"]: r for r in data["host_overhead"]}
-    assert over["eager"]["fwd_bwd_us"] > 0 and over["eager"]["fwd_us"] > 0 and over["eager"]["threads"] == 1
+    over = {(r["api"], r["backend"]): r for r in data["host_overhead"]}
+    for api in ("encoder", "lspt_step"):
+        r = over[(api, "eager")]
+        assert r["fwd_bwd_us"] > 0 and r["fwd_us"] > 0 and r["threads"] == 1
+    assert set(over) == {(api, b) for api in ("encoder", "lspt_step") for b in ("eager", "cpu")}
     assert torch.get_num_threads() == 1            # --threads 1 kept; host_overhead restored what it found
     if "skipped" not in rows["cpu"]:
         (t,) = [t for t in data["targets"] if t["backend"] == "cpu"]

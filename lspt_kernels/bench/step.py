@@ -92,13 +92,25 @@ def step_fn(backend: str) -> Callable:
     return lambda *a, k: lspt_step(*a, num_prefix_tokens=k, backend=backend)
 
 
-def make_callables(backend: str, inputs, num_prefix_tokens: int = 1):
-    """(forward, forward_backward) closures for one backend on fixed inputs."""
+def make_callables(backend: str, inputs, num_prefix_tokens: int = 1, api: str = "lspt_step"):
+    """(forward, forward_backward) closures for one backend on fixed inputs. api="lspt_step": the
+    public op, validated per call; api="encoder": what LSPTEncoder runs per block, `ops.fused_step`
+    on gate-bias rows computed beforehand (its checks, backend resolution and W_ih GEMM run once per
+    forward, not per step)."""
     import torch
-    step = step_fn(backend)
+    if api == "encoder":
+        from .. import ops
+        tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh = inputs
+        with torch.no_grad():
+            gate_bias = ops.gate_bias_rows(prompt, w_ih, b_ih, b_hh)
+        inputs = (tokens, cell, gate_bias.requires_grad_(), w_hh)
+        name = "eager" if backend == "reference" else backend
+        step = lambda *a, k: ops.fused_step(*a, k, name, torch.is_grad_enabled())  # noqa: E731
+    else:
+        step = step_fn(backend)
     tokens = inputs[0]
     B, T, D = tokens.shape
-    n_p = inputs[2].shape[0]
+    n_p = inputs[1].shape[1]
     gh = torch.randn(B, n_p, D, generator=torch.Generator().manual_seed(1)).to(tokens)
     gc = torch.randn(B, n_p, D, generator=torch.Generator().manual_seed(2)).to(inputs[1])
 
@@ -186,13 +198,15 @@ def _put(row: dict, key: str, s: dict | None, scale: float = 1.0) -> None:
 
 
 def _time_backends(backends: list[str], inputs, device: str, repeats: int, warmup: int, timer: Timer,
-                   k: int, min_sample_s: float) -> tuple[dict, dict, dict]:
+                   k: int, min_sample_s: float, api: str = "lspt_step") -> tuple[dict, dict, dict]:
     """{direction: {backend: [seconds per call per round]}}, {backend: why skipped}, {backend: inner}."""
     runnable, skipped = {}, {}
     for backend in backends:
         why = unavailable(backend, device)
+        if why is None and api == "encoder" and backend == "compile":
+            why = "not an encoder step (the encoder compiles as a whole)"
         if why is None:
-            fwd, fwd_bwd = make_callables(backend, inputs, k)
+            fwd, fwd_bwd = make_callables(backend, inputs, k, api)
             try:                          # also compiles "compile" (both graphs)
                 fwd(), fwd_bwd()
                 sync(device)
@@ -262,7 +276,9 @@ def run(batches=(8, 64), num_prompts=(10, 100), *, device: str = "cpu", dtype=No
 def host_overhead(device: str = "cpu", backends: list[str] | None = None, repeats: int = 10,
                   warmup: int = 3) -> list[dict]:
     """Per-call cost on tiny tensors (what the step costs beyond its arithmetic: checks, dispatch,
-    autograd, launches), with one CPU thread: microseconds per forward+backward and no-grad forward."""
+    autograd, launches), with one CPU thread: microseconds per forward+backward and no-grad forward,
+    for the public `lspt_step` (api "lspt_step") and for the step the encoder runs per block
+    (api "encoder", the figure issue 14's targets are about)."""
     import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -272,18 +288,19 @@ def host_overhead(device: str = "cpu", backends: list[str] | None = None, repeat
         inputs = make_inputs(s["batch"], s["num_prompts"], num_patches=s["num_patches"], dim=s["dim"],
                              num_prefix_tokens=s["num_prefix_tokens"], device=device)
         backends = backends or default_backends(device)
-        times, skipped, inner = _time_backends(backends, inputs, device, repeats, warmup, Timer(device),
-                                               s["num_prefix_tokens"], 0.02)
         rows = []
-        for backend in backends:
-            row = dict(backend=backend, device=device, threads=1, shape="B1 Np1 N4 D8 fp32")
-            if backend in skipped:
-                rows.append({**row, "skipped": skipped[backend]})
-                continue
-            for direction in ("fwd_bwd", "fwd"):
-                _put(row, f"{direction}_us", summarize(times[direction][backend]), 1e6)
-                row[f"{direction}_inner"] = inner.get(f"{backend}:{direction}", 1)
-            rows.append(row)
+        for api in ("encoder", "lspt_step"):
+            times, skipped, inner = _time_backends(backends, inputs, device, repeats, warmup, Timer(device),
+                                                   s["num_prefix_tokens"], 0.02, api)
+            for backend in backends:
+                row = dict(api=api, backend=backend, device=device, threads=1, shape="B1 Np1 N4 D8 fp32")
+                if backend in skipped:
+                    rows.append({**row, "skipped": skipped[backend]})
+                    continue
+                for direction in ("fwd_bwd", "fwd"):
+                    _put(row, f"{direction}_us", summarize(times[direction][backend]), 1e6)
+                    row[f"{direction}_inner"] = inner.get(f"{backend}:{direction}", 1)
+                rows.append(row)
         return rows
     finally:
         torch.set_num_threads(threads)
@@ -361,12 +378,15 @@ def format_host_overhead(rows: list[dict]) -> str:
     s = HOST_OVERHEAD
     lines = [f"host overhead per call, tiny tensors (B {s['batch']}, Np {s['num_prompts']}, N {s['num_patches']}, "
              f"D {s['dim']}, fp32), one thread: median [quartiles] us",
-             f"{'backend':>8} | {'fwd+bwd us':>26} | {'no-grad fwd us':>26}"]
+             f"{'api':>9} | {'backend':>8} | {'fwd+bwd us':>26} | {'no-grad fwd us':>26}"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"{r['backend']:>8} | skipped: {r['skipped']}")
+            lines.append(f"{r['api']:>9} | {r['backend']:>8} | skipped: {r['skipped']}")
             continue
-        lines.append(f"{r['backend']:>8} | {_spread(r, 'fwd_bwd_us', '.1f'):>26} | {_spread(r, 'fwd_us', '.1f'):>26}")
+        lines.append(f"{r['api']:>9} | {r['backend']:>8} | {_spread(r, 'fwd_bwd_us', '.1f'):>26} | "
+                     f"{_spread(r, 'fwd_us', '.1f'):>26}")
+    lines.append("  api 'encoder': the step LSPTEncoder runs per block (checks and the W_ih GEMM once per forward); "
+                 "'lspt_step': the public op, validated per call")
     return "\n".join(lines)
 
 
