@@ -173,6 +173,45 @@ class PromptEncoder(nn.Module):
         P = P.to(dtype).expand(batch, -1, -1)
         return self.prompt_dropout(P) if self.training and self.prompt_dropout.p > 0 else P
 
+    # --- gradient checkpointing (timm's flag on the backbone is the one switch) -------------------------
+    @property
+    def grad_checkpointing(self) -> bool:
+        return bool(getattr(self.vit, "grad_checkpointing", False))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> "PromptEncoder":
+        """Recompute each block together with the step after it in backward instead of keeping their
+        activations (timm's `vit.set_grad_checkpointing`, which this also honours, sets the same flag)."""
+        self.vit.set_grad_checkpointing(enable)
+        return self
+
+    def _carried(self, state) -> tuple[Tensor, ...]:
+        """The tensors of `state` that `_after_block` replaces from one block to the next."""
+        return ()
+
+    def _with_carried(self, state, tensors: tuple[Tensor, ...]):
+        """A copy of `state` holding `tensors` as its carried tensors; `state` itself is unchanged."""
+        return state
+
+    def _checkpointed_block(self, l: int, block: nn.Module, x: Tensor, state):
+        """Block l and the step after it as one checkpointed unit.
+
+        Backward re-runs the unit from the same inputs, so it must be a function of them: the carried
+        state goes in and out as tensors and every call works on its own copy of the state, and the
+        in-place writes land in the block's fresh output, never in an input. The RNG state is replayed,
+        so prompt dropout inside the unit draws the same mask again."""
+        from torch.utils.checkpoint import checkpoint
+
+        def unit(x: Tensor, *carried: Tensor):
+            own = self._with_carried(state, carried)
+            x_in, x = x, self._run_block(l, block, x)
+            if l < self.depth - 1:
+                self._after_block(l, x_in, x, own)
+            return (x, *self._carried(own))
+
+        x, *carried = checkpoint(unit, x, *self._carried(state), use_reentrant=False,
+                                 preserve_rng_state=True)
+        return x, self._with_carried(state, tuple(carried))
+
     def prompt_slot(self, x: Tensor) -> Tensor:
         k = self.num_prefix_tokens
         return x[:, k:k + self.num_prompts]
@@ -186,7 +225,11 @@ class PromptEncoder(nn.Module):
             first = self._batch_prompts(first, x.shape[0], x.dtype)
             x = torch.cat([x[:, :k], first, x[:, k:]], dim=1)             # the one token buffer
         state = self._init_state(x)
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         for l, block in enumerate(self.vit.blocks):
+            if checkpointing:
+                x, state = self._checkpointed_block(l, block, x, state)
+                continue
             x_in, x = x, self._run_block(l, block, x)
             if l < self.depth - 1:
                 self._after_block(l, x_in, x, state)
@@ -377,6 +420,12 @@ class LSPTEncoder(PromptEncoder):
         cells = [torch.zeros(B, n, D, dtype=dtype, device=x.device) for _ in range(self.lstm_layers)]
         gemm_dtype = torch.get_autocast_dtype(x.device.type) if autocast else None
         return dict(cells=cells, gemm_dtype=gemm_dtype, weights={})
+
+    def _carried(self, state):
+        return tuple(state["cells"])
+
+    def _with_carried(self, state, tensors):
+        return dict(state, cells=list(tensors))
 
     def _step_weights(self, cell: nn.LSTMCell, state) -> tuple[Tensor, ...]:
         """The cell's tensors in the GEMM dtype, cast once per forward (not once per block) under
