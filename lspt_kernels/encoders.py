@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import lspt_step
+from .ops import autocast_enabled, lspt_step
 
 __all__ = ["PromptEncoder", "LinearProbe", "VPTEncoder", "GaPTEncoder", "LSPTEncoder", "METHODS",
            "build_encoder", "HEAD_INITS"]
@@ -414,7 +414,7 @@ class LSPTEncoder(PromptEncoder):
 
     def _init_state(self, x):
         B, D, n = x.shape[0], self.embed_dim, self.num_prompts
-        autocast = torch.is_autocast_enabled(x.device.type)
+        autocast = autocast_enabled(x.device.type)
         # The cell state is carried in fp32 under autocast (it accumulates over L - 1 steps).
         dtype = torch.float32 if autocast else x.dtype
         cells = [torch.zeros(B, n, D, dtype=dtype, device=x.device) for _ in range(self.lstm_layers)]

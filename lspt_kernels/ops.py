@@ -29,6 +29,7 @@ low-precision (torch.autocast). Means and gate math are always computed in fp32.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable, NamedTuple
 
@@ -107,6 +108,14 @@ def unavailable_reason(name: str) -> str | None:
     return _UNAVAILABLE.get(name)
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled for any device type: False where autocast does not exist (meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # "unknown device type for autocast" (meta and other non-compute devices)
+        return False
+
+
 def _triton_runs_on(device: torch.device) -> bool:
     import os
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
@@ -118,6 +127,8 @@ _warned_fallback = False
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map "auto" to the fastest backend for `device`; check that a named one can run there."""
     global _warned_fallback
+    if device.type == "meta":
+        return _resolve_meta(backend)
     if backend == "auto":
         order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
         for name in order:
@@ -141,6 +152,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                          + (" (set TRITON_INTERPRET=1 to run Triton on the CPU)" if backend == "triton" else ""))
     if _load_backend(backend) is None:
         raise RuntimeError(f"lspt_step: backend {backend!r} is not available here: {_UNAVAILABLE[backend]}")
+    return backend
+
+
+def _resolve_meta(backend: str) -> str:
+    """Meta tensors (shape propagation, e.g. a model built on or moved to 'meta'): a fused backend
+    runs the op's fake kernel, which never touches a kernel or loads an extension; "auto" runs the
+    eager step, whose plain ops propagate shapes themselves."""
+    if backend == "auto":
+        return "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"lspt_step: backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     return backend
 
 
@@ -195,6 +217,18 @@ def check_step_inputs(tokens, cell, prompt, weight_ih, weight_hh, bias_ih, bias_
         raise TypeError(f"lspt_step: cell must be {tokens.dtype} (like tokens) or float32, got {cell.dtype}")
 
 
+def _refuse_interpreted_bf16(backend: str, *tensors: Tensor) -> None:
+    """The Triton interpreter (TRITON_INTERPRET=1, Triton on the CPU) has no bfloat16 arithmetic:
+    it computes silently wrong results (measured: hidden off by 1.28), so refuse before launching."""
+    if backend != "triton" or tensors[0].device.type == "cuda":
+        return
+    if any(isinstance(t, Tensor) and t.dtype == torch.bfloat16 for t in tensors):
+        raise TypeError("lspt_step: backend 'triton' on CPU tensors runs in the Triton interpreter "
+                        "(TRITON_INTERPRET=1), which has no bfloat16 arithmetic and would return wrong "
+                        "results; use float32/float16 there, backend='cpu' or 'reference' for bfloat16 "
+                        "on the CPU, or CUDA tensors")
+
+
 # ----------------------------------------------------------------------------------------------
 # The registered ops.
 # ----------------------------------------------------------------------------------------------
@@ -202,6 +236,7 @@ def check_step_inputs(tokens, cell, prompt, weight_ih, weight_hh, bias_ih, bias_
 def _step_fwd(tokens: Tensor, cell: Tensor, prompt: Tensor, weight_ih: Tensor, weight_hh: Tensor,
               bias_ih: Tensor, bias_hh: Tensor, num_prefix_tokens: int,
               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    _refuse_interpreted_bf16(backend, tokens, cell, weight_hh)
     # Autocast must not re-cast inside the kernels: the wrapper already chose every dtype.
     with torch.autocast(tokens.device.type, enabled=False):
         return _KERNELS[backend].forward(tokens, cell, prompt, weight_ih, weight_hh, bias_ih,
@@ -222,6 +257,7 @@ def _step_bwd(grad_hidden: Tensor, grad_cell: Tensor, xhat: Tensor, cell: Tensor
               weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor, bias_hh: Tensor,
               num_prefix_tokens: int, num_tokens: int,
               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _refuse_interpreted_bf16(backend, grad_hidden, cell, weight_hh)
     with torch.autocast(grad_hidden.device.type, enabled=False):
         return _KERNELS[backend].backward(grad_hidden, grad_cell, xhat, cell, prompt, weight_ih,
                                           weight_hh, bias_ih, bias_hh, num_prefix_tokens, num_tokens)
@@ -259,6 +295,68 @@ def _backward(ctx, grad_hidden, grad_cell, _grad_xhat):
 torch.library.register_autograd("lspt::step_fwd", _backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "lspt_step: the fused backends have no double backward (a gradient of a gradient, e.g. "
+        "torch.autograd.grad(..., create_graph=True) then backward again: gradient penalties, Hessians); "
+        "use the eager step for that: lspt_step(..., backend='reference'), or "
+        "LSPTEncoder(..., backend='reference')")
+
+
+# The fused backward is not differentiable: differentiating through its outputs raises the clear error
+# above (instead of torch's "no autograd formula was registered"); a create_graph=True backward that is
+# never differentiated again still works.
+torch.library.register_autograd("lspt::step_bwd", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+def _register_flop_formulas() -> None:
+    """FlopCounterMode sees the op, not the GEMMs inside it: count them (2 FLOPs per multiply-add).
+
+    Forward: the batch-independent prompt product P W_ih^T (8 Np D^2) and the one large product
+    Xhat_SP W_hh^T (8 B Np D^2), as the eager step's addmm + mm. Backward (every fused backend
+    recomputes the gates, csrc/cpu/lspt_step_cpu.cpp cpu_backward and triton_kernels.backward): the two
+    forward products again, then dXhat (8 B Np D^2), dW_hh (8 B Np D^2), dP (8 Np D^2), dW_ih (8 Np D^2).
+    """
+    from torch.utils.flop_counter import register_flop_formula
+
+    def gemm_flops(rows: int, n_p: int, D: int) -> int:   # (rows x D) @ (D x 4D) + (Np x D) @ (D x 4D)
+        return 8 * rows * D * D + 8 * n_p * D * D
+
+    @register_flop_formula(torch.ops.lspt.step_fwd)
+    def _fwd_flops(tokens_shape, cell_shape, prompt_shape, *args, out_shape=None, **kwargs) -> int:
+        B, n_p, D = cell_shape
+        return gemm_flops(B * n_p, n_p, D)
+
+    @register_flop_formula(torch.ops.lspt.step_bwd)
+    def _bwd_flops(grad_hidden_shape, grad_cell_shape, xhat_shape, *args, out_shape=None, **kwargs) -> int:
+        B, n_p, D = xhat_shape
+        return 3 * gemm_flops(B * n_p, n_p, D)
+
+
+_register_flop_formulas()
+
+
+_warned_func_transform = False
+
+
+def _under_func_transform() -> bool:
+    """Inside torch.func.grad / vmap / jacrev / ...: the registered op's autograd cannot run under
+    functorch's transforms, the eager step (the same function, plain ops) can. Warn once."""
+    global _warned_func_transform
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        active = torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # pragma: no cover - functorch internals moved
+        return False
+    if active and not _warned_func_transform:
+        _warned_func_transform = True
+        warnings.warn("lspt_kernels: torch.func transforms (grad, vmap, jacrev, ...) run the eager LSPT "
+                      "step (backend='reference'; same maths), not the fused op", RuntimeWarning, stacklevel=4)
+    return active
+
+
 def lspt_step(tokens: Tensor, cell: Tensor, prompt: Tensor, weight_ih: Tensor, weight_hh: Tensor,
               bias_ih: Tensor, bias_hh: Tensor, *, num_prefix_tokens: int = 1,
               backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -270,7 +368,7 @@ def lspt_step(tokens: Tensor, cell: Tensor, prompt: Tensor, weight_ih: Tensor, w
     math in fp32 (the cell is returned in fp32).
     """
     device_type = tokens.device.type if isinstance(tokens, Tensor) else "cpu"
-    autocast = isinstance(tokens, Tensor) and torch.is_autocast_enabled(device_type)
+    autocast = isinstance(tokens, Tensor) and autocast_enabled(device_type)
     if autocast:
         w = torch.get_autocast_dtype(device_type)
         prompt, weight_ih, weight_hh, bias_ih, bias_hh = (
@@ -281,8 +379,11 @@ def lspt_step(tokens: Tensor, cell: Tensor, prompt: Tensor, weight_ih: Tensor, w
     check_step_inputs(tokens, cell, prompt, weight_ih, weight_hh, bias_ih, bias_hh, num_prefix_tokens,
                       autocast=autocast)
     backend = resolve_backend(backend, tokens.device)
+    if backend != "reference" and _under_func_transform():
+        backend = "reference"
     if backend == "reference":
-        with torch.autocast(device_type, enabled=False):
+        # (no autocast context where there is no autocast: meta tensors)
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
             return step_reference(tokens, cell, prompt, weight_ih, weight_hh, bias_ih, bias_hh,
                                   num_prefix_tokens)
     if tokens.stride(-1) != 1:
