@@ -124,8 +124,19 @@ def _triton_runs_on(device: torch.device) -> bool:
 _warned_fallback = False
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map "auto" to the fastest backend for `device`; check that a named one can run there."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None,
+                    width: int | None = None) -> str:
+    """Map "auto" to the fastest backend for `device`; check that a named one can run there. Given the
+    GEMM dtype (and the width D), a fused GPU backend must also pass its once-per-process self-check
+    against the eager step (lspt_kernels/selfcheck.py), else the next backend is used, with a warning."""
+    name = _resolve_backend(backend, device)
+    if dtype is not None and name != "reference" and device.type != "meta":
+        from . import selfcheck
+        name = selfcheck.ensure(name, device, dtype, width)
+    return name
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
     global _warned_fallback
     if device.type == "meta":
         return _resolve_meta(backend)
@@ -378,7 +389,7 @@ def lspt_step(tokens: Tensor, cell: Tensor, prompt: Tensor, weight_ih: Tensor, w
             cell = cell.float()
     check_step_inputs(tokens, cell, prompt, weight_ih, weight_hh, bias_ih, bias_hh, num_prefix_tokens,
                       autocast=autocast)
-    backend = resolve_backend(backend, tokens.device)
+    backend = resolve_backend(backend, tokens.device, weight_hh.dtype, tokens.shape[-1])
     if backend != "reference" and _under_func_transform():
         backend = "reference"
     if backend == "reference":
