@@ -185,8 +185,11 @@ def _evaluate(step, leaves, upstream):
 
 
 def _compare(name, device, dtype, layout, B, n_p, N, D, k) -> str | None:
-    # Normal tensors with autograd on, whatever the caller's mode (no_grad, inference_mode).
-    with torch.inference_mode(False), torch.enable_grad():
+    # Normal tensors with autograd on, whatever the caller's mode (no_grad, inference_mode, autocast),
+    # and plain saved tensors: the first call may come from inside a checkpointed block, whose
+    # saved-tensor hooks must not capture the check's own forward and backward.
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         return _compare_outputs(name, device, dtype, layout, B, n_p, N, D, k)
 
 

@@ -171,3 +171,25 @@ def test_real_triton_kernels_pass_interpreted(dtype):
         pytest.skip(f"triton backend unavailable: {ops.unavailable_reason('triton')}")
     ok, reason = selfcheck.check_backend("triton", "cpu", dtype, width=16)
     assert ok and reason == "", reason
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_first_check_inside_a_checkpointed_block(autocast):
+    """The first fused call of a process can come from inside a checkpointed block (and autocast): the
+    check must not run under the checkpoint's saved-tensor hooks nor the caller's autocast, and the
+    model's gradients must still be those of the eager encoder."""
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for backend in ("cpu", "reference"):
+        selfcheck.reset()
+        enc = LSPTEncoder(make_vit(), 3, 5, backend=backend).set_grad_checkpointing()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = enc(images)
+        grads[backend] = torch.autograd.grad(out.float().square().sum(), enc.trainable_parameters())
+        if backend == "cpu":
+            checked = dict(selfcheck._results)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    assert checked == {("cpu", "cpu", dtype, 32): (True, "")}, checked
+    tol = 3e-2 if autocast else 1e-5
+    for g, r in zip(grads["cpu"], grads["reference"]):
+        torch.testing.assert_close(g, r, atol=tol, rtol=tol)
