@@ -152,3 +152,66 @@ def test_alternating_copies_do_not_rebuild(tmp_path):
     # one directory per build ID, no temporary directory left behind
     dirs = sorted(p.name for p in ext_dir.iterdir() if p.is_dir())
     assert len(dirs) == 2 and all(".tmp-" not in d for d in dirs), dirs
+
+
+# ------------------------------------------------------------------------------------------------
+# The JIT path's atomicity and lock, with a stand-in compiler (no real build)
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_compiler(tmp_path, monkeypatch):
+    """cpp_extension.load replaced by one that 'builds' (writes the .so after a pause) and counts;
+    loading a finished build is replaced by a stand-in that records the path."""
+    from torch.utils import cpp_extension
+    calls = {"build": [], "load": []}
+
+    def load(name, sources, build_directory, **kw):
+        calls["build"].append(build_directory)
+        time.sleep(0.3)                                   # a window for a second process to race in
+        if "fail" in calls:
+            raise RuntimeError("compiler error")
+        Path(build_directory, name + cpp_extension.LIB_EXT).write_bytes(b"\x7fELF fake")
+        return types.SimpleNamespace(built_in=build_directory)
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setattr(_build, "_load_so", lambda name, path: calls["load"].append(path) or
+                        types.SimpleNamespace(loaded_from=path))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    return calls, tmp_path / "ext"
+
+
+def test_jit_builds_once_into_a_temporary_directory_then_renames(fake_compiler, capfd):
+    calls, root = fake_compiler
+    module = _build._jit("cpu", "_lspt_cpu")
+    name = f"_lspt_cpu_{_build.build_id('cpu')}"
+    assert len(calls["build"]) == 1 and Path(calls["build"][0]).name.startswith(name + ".tmp-")
+    assert module.built_in == calls["build"][0]
+    from torch.utils.cpp_extension import LIB_EXT
+    assert (root / name / f"{name}{LIB_EXT}").is_file()
+    assert [p.name for p in root.iterdir() if p.is_dir()] == [name]     # no temporary directory left
+    assert capfd.readouterr().err.count(_build.BUILD_LINE["cpu"]) == 1
+    # a second load: no build, no line, straight from the finished directory
+    again = _build._jit("cpu", "_lspt_cpu")
+    assert len(calls["build"]) == 1 and again.loaded_from.parent == root / name
+    assert _build.BUILD_LINE["cpu"] not in capfd.readouterr().err
+
+
+def test_concurrent_jit_builds_once(fake_compiler):
+    """Two loaders at once (threads hold separate lock handles, like two processes): one builds, the
+    other waits for the lock and loads the finished build."""
+    import threading
+    calls, root = fake_compiler
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(_build._jit("cpu", "_lspt_cpu"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls["build"]) == 1 and len(calls["load"]) == 1 and len(results) == 2
+
+
+def test_failed_jit_build_leaves_nothing_behind(fake_compiler):
+    calls, root = fake_compiler
+    calls["fail"] = True
+    with pytest.raises(RuntimeError, match="compiler error"):
+        _build._jit("cpu", "_lspt_cpu")
+    assert [p for p in root.iterdir() if p.is_dir()] == []

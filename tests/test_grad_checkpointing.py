@@ -167,3 +167,13 @@ def test_checkpointed_equals_plain_under_autocast(case):
         plain = _run(enc, images, upstream)
         enc.set_grad_checkpointing()
         _assert_same(_run(enc, images, upstream), plain)
+
+
+def test_checkpointed_fused_model_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces the checkpointed units (torch's checkpoint higher-order op)
+    around the fused op: same logits and gradients as eager."""
+    if unavailable_reason("cpu"):
+        pytest.skip(f"cpu backend unavailable: {unavailable_reason('cpu')}")
+    from test_compile import _check
+    torch._dynamo.reset()
+    _check(_encoder("lspt-cpu").set_grad_checkpointing(), "aot_eager")
