@@ -177,3 +177,22 @@ def test_checkpointed_fused_model_compiles_without_graph_breaks():
     from test_compile import _check
     torch._dynamo.reset()
     _check(_encoder("lspt-cpu").set_grad_checkpointing(), "aot_eager")
+
+
+def test_checkpoint_some_blocks():
+    """blocks=n checkpoints the first n blocks only: same results, memory in between."""
+    vit = make_vit(embed_dim=64, depth=4, heads=2)
+    enc = _encoder("lspt-cpu", vit)
+    images = _images(4)
+    upstream = torch.randn(4, NC, generator=torch.Generator().manual_seed(2))
+    plain, plain_bytes = _run(enc, images, upstream), _saved_bytes(enc, images)
+    enc.set_grad_checkpointing(blocks=2)
+    assert enc.grad_checkpointing and enc.checkpoint_blocks == 2
+    _assert_same(_run(enc, images, upstream), plain)
+    half_bytes = _saved_bytes(enc, images)
+    enc.set_grad_checkpointing()
+    all_bytes = _saved_bytes(enc, images)
+    assert all_bytes < half_bytes < plain_bytes, (all_bytes, half_bytes, plain_bytes)
+    for bad in (-1, 5, 1.5, True):
+        with pytest.raises(ValueError, match="blocks must be an int in"):
+            enc.set_grad_checkpointing(blocks=bad)
