@@ -206,9 +206,10 @@ class PromptEncoder(nn.Module):
         """Block l and the step after it as one checkpointed unit.
 
         Backward re-runs the unit from the same inputs, so it must be a function of them: the carried
-        state goes in and out as tensors and every call works on its own copy of the state, and the
-        in-place writes land in the block's fresh output, never in an input. The RNG state is replayed,
-        so prompt dropout inside the unit draws the same mask again."""
+        state goes in and out as tensors and every call works on its own (shallow) copy of the state,
+        and the in-place writes land in the block's fresh output, never in an input. What the copy
+        shares is read-only or only grows the same way on every run (LSPT's cast-weights cache). The
+        RNG state is replayed, so prompt dropout inside the unit draws the same mask again."""
         from torch.utils.checkpoint import checkpoint
 
         def unit(x: Tensor, *carried: Tensor):

@@ -197,6 +197,7 @@ def _compare_outputs(name, device, dtype, layout, B, n_p, N, D, k) -> str | None
     from .ops import lspt_step, step_reference
 
     leaves64, upstream64 = _inputs(B, n_p, N, D, k)
+    leaves64, upstream64 = [t.to(device) for t in leaves64], [t.to(device) for t in upstream64]
     if layout == "plain":
         leaves = [t.to(device, dtype) for t in leaves64]
     else:  # torch.autocast: fp32 tensors, the GEMM in `dtype`, the cell carried in fp32
