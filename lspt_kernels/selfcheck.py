@@ -35,7 +35,6 @@ import threading
 import warnings
 
 import torch
-from torch import Tensor
 
 __all__ = ["check_backend", "ensure", "settings", "reset", "CHECKED_BY_DEFAULT"]
 
