@@ -364,7 +364,7 @@ def _under_func_transform() -> bool:
     if active and not _warned_func_transform:
         _warned_func_transform = True
         warnings.warn("lspt_kernels: torch.func transforms (grad, vmap, jacrev, ...) run the eager LSPT "
-                      "step (backend='reference'; same maths), not the fused op", RuntimeWarning, stacklevel=4)
+                      "step (backend='reference'; same maths), not the fused op", RuntimeWarning, stacklevel=3)
     return active
 
 
