@@ -41,18 +41,22 @@ def _extensions():
     spec.loader.exec_module(build)
     rel = lambda files: [os.path.join("csrc", f) for f in files]  # noqa: E731
     exts = []
+    # The build ID goes into the binary, so the loader can refuse it once the sources or torch change.
     if want_cpu:
+        flags = build.compile_flags("cpu")
         exts.append(cpp_extension.CppExtension(
             "lspt_kernels._lspt_cpu", rel(build.CPU_SOURCES), include_dirs=[str(ROOT / "csrc")],
-            extra_compile_args={"cxx": build.CXX_FLAGS}))
+            extra_compile_args={"cxx": flags["cxx"] + build.build_defines("cpu")},
+            extra_link_args=flags["ld"]))
     auto_cuda = want_cuda == "" and torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
     if want_cuda in ("1", "true") or auto_cuda:
         if cpp_extension.CUDA_HOME is None:
             sys.exit("LSPT_BUILD_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME (e.g. /usr/local/cuda)")
+        flags, defines = build.compile_flags("cuda"), build.build_defines("cuda")
         exts.append(cpp_extension.CUDAExtension(
             "lspt_kernels._lspt_cuda", rel(build.CUDA_SOURCES), include_dirs=[str(ROOT / "csrc")],
-            extra_compile_args={"cxx": build.CXX_FLAGS + ["-DLSPT_WITH_CUDA"],
-                                "nvcc": build.NVCC_FLAGS + ["-DLSPT_WITH_CUDA"] + build.cuda_arch_flags()}))
+            extra_compile_args={"cxx": flags["cxx"] + defines, "nvcc": flags["nvcc"] + defines},
+            extra_link_args=flags["ld"]))
     return exts, ({"build_ext": cpp_extension.BuildExtension} if exts else {})
 
 

@@ -1,16 +1,37 @@
-"""Loads the C++/CUDA extension: the one setup.py prebuilt if present, else a ninja JIT build.
+"""Loads the C++/CUDA extension: the one setup.py prebuilt if it matches, else a ninja JIT build.
 
-The JIT build goes to torch's extension cache (TORCH_EXTENSIONS_DIR, default
-~/.cache/torch_extensions) and is reused until a source changes. Sources live in csrc/ at the
-repository root, outside the package (as in flash-attention/xformers): an editable install or a
-checkout on sys.path can JIT; a plain wheel relies on the ahead-of-time build
-(LSPT_BUILD_CPU=1 / LSPT_BUILD_CUDA=1 pip install .).
+Sources live in csrc/ at the repository root, outside the package (as in flash-attention/xformers):
+an editable install or a checkout on sys.path can JIT; a plain wheel relies on the ahead-of-time
+build (LSPT_BUILD_CPU=1 / LSPT_BUILD_CUDA=1 pip install .).
+
+Which binary is loaded, and why (decisions):
+- Every build is named by its BUILD ID: a hash of the sources (every file under csrc/), the compile
+  flags, and the torch build it compiles against (version, CUDA version, git commit, C++ ABI) with the
+  Python ABI (EXT_SUFFIX) and machine. The ID is compiled into the binary (`source_hash`, `torch_tag`).
+- A prebuilt `lspt_kernels._lspt_{kind}` (setup.py) is loaded only when its `torch_tag` is this torch's
+  and, where csrc/ is present (a checkout), its `source_hash` is that of these sources: a binary left
+  over from other sources, or from another torch, is never loaded silently; it is skipped and the JIT
+  build says why. Without csrc/ (a wheel) the prebuilt is all there is: its torch tag still must match.
+- The JIT build goes to TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions/...) under
+  `_lspt_{kind}_{build id}/`, so two checkouts, two virtual environments or two versions of the sources
+  each find their own build and never rebuild each other's (torch's own JIT names a build by its name
+  only, and rebuilds it whenever another checkout's source paths or flags differ).
+- The build is atomic: under an exclusive lock (`<dir>.lock`), into a temporary directory that is
+  renamed into place only when complete; a second process waits for the lock, then loads the result.
+  A finished build is loaded straight from its .so, without running ninja again.
+- Before building, one line goes to stderr: a JIT build takes a minute or more.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import os
+import platform
+import shutil
 import sys
+import sysconfig
+import tempfile
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -23,6 +44,9 @@ CUDA_SOURCES = CPU_SOURCES + ["cuda/lspt_step_cuda.cu"]
 CXX_FLAGS = ["-O3"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
+SOURCE_SUFFIXES = (".cpp", ".cc", ".h", ".hpp", ".cu", ".cuh")
+BUILD_LINE = {"cpu": "lspt_kernels: building the C++ step kernels, once, about a minute",
+              "cuda": "lspt_kernels: building the CUDA step kernels, once, a few minutes"}
 
 
 def cuda_arch_flags(archs: str | None = None) -> list[str]:
@@ -36,6 +60,50 @@ def cuda_arch_flags(archs: str | None = None) -> list[str]:
     return flags
 
 
+def compile_flags(kind: str) -> dict[str, list[str]]:
+    """The compile and link flags of extension `kind` ("cpu" or "cuda"), for setup.py and the JIT."""
+    if kind == "cpu":
+        return dict(cxx=list(CXX_FLAGS), nvcc=[], ld=[f for f in CXX_FLAGS if f == "-fopenmp"])
+    if kind == "cuda":
+        return dict(cxx=CXX_FLAGS + ["-DLSPT_WITH_CUDA"],
+                    nvcc=NVCC_FLAGS + ["-DLSPT_WITH_CUDA"] + cuda_arch_flags(),
+                    ld=[f for f in CXX_FLAGS if f == "-fopenmp"])
+    raise ValueError(f"extension kind must be 'cpu' or 'cuda', got {kind!r}")
+
+
+def source_hash(kind: str, csrc: Path | None = None) -> str | None:
+    """Hash of every source file under csrc/ (path and bytes) and of `kind`'s flags; None without csrc/."""
+    csrc = Path(csrc or CSRC)
+    if not csrc.is_dir():
+        return None
+    h = hashlib.sha256(f"kind={kind}\n".encode())
+    for key, flags in sorted(compile_flags(kind).items()):
+        h.update(f"{key}={' '.join(flags)}\n".encode())
+    for path in sorted(p for p in csrc.rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES):
+        rel = path.relative_to(csrc).as_posix()
+        h.update(f"{rel}\0{path.stat().st_size}\0".encode())
+        h.update(path.read_bytes())
+    return "h" + h.hexdigest()[:16]
+
+
+def torch_tag() -> str:
+    """Hash of what a binary extension is tied to: this torch build, the Python ABI, the machine."""
+    import torch
+    parts = [torch.__version__, str(torch.version.cuda), str(getattr(torch.version, "git_version", "")),
+             str(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", "")), sys.implementation.cache_tag or "",
+             str(sysconfig.get_config_var("EXT_SUFFIX")), platform.machine(), sys.platform]
+    return "t" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def build_defines(kind: str, csrc: Path | None = None) -> list[str]:
+    """-D flags that compile the build ID into the binary (csrc/bindings.cpp exposes them)."""
+    return [f"-DLSPT_SOURCE_HASH={source_hash(kind, csrc) or 'unknown'}", f"-DLSPT_TORCH_TAG={torch_tag()}"]
+
+
+def build_id(kind: str) -> str:
+    return hashlib.sha256(f"{source_hash(kind)}/{torch_tag()}".encode()).hexdigest()[:16]
+
+
 _cache: dict[str, object] = {}
 
 
@@ -44,30 +112,94 @@ def load_extension(kind: str):
     if kind in _cache:
         return _cache[kind]
     name = f"_lspt_{kind}"
-    try:
-        module = importlib.import_module(f"lspt_kernels.{name}")  # built by setup.py
-        # Only this checkout's own binary: an editable install's import finder can hand out another
-        # checkout's (built from other sources, possibly another op signature).
-        if Path(module.__file__).resolve().parent != Path(__file__).resolve().parent:
-            raise ImportError(f"{module.__file__} belongs to another checkout")
-    except ImportError:
-        module = _jit(kind, name)
+    module, why_not = _prebuilt(kind, name)
+    if module is None:
+        module = _jit(kind, name, why_not)
     _cache[kind] = module
     return module
 
 
-def _jit(kind: str, name: str):
+def _prebuilt(kind: str, name: str):
+    """(module, None) for a prebuilt that matches these sources and this torch; else (None, why)."""
+    try:
+        module = importlib.import_module(f"lspt_kernels.{name}")  # built by setup.py
+    except ImportError:
+        return None, None
+    where = getattr(module, "__file__", name)
+    built_for, built_from = getattr(module, "torch_tag", None), getattr(module, "source_hash", None)
+    if built_for is not None and built_for != torch_tag():
+        return None, f"the prebuilt {where} was built against another torch"
+    expected = source_hash(kind)
+    if expected is None:            # a wheel: no sources to compare with, the prebuilt is the build
+        return module, None
+    if built_from is None:
+        return None, f"the prebuilt {where} records no source hash (built by an older setup.py)"
+    if built_from != expected:
+        return None, f"the prebuilt {where} was built from other sources"
+    return module, None
+
+
+def _load_so(module_name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Lock:
+    """An exclusive advisory lock on a file (released when the process exits, even on a crash)."""
+
+    def __init__(self, path: Path):
+        self.path, self.file = path, None
+
+    def __enter__(self):
+        self.file = open(self.path, "a+")
+        try:
+            import fcntl
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - Windows: the temp dir + rename still keeps builds whole
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()      # closing releases the flock
+
+
+def _jit(kind: str, name: str, why_not_prebuilt: str | None = None):
     from torch.utils import cpp_extension
 
     sources = CPU_SOURCES if kind == "cpu" else CUDA_SOURCES
     missing = [s for s in sources if not (CSRC / s).is_file()]
     if missing:
         raise RuntimeError(f"cannot JIT-build {name}: sources not found under {CSRC}: {missing} "
-                           "(install from a checkout with `pip install -e .`, or prebuild it)")
-    kwargs = dict(name=name, sources=[str(CSRC / s) for s in sources],
-                  extra_include_paths=[str(CSRC)], extra_cflags=CXX_FLAGS, verbose=False,
-                  extra_ldflags=[f for f in CXX_FLAGS if f == "-fopenmp"])
-    if kind == "cuda":
-        kwargs.update(extra_cflags=CXX_FLAGS + ["-DLSPT_WITH_CUDA"],
-                      extra_cuda_cflags=NVCC_FLAGS + ["-DLSPT_WITH_CUDA"] + cuda_arch_flags())
-    return cpp_extension.load(**kwargs)
+                           "(install from a checkout with `pip install -e .`, or prebuild it)"
+                           + (f"; {why_not_prebuilt}" if why_not_prebuilt else ""))
+    jit_name = f"{name}_{build_id(kind)}"
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / jit_name
+    so = final / f"{jit_name}{cpp_extension.LIB_EXT}"
+    if so.is_file():
+        return _load_so(jit_name, so)
+    with _Lock(root / f"{jit_name}.lock"):
+        if so.is_file():                       # another process built it while we waited
+            return _load_so(jit_name, so)
+        print(BUILD_LINE[kind] + (f" ({why_not_prebuilt})" if why_not_prebuilt else ""), file=sys.stderr,
+              flush=True)
+        flags = compile_flags(kind)
+        defines = build_defines(kind)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{jit_name}.tmp-", dir=root))
+        try:
+            kwargs = dict(name=jit_name, sources=[str(CSRC / s) for s in sources], build_directory=str(tmp),
+                          extra_include_paths=[str(CSRC)], extra_cflags=flags["cxx"] + defines,
+                          extra_ldflags=flags["ld"], verbose=False)
+            if kind == "cuda":
+                kwargs.update(extra_cuda_cflags=flags["nvcc"] + defines)
+            module = cpp_extension.load(**kwargs)
+            if final.exists():                 # a build from before the lock existed: replace it
+                shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)              # atomic: a reader sees no build or a whole one
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return module

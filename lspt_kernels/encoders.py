@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import check_fused_inputs, fused_step, gate_bias_rows, resolve_backend
+from .ops import autocast_enabled, check_fused_inputs, fused_step, gate_bias_rows, resolve_backend
 
 __all__ = ["PromptEncoder", "LinearProbe", "VPTEncoder", "GaPTEncoder", "LSPTEncoder", "AdapterEncoder",
            "METHODS", "build_encoder", "HEAD_INITS", "POOLS", "TRAINING_ONLY_OPTIONS"]
@@ -87,7 +87,7 @@ def _images_in_model_dtype(images: Tensor, weight: Tensor) -> Tensor:
     autocast (it casts them itself); fp64 ones are still cast, as autocast does not touch fp64."""
     if images.dtype == weight.dtype:
         return images
-    if torch.is_autocast_enabled(images.device.type) and images.dtype != torch.float64:
+    if autocast_enabled(images.device.type) and images.dtype != torch.float64:
         return images
     return images.to(weight.dtype)
 
@@ -146,6 +146,7 @@ class PromptEncoder(nn.Module):
         self.depth = len(vit.blocks)
         self.embed_dim = vit.embed_dim
         self.prompt_dropout = nn.Dropout(prompt_dropout)
+        self.checkpoint_blocks: int | None = None        # set_grad_checkpointing(blocks=...); None: all
         self.head = nn.Linear(self.embed_dim, num_classes)
         if head_init == "official":
             nn.init.kaiming_normal_(self.head.weight, a=0, mode="fan_out")
@@ -258,6 +259,55 @@ class PromptEncoder(nn.Module):
         P = P.to(dtype).expand(batch, -1, -1)
         return self.prompt_dropout(P) if self.training and self.prompt_dropout.p > 0 else P
 
+    # --- gradient checkpointing (timm's flag on the backbone is the one switch) -------------------------
+    @property
+    def grad_checkpointing(self) -> bool:
+        return bool(getattr(self.vit, "grad_checkpointing", False))
+
+    def set_grad_checkpointing(self, enable: bool = True, *, blocks: int | None = None) -> "PromptEncoder":
+        """Recompute each block together with the step after it in backward instead of keeping their
+        activations (timm's `vit.set_grad_checkpointing`, which this also honours, sets the same flag).
+
+        blocks: checkpoint only the first `blocks` blocks (default: all). With a frozen backbone,
+        backward costs about one forward, so checkpointing every block costs about 1.5x the time of a
+        plain step; a fraction f of the blocks costs about 1 + f/2 for most of the memory saving."""
+        if blocks is not None and (not isinstance(blocks, int) or isinstance(blocks, bool)
+                                   or not 0 <= blocks <= self.depth):
+            raise ValueError(f"blocks must be an int in [0, {self.depth}] (the depth) or None for all, "
+                             f"got {blocks!r}")
+        self.vit.set_grad_checkpointing(enable)
+        self.checkpoint_blocks = blocks
+        return self
+
+    def _carried(self, state) -> tuple[Tensor, ...]:
+        """The tensors of `state` that `_after_block` replaces from one block to the next."""
+        return ()
+
+    def _with_carried(self, state, tensors: tuple[Tensor, ...]):
+        """A copy of `state` holding `tensors` as its carried tensors; `state` itself is unchanged."""
+        return state
+
+    def _checkpointed_block(self, l: int, block: nn.Module, x: Tensor, state):
+        """Block l and the step after it as one checkpointed unit.
+
+        Backward re-runs the unit from the same inputs, so it must be a function of them: the carried
+        state goes in and out as tensors and every call works on its own (shallow) copy of the state,
+        and the in-place writes land in the block's fresh output, never in an input. What the copy
+        shares is read-only or only grows the same way on every run (LSPT's cast-weights cache). The
+        RNG state is replayed, so prompt dropout inside the unit draws the same mask again."""
+        from torch.utils.checkpoint import checkpoint
+
+        def unit(x: Tensor, *carried: Tensor):
+            own = self._with_carried(state, carried)
+            x_in, x = x, self._run_block(l, block, x)
+            if l < self.depth - 1:
+                self._after_block(l, x_in, x, own)
+            return (x, *self._carried(own))
+
+        x, *carried = checkpoint(unit, x, *self._carried(state), use_reentrant=False,
+                                 preserve_rng_state=True)
+        return x, self._with_carried(state, tuple(carried))
+
     def prompt_slot(self, x: Tensor) -> Tensor:
         k = self.num_prefix_tokens
         return x[:, k:k + self.num_prompts]
@@ -271,7 +321,13 @@ class PromptEncoder(nn.Module):
             first = self._batch_prompts(first, x.shape[0], x.dtype)
             x = torch.cat([x[:, :k], first, x[:, k:]], dim=1)             # the one token buffer
         state = self._init_state(x)
+        checkpointed = self.depth if self.checkpoint_blocks is None else self.checkpoint_blocks
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            checkpointed = 0
         for l, block in enumerate(self.vit.blocks):
+            if l < checkpointed:
+                x, state = self._checkpointed_block(l, block, x, state)
+                continue
             x_in, x = x, self._run_block(l, block, x)
             if l < self.depth - 1:
                 self._after_block(l, x_in, x, state)
@@ -484,7 +540,7 @@ class LSPTEncoder(PromptEncoder):
 
     def _init_state(self, x):
         B, D, n = x.shape[0], self.embed_dim, self.num_prompts
-        autocast = torch.is_autocast_enabled(x.device.type)
+        autocast = autocast_enabled(x.device.type)
         # The cell state is carried in fp32 under autocast (it accumulates over L - 1 steps).
         dtype = torch.float32 if autocast else x.dtype
         cells = [torch.zeros(B, n, D, dtype=dtype, device=x.device) for _ in range(self.lstm_layers)]
@@ -504,11 +560,11 @@ class LSPTEncoder(PromptEncoder):
         GEMM for a shared cell). Per-image prompt dropout makes those rows (B, Np, 4D) per step; its
         masks are drawn one step at a time, in the order the PyTorch path draws them."""
         B, steps = x.shape[0], range(self.depth - 1)
-        backend = resolve_backend(self.backend, x.device)
         dropping = self.training and self.prompt_dropout.p > 0
         cells = [self._fused_cell(0)] if self.shared_lstm else [self._fused_cell(l) for l in steps]
         weights = [self._step_weights(c, state) for c in cells]          # (w_ih, w_hh, b_ih, b_hh) in W
         w = weights[0][1].dtype
+        backend = resolve_backend(self.backend, x.device, w, self.embed_dim)
         if dropping:
             P = torch.stack([self._batch_prompts(self.prompts[l + 1], B, x.dtype) for l in steps]).to(w)
         else:
@@ -523,6 +579,12 @@ class LSPTEncoder(PromptEncoder):
         check_fused_inputs(x, state["cells"][0], gate_bias[0], w_hhs[0], self.num_prefix_tokens,
                            autocast=autocast)
         state.update(backend=backend, gate_bias=gate_bias, w_hh=w_hhs, save_gates=torch.is_grad_enabled())
+
+    def _carried(self, state):
+        return tuple(state["cells"])
+
+    def _with_carried(self, state, tensors):
+        return dict(state, cells=list(tensors))
 
     def _step_weights(self, cell: nn.LSTMCell, state) -> tuple[Tensor, ...]:
         """The cell's tensors in the GEMM dtype, cast once per forward (not once per block) under

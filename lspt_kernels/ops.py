@@ -42,6 +42,7 @@ low-precision (torch.autocast). Means and gate math are always computed in fp32 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Callable, NamedTuple
@@ -161,6 +162,14 @@ def _kernels_for_op(backend: str, fn: str) -> Kernels:
     return kernels
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled for any device type: False where autocast does not exist (meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # "unknown device type for autocast" (meta and other non-compute devices)
+        return False
+
+
 def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -168,10 +177,26 @@ def _triton_runs_on(device: torch.device) -> bool:
 _warned_fallback: set = set()
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None,
+                    width: int | None = None) -> str:
     """Map "auto" to the fastest backend for `device` (AUTO_ORDER) and an alias to its name; check
-    that a named backend can run there. Called once per forward (encoder) or per lspt_step call."""
+    that a named backend can run there. Called once per forward (encoder) or per lspt_step call.
+    Given the GEMM dtype (and the width D), a fused GPU backend must also pass its once-per-process
+    self-check against the eager step (lspt_kernels/selfcheck.py), else the next backend is used, with
+    a warning. Inside torch.func transforms the eager step runs (the op's autograd cannot)."""
+    name = _resolve_backend(backend, device)
+    if dtype is not None and name != "eager" and device.type != "meta":
+        from . import selfcheck
+        name = selfcheck.ensure(name, device, dtype, width)
+    if name != "eager" and _under_func_transform():
+        name = "eager"
+    return name
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
     backend = ALIASES.get(backend, backend) if isinstance(backend, str) else backend
+    if device.type == "meta":
+        return _resolve_meta(backend)
     if backend == "auto":
         order = AUTO_ORDER.get(device.type, ())
         for name in order:
@@ -196,6 +221,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                          + (" (set TRITON_INTERPRET=1 to run Triton on the CPU)" if backend == "triton" else ""))
     if _load_backend(backend) is None:
         raise RuntimeError(f"lspt_step: backend {backend!r} is not available here: {_UNAVAILABLE[backend]}")
+    return backend
+
+
+def _resolve_meta(backend: str) -> str:
+    """Meta tensors (shape propagation, e.g. a model built on or moved to 'meta'): a fused backend
+    runs the op's fake kernel, which never touches a kernel or loads an extension; "auto" runs the
+    eager step, whose plain ops propagate shapes themselves."""
+    if backend == "auto":
+        return "eager"
+    if backend not in BACKENDS:
+        raise ValueError(f"lspt_step: backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     return backend
 
 
@@ -290,6 +326,18 @@ def check_fused_inputs(tokens, cell, gate_bias, weight_hh, num_prefix_tokens, *,
                          "cell, gate_bias and weight_hh")
 
 
+def _refuse_interpreted_bf16(backend: str, *tensors: Tensor) -> None:
+    """The Triton interpreter (TRITON_INTERPRET=1, Triton on the CPU) has no bfloat16 arithmetic:
+    it computes silently wrong results (measured: hidden off by 1.28), so refuse before launching."""
+    if backend != "triton" or tensors[0].device.type == "cuda":
+        return
+    if any(isinstance(t, Tensor) and t.dtype == torch.bfloat16 for t in tensors):
+        raise TypeError("lspt_step: backend 'triton' on CPU tensors runs in the Triton interpreter "
+                        "(TRITON_INTERPRET=1), which has no bfloat16 arithmetic and would return wrong "
+                        "results; use float32/float16 there, backend='cpu' or 'eager' for bfloat16 "
+                        "on the CPU, or CUDA tensors")
+
+
 # ----------------------------------------------------------------------------------------------
 # The registered ops. The bodies stay thin: load the kernels (once), keep autocast from re-casting
 # inside them, call. Extra per-call checks belong in the kernels (which re-check the contract).
@@ -303,6 +351,7 @@ def _step_fwd(tokens: Tensor, cell: Tensor, gate_bias: Tensor, weight_hh: Tensor
               num_prefix_tokens: int, save_gates: bool,
               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = _kernels_for_op(backend, "lspt::step_fwd")
+    _refuse_interpreted_bf16(backend, tokens, cell, gate_bias, weight_hh)
     save_gates = save_gates and backend in SAVES_GATES   # the fake impl's rule, one switch
     if torch.is_autocast_enabled(tokens.device.type):
         with torch.autocast(tokens.device.type, enabled=False):
@@ -327,6 +376,7 @@ def _step_bwd(grad_hidden: Tensor, grad_cell: Tensor, xhat: Tensor, cell: Tensor
               weight_hh: Tensor, gates: Tensor, num_prefix_tokens: int, num_tokens: int,
               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = _kernels_for_op(backend, "lspt::step_bwd")
+    _refuse_interpreted_bf16(backend, grad_hidden, cell, weight_hh)
     if torch.is_autocast_enabled(grad_hidden.device.type):
         with torch.autocast(grad_hidden.device.type, enabled=False):
             return kernels.backward(grad_hidden, grad_cell, xhat, cell, gate_bias, weight_hh, gates,
@@ -385,13 +435,73 @@ def fused_step(tokens: Tensor, cell: Tensor, gate_bias: Tensor, weight_hh: Tenso
     """One step from already validated inputs and a resolved backend: the encoder's per-block call.
     gate_bias: (Np, 4D) or (B, Np, 4D) = prompt W_ih^T + b_ih + b_hh (`gate_bias_rows`)."""
     if backend == "eager":
-        if torch.is_autocast_enabled(tokens.device.type):
+        if autocast_enabled(tokens.device.type):
             with torch.autocast(tokens.device.type, enabled=False):
                 return step_eager(tokens, cell, gate_bias, weight_hh, num_prefix_tokens)
         return step_eager(tokens, cell, gate_bias, weight_hh, num_prefix_tokens)
     hidden, new_cell, _, _ = _STEP_FWD(tokens, cell, gate_bias, weight_hh, num_prefix_tokens, save_gates,
                                        backend)
     return hidden, new_cell
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "lspt_step: the fused backends have no double backward (a gradient of a gradient, e.g. "
+        "torch.autograd.grad(..., create_graph=True) then backward again: gradient penalties, Hessians); "
+        "use the eager step for that: lspt_step(..., backend='eager'), or "
+        "LSPTEncoder(..., backend='eager')")
+
+
+# The fused backward is not differentiable: differentiating through its outputs raises the clear error
+# above (instead of torch's "no autograd formula was registered"); a create_graph=True backward that is
+# never differentiated again still works.
+torch.library.register_autograd("lspt::step_bwd", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+def _register_flop_formulas() -> None:
+    """FlopCounterMode sees the op, not the GEMMs inside it: count them (2 FLOPs per multiply-add).
+
+    The batch-independent P W_ih^T (+ biases) is a plain GEMM outside the op (`gate_bias_rows`), so
+    FlopCounterMode counts it itself. Forward: Xhat_SP W_hh^T, 8 B Np D^2. Backward: dXhat and dW_hh
+    (8 B Np D^2 each), plus the recomputed gates (8 B Np D^2 again) unless the forward saved them
+    (SAVES_GATES: the `gates` input is then (B, Np, 4D), else empty)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.lspt.step_fwd)
+    def _fwd_flops(tokens_shape, cell_shape, *args, out_shape=None, **kwargs) -> int:
+        B, n_p, D = cell_shape
+        return 8 * B * n_p * D * D
+
+    @register_flop_formula(torch.ops.lspt.step_bwd)
+    def _bwd_flops(grad_hidden_shape, grad_cell_shape, xhat_shape, cell_shape, gate_bias_shape,
+                   weight_hh_shape, gates_shape, *args, out_shape=None, **kwargs) -> int:
+        B, n_p, D = xhat_shape
+        recompute = 0 if len(gates_shape) == 3 else 1
+        return (2 + recompute) * 8 * B * n_p * D * D
+
+
+_register_flop_formulas()
+
+
+_warned_func_transform = False
+
+
+def _under_func_transform() -> bool:
+    """Inside torch.func.grad / vmap / jacrev / ...: the registered op's autograd cannot run under
+    functorch's transforms, the eager step (the same function, plain ops) can. Warn once."""
+    global _warned_func_transform
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        active = torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # pragma: no cover - functorch internals moved
+        return False
+    if active and not _warned_func_transform:
+        _warned_func_transform = True
+        warnings.warn("lspt_kernels: torch.func transforms (grad, vmap, jacrev, ...) run the eager LSPT "
+                      "step (backend='eager'; same maths), not the fused op", RuntimeWarning, stacklevel=3)
+    return active
 
 
 def lspt_step(tokens: Tensor, cell: Tensor, prompt: Tensor, weight_ih: Tensor, weight_hh: Tensor,
@@ -405,7 +515,7 @@ def lspt_step(tokens: Tensor, cell: Tensor, prompt: Tensor, weight_ih: Tensor, w
     math in fp32 (the cell is returned in fp32).
     """
     device_type = tokens.device.type if isinstance(tokens, Tensor) else "cpu"
-    autocast = isinstance(tokens, Tensor) and torch.is_autocast_enabled(device_type)
+    autocast = isinstance(tokens, Tensor) and autocast_enabled(device_type)
     if autocast:
         w = torch.get_autocast_dtype(device_type)
         prompt, weight_ih, weight_hh, bias_ih, bias_hh = (
@@ -415,11 +525,9 @@ def lspt_step(tokens: Tensor, cell: Tensor, prompt: Tensor, weight_ih: Tensor, w
             cell = cell.float()
     check_step_inputs(tokens, cell, prompt, weight_ih, weight_hh, bias_ih, bias_hh, num_prefix_tokens,
                       autocast=autocast)
-    backend = resolve_backend(backend, tokens.device)
-    if autocast:
-        with torch.autocast(device_type, enabled=False):
-            gate_bias = gate_bias_rows(prompt, weight_ih, bias_ih, bias_hh)
-    else:
+    backend = resolve_backend(backend, tokens.device, weight_hh.dtype, tokens.shape[-1])
+    # (no autocast context where there is no autocast: meta tensors)
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         gate_bias = gate_bias_rows(prompt, weight_ih, bias_ih, bias_hh)
     if backend != "eager":
         if tokens.stride(-1) != 1:

@@ -1,0 +1,218 @@
+"""The extension loader (lspt_kernels/_build.py): build IDs, stale prebuilt binaries, one build per ID.
+
+The fast tests check the build ID and the prebuilt decision with stand-in modules. The last test does
+real JIT builds (a minute or two each, on two cores): two copies of the package (lspt_kernels + csrc)
+with the same sources and a third with one changed byte, imported alternately in fresh processes with
+one TORCH_EXTENSIONS_DIR. Each distinct source builds once, says so in one line, and is never rebuilt.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from lspt_kernels import _build
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _copy_sources(dst: Path) -> Path:
+    shutil.copytree(_build.CSRC, dst / "csrc")
+    return dst / "csrc"
+
+
+def test_source_hash_follows_every_source_and_flag(tmp_path, monkeypatch):
+    csrc = _copy_sources(tmp_path)
+    base = _build.source_hash("cpu", csrc)
+    assert base == _build.source_hash("cpu") and base.startswith("h")
+    assert _build.source_hash("cuda", csrc) != base               # other flags and defines
+    header = csrc / "cpu" / "lspt_step_cpu.h"
+    header.write_text(header.read_text() + "\n// changed\n")     # a header counts, not only .cpp
+    assert _build.source_hash("cpu", csrc) != base
+    monkeypatch.setattr(_build, "CXX_FLAGS", _build.CXX_FLAGS + ["-DSOMETHING"])
+    assert _build.source_hash("cpu", _copy_sources(tmp_path / "again")) != base
+    assert _build.source_hash("cpu", tmp_path / "missing") is None
+
+
+def test_build_id_names_sources_and_torch(monkeypatch):
+    first, tag = _build.build_id("cpu"), _build.torch_tag()
+    assert first == _build.build_id("cpu") and first != _build.build_id("cuda")
+    import torch
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    assert _build.torch_tag() != tag
+    assert _build.build_id("cpu") != first                        # another torch: another build
+
+
+@pytest.fixture
+def fake_prebuilt(monkeypatch):
+    """Install a stand-in `lspt_kernels._lspt_cpu` and capture what the JIT path would be asked."""
+    calls = []
+    monkeypatch.setattr(_build, "_cache", {})
+    monkeypatch.setattr(_build, "_jit", lambda kind, name, why=None: calls.append(why) or "jit-built")
+
+    def install(**attrs):
+        module = types.ModuleType("lspt_kernels._lspt_cpu")
+        module.__file__ = "/somewhere/_lspt_cpu.so"
+        for k, v in attrs.items():
+            setattr(module, k, v)
+        monkeypatch.setitem(sys.modules, "lspt_kernels._lspt_cpu", module)
+        return module
+    return install, calls
+
+
+def test_matching_prebuilt_is_loaded(fake_prebuilt):
+    install, calls = fake_prebuilt
+    module = install(source_hash=_build.source_hash("cpu"), torch_tag=_build.torch_tag())
+    assert _build.load_extension("cpu") is module and calls == []
+
+
+@pytest.mark.parametrize("attrs, why", [
+    (dict(source_hash="h0000000000000000", torch_tag="this"), "built from other sources"),
+    (dict(source_hash="these", torch_tag="t0000000000000000"), "built against another torch"),
+    (dict(), "records no source hash"),                           # main's prebuilt before build IDs
+], ids=["other-sources", "other-torch", "unrecorded"])
+def test_stale_prebuilt_is_not_loaded(fake_prebuilt, attrs, why):
+    install, calls = fake_prebuilt
+    actual = {"this": _build.torch_tag(), "these": _build.source_hash("cpu")}
+    install(**{k: actual.get(v, v) for k, v in attrs.items()})
+    assert _build.load_extension("cpu") == "jit-built"
+    assert len(calls) == 1 and why in calls[0]
+
+
+def test_wheel_without_sources_trusts_a_prebuilt_for_this_torch_only(fake_prebuilt, monkeypatch, tmp_path):
+    install, calls = fake_prebuilt
+    monkeypatch.setattr(_build, "CSRC", tmp_path / "no-csrc")
+    module = install(source_hash="h0000000000000000", torch_tag=_build.torch_tag())
+    assert _build.load_extension("cpu") is module
+    monkeypatch.setattr(_build, "_cache", {})
+    install(source_hash="h0000000000000000", torch_tag="t0000000000000000")
+    assert _build.load_extension("cpu") == "jit-built" and "another torch" in calls[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Real builds
+# ------------------------------------------------------------------------------------------------
+# Times the load alone (torch and timm are imported before the clock starts).
+LOAD = ("import time; from lspt_kernels import _build; from torch.utils import cpp_extension; "
+        "t = time.perf_counter(); m = _build.load_extension('cpu'); print('FILE', m.__file__); "
+        "print('HASH', m.source_hash); print('SECONDS', time.perf_counter() - t)")
+
+
+def _package_copy(dst: Path, change: bool = False) -> Path:
+    shutil.copytree(ROOT / "lspt_kernels", dst / "lspt_kernels",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyd"))
+    csrc = _copy_sources(dst)
+    if change:
+        header = csrc / "cpu" / "lspt_step_cpu.h"
+        header.write_text(header.read_text() + "\n// a different build\n")
+    return dst
+
+
+def _load_in_subprocess(copy: Path, ext_dir: Path) -> tuple[bool, float, str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(copy), TORCH_EXTENSIONS_DIR=str(ext_dir), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", LOAD], env=env, cwd=copy, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.split(" ", 1)[0] in
+               ("FILE", "HASH", "SECONDS"))
+    built = _build.BUILD_LINE["cpu"] in proc.stderr
+    assert proc.stderr.count(_build.BUILD_LINE["cpu"]) <= 1
+    return built, float(out["SECONDS"]), out["HASH"], proc.stderr
+
+
+def test_alternating_copies_do_not_rebuild(tmp_path):
+    from torch.utils import cpp_extension
+    if shutil.which("ninja") is None and not cpp_extension.is_ninja_available():
+        pytest.skip("ninja is not available: no JIT build here")
+    ext_dir = tmp_path / "torch_extensions"
+    a = _package_copy(tmp_path / "a")
+    b = _package_copy(tmp_path / "b")                 # another checkout of the same sources
+    c = _package_copy(tmp_path / "c", change=True)    # other sources
+    expect = {a: _build.source_hash("cpu", a / "csrc"), c: _build.source_hash("cpu", c / "csrc")}
+    expect[b] = expect[a]
+
+    first = {}
+    for copy, should_build in ((a, True), (b, False), (c, True)):
+        built, seconds, hash_, stderr = _load_in_subprocess(copy, ext_dir)
+        assert built == should_build, (copy.name, stderr[-2000:])
+        assert hash_ == expect[copy]
+        first[copy] = seconds
+    for _round in range(2):
+        for copy in (a, b, c):
+            built, seconds, hash_, stderr = _load_in_subprocess(copy, ext_dir)
+            assert not built, (copy.name, stderr[-2000:])
+            assert hash_ == expect[copy]
+            assert seconds < 10, (copy.name, seconds)   # a load, not a 35-43 s rebuild
+    # one directory per build ID, no temporary directory left behind
+    dirs = sorted(p.name for p in ext_dir.iterdir() if p.is_dir())
+    assert len(dirs) == 2 and all(".tmp-" not in d for d in dirs), dirs
+
+
+# ------------------------------------------------------------------------------------------------
+# The JIT path's atomicity and lock, with a stand-in compiler (no real build)
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_compiler(tmp_path, monkeypatch):
+    """cpp_extension.load replaced by one that 'builds' (writes the .so after a pause) and counts;
+    loading a finished build is replaced by a stand-in that records the path."""
+    from torch.utils import cpp_extension
+    calls = {"build": [], "load": []}
+
+    def load(name, sources, build_directory, **kw):
+        calls["build"].append(build_directory)
+        time.sleep(0.3)                                   # a window for a second process to race in
+        if "fail" in calls:
+            raise RuntimeError("compiler error")
+        Path(build_directory, name + cpp_extension.LIB_EXT).write_bytes(b"\x7fELF fake")
+        return types.SimpleNamespace(built_in=build_directory)
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setattr(_build, "_load_so", lambda name, path: calls["load"].append(path) or
+                        types.SimpleNamespace(loaded_from=path))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    return calls, tmp_path / "ext"
+
+
+def test_jit_builds_once_into_a_temporary_directory_then_renames(fake_compiler, capfd):
+    calls, root = fake_compiler
+    module = _build._jit("cpu", "_lspt_cpu")
+    name = f"_lspt_cpu_{_build.build_id('cpu')}"
+    assert len(calls["build"]) == 1 and Path(calls["build"][0]).name.startswith(name + ".tmp-")
+    assert module.built_in == calls["build"][0]
+    from torch.utils.cpp_extension import LIB_EXT
+    assert (root / name / f"{name}{LIB_EXT}").is_file()
+    assert [p.name for p in root.iterdir() if p.is_dir()] == [name]     # no temporary directory left
+    assert capfd.readouterr().err.count(_build.BUILD_LINE["cpu"]) == 1
+    # a second load: no build, no line, straight from the finished directory
+    again = _build._jit("cpu", "_lspt_cpu")
+    assert len(calls["build"]) == 1 and again.loaded_from.parent == root / name
+    assert _build.BUILD_LINE["cpu"] not in capfd.readouterr().err
+
+
+def test_concurrent_jit_builds_once(fake_compiler):
+    """Two loaders at once (threads hold separate lock handles, like two processes): one builds, the
+    other waits for the lock and loads the finished build."""
+    import threading
+    calls, root = fake_compiler
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(_build._jit("cpu", "_lspt_cpu"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls["build"]) == 1 and len(calls["load"]) == 1 and len(results) == 2
+
+
+def test_failed_jit_build_leaves_nothing_behind(fake_compiler):
+    calls, root = fake_compiler
+    calls["fail"] = True
+    with pytest.raises(RuntimeError, match="compiler error"):
+        _build._jit("cpu", "_lspt_cpu")
+    assert [p for p in root.iterdir() if p.is_dir()] == []
