@@ -278,14 +278,3 @@ def test_grad_checkpointing_option(tmp_path, capsys, monkeypatch):
     assert any(t["target"].startswith("grad checkpointing: lspt-fused train time") for t in data["targets"])
     if calls:
         assert calls and all(calls)
-
-
-def test_grad_checkpointing_missing_on_an_encoder_is_a_clear_error():
-    from lspt_kernels.bench.methods import make_encoder
-    from lspt_kernels.encoders import PromptEncoder
-    if callable(getattr(PromptEncoder, "set_grad_checkpointing", None)):
-        pytest.skip("every encoder has set_grad_checkpointing here")
-    import timm
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, depth=2)
-    with pytest.raises(TypeError, match="--grad-checkpointing: the GaPTEncoder encoder"):
-        make_encoder("gapt", vit, num_prompts=2, num_classes=3, grad_checkpointing=True)

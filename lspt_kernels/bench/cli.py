@@ -219,11 +219,6 @@ def _check_args(args, device: str) -> dict:
         raise BenchError("--threads must be >= 1")
     if args.compile_mode == "reduce-overhead" and not device.startswith("cuda"):
         raise BenchError("--compile-mode reduce-overhead uses CUDA graphs and needs a GPU (--device cuda)")
-    if args.grad_checkpointing != "off":
-        from ..encoders import PromptEncoder
-        if not callable(getattr(PromptEncoder, "set_grad_checkpointing", None)):
-            raise BenchError("--grad-checkpointing: this version of lspt_kernels has no "
-                             "PromptEncoder.set_grad_checkpointing(); run without the option")
     ckpt = {"off": [False], "on": [True], "both": [False, True]}[args.grad_checkpointing]
     return dict(batch_sizes=batch_sizes, prompts=prompts, dtypes=dtypes, repeats=repeats, warmup=warmup,
                 methods=methods, ckpt=ckpt)
