@@ -5,7 +5,7 @@ pure-PyTorch reference step (the baseline), "compile" the reference step under t
 the fused backends of the device ("cpu"; "triton" and "cuda" on a GPU). Full size: ViT-B/16 widths
 (N 196, D 768); tiny (CI): N 16, D 32, and "compile" uses the aot_eager backend, "triton" the
 interpreter on a machine without a GPU. extra_info holds the cost-model floor of the case
-(METHOD.md: FLOPs over the measured peak) and the peak memory of one call (GPU:
+(docs/method.md's cost model: FLOPs over the measured peak) and the peak memory of one call (GPU:
 max_memory_allocated over the call minus what was allocated before it; CPU: peak RSS increase).
 """
 import functools

@@ -1,6 +1,6 @@
 """The fused LSPT step as one torch.library op.
 
-`lspt_step` is METHOD.md's step after block l < L:
+`lspt_step` is the LSPT step after block l < L (docs/method.md, "One step, written out"):
 
     Xhat_SP = tokens[:, k:k+Np] + tokens[:, k+Np:].mean(1)           (CSPC, eq. 5)
     hidden, new_cell = LSTMCell(input=prompt, (Xhat_SP, cell))       (LPC, eq. 7)
@@ -94,7 +94,7 @@ def step_eager(tokens: Tensor, cell: Tensor, gate_bias: Tensor, weight_hh: Tenso
 def step_reference(tokens: Tensor, cell: Tensor, prompt: Tensor, weight_ih: Tensor,
                    weight_hh: Tensor, bias_ih: Tensor, bias_hh: Tensor,
                    num_prefix_tokens: int = 1) -> tuple[Tensor, Tensor]:
-    """METHOD.md's step with plain PyTorch ops, from the prompt and all four LSTM tensors."""
+    """The step (docs/method.md) with plain PyTorch ops, from the prompt and all four LSTM tensors."""
     return step_eager(tokens, cell, gate_bias_rows(prompt, weight_ih, bias_ih, bias_hh), weight_hh,
                       num_prefix_tokens)
 

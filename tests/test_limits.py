@@ -197,7 +197,7 @@ def test_flop_counter_counts_the_fused_op(device):
         _need("cpu")
     B, n_p, _, D, _ = TINY
     inputs = tuple(t.detach().to(device).requires_grad_() for t in make_inputs(TINY))
-    forward = 8 * B * n_p * D * D + 8 * n_p * D * D            # METHOD.md's cost model
+    forward = 8 * B * n_p * D * D + 8 * n_p * D * D            # docs/method.md's cost model
     out = {}
     for backend in ("reference", "cpu"):
         fwd = _flops(lambda: out.__setitem__(backend, _step(backend)(*inputs)))

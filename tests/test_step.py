@@ -33,7 +33,7 @@ ODD = (3, 7, 13, 40, 1)
 SHAPES = [TINY, ODD, (3, 7, 13, 40, 5), (2, 4, 6, 24, 0), (3, 600, 5, 8, 1)]
 SHAPE_IDS = ["tiny", "odd", "odd-k5", "k0", "multi-block"]
 
-# Per-dtype tolerances (DESIGN.md): fp32 elementwise atol/rtol; low precision relative to the
+# Per-dtype tolerances (Liger-Kernel's per-dtype rule): fp32 elementwise atol/rtol; low precision relative to the
 # largest magnitude, or within 2x of the same-precision reference's own error (flash-attention's rule).
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 2e-2}
 

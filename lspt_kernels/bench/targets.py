@@ -75,7 +75,7 @@ def add_comparisons(rows: list[dict]) -> None:
                     put_summary(r, f"{key}_vs_gapt", _ratio_summary(r, gapt, key))
             if r["method"].startswith("lspt") and r.get("tokens"):
                 T, n_p = r["tokens"], r["num_prompts"]
-                r["floor_train_extra"] = n_p / (2 * T)          # METHOD.md: Np / (2T) of the backbone
+                r["floor_train_extra"] = n_p / (2 * T)          # docs/method.md cost model: Np / (2T) of the backbone
                 r["floor_infer_extra"] = n_p / (3 * T)          # forward only: 8 Np D^2 / 24 T D^2
                 if _ok(vpt):
                     for key in ("train_s", "infer_s"):
