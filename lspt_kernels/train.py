@@ -49,7 +49,7 @@ METHOD_OPTIONS = {
 # What makes a saved run the same run: a --resume that differs in any of these is refused.
 IDENTITY = ("method", "model", "img_size", "model_kwargs", "checkpoint", "num_classes", "classes", "encoder")
 
-_on_step = None        # test hook: called as _on_step(epoch, step) after every optimizer step
+_on_step = None        # test hook: called as _on_step(epoch, step, loss) after every optimizer step
 
 
 def warmup_cosine(warmup: int, total: int):
@@ -86,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(without it the backbone is randomly initialised from --seed)")
     m.add_argument("--method", required=True, choices=sorted(METHODS))
     m.add_argument("--num-prompts", type=int, default=None, help="prompt tokens (default: the encoder's)")
-    m.add_argument("--prompt-dropout", type=float, default=RECIPE["prompt_dropout"])
-    m.add_argument("--head-init", default=RECIPE["head_init"], choices=("official", "torch"))
+    m.add_argument("--prompt-dropout", type=float, default=RECIPE["prompt_dropout"],
+                   help="dropout on the prompt tokens, one mask per image (official GaPT run.sh)")
+    m.add_argument("--head-init", default=RECIPE["head_init"], choices=("official", "torch"),
+                   help="official: GaPT's kaiming-normal fan_out weight, bias -log(99); torch: nn.Linear's")
     m.add_argument("--gate-init", type=float, default=None, help="gapt: initial gate logit magnitude")
     m.add_argument("--cspc", default=None, help="lspt: mean | kmeans | none")
     m.add_argument("--lpc", default=None, help="lspt: lstm | gru | transformer | none")
@@ -98,14 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backend", default=None, help="lspt: the fused step's backend (auto | cpu | triton | cuda "
                    "| eager/reference)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=100)
-    o.add_argument("--warmup-epochs", type=int, default=10)
+    o.add_argument("--epochs", type=int, default=100, help="total epochs (official base-prompt.yaml)")
+    o.add_argument("--warmup-epochs", type=int, default=10, help="linear warm-up from lr 0 (per epoch, as the "
+                   "official schedule)")
     o.add_argument("--batch-size", type=int, default=64, help="global batch (split over the processes)")
     o.add_argument("--lr", type=float, default=0.4, help="base learning rate for a batch of 256; the run uses "
                    "lr * batch_size / 256")
-    o.add_argument("--momentum", type=float, default=0.9)
-    o.add_argument("--weight-decay", type=float, default=0.0)
-    o.add_argument("--seed", type=int, default=42)
+    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay (GaPT run.sh: 0)")
+    o.add_argument("--seed", type=int, default=42, help="backbone init (without --checkpoint), prompts, "
+                   "shuffling, dropout")
     o.add_argument("--limit-train-batches", type=int, default=None,
                    help="stop every epoch after this many batches (smoke runs, throughput measurements)")
     r = p.add_argument_group("runtime")
@@ -269,8 +273,6 @@ def _run(args) -> int:
             raise UsageError(f"split {split!r} not found in {args.data} (layout {spec.layout}; has "
                              f"{sorted(spec.splits)})")
     out = Path(args.output)
-    if rank == 0:
-        _check_output(out, args.resume)
 
     # The backbone (seeded, so lspt-eval can rebuild a random one), then the encoder.
     vit = build_backbone(args.model, args.img_size, model_kwargs, args.seed)
@@ -283,6 +285,8 @@ def _run(args) -> int:
             raise UsageError("--grad-checkpointing: this version of the encoders has no set_grad_checkpointing")
         encoder.set_grad_checkpointing(True)
     encoder.to(device)
+    if rank == 0:          # after every check that needs no disk, before anything is written
+        _check_output(out, args.resume)
 
     # Normalisation: MAE / MoCo v3 checkpoints were trained on ImageNet statistics; a timm model's own
     # config is used otherwise (ImageNet mean/std when it names none).
@@ -354,8 +358,13 @@ def _run(args) -> int:
         rngs = [_rng_state()]
         if world > 1:
             import torch.distributed as dist
-            rngs = [None] * world
-            dist.all_gather_object(rngs, _rng_state())
+            import io
+            buf = io.BytesIO()
+            torch.save(_rng_state(), buf)
+            # Bytes, not tensors: all_gather_object cannot unpickle tensors it gathered here.
+            packed = [None] * world
+            dist.all_gather_object(packed, buf.getvalue())
+            rngs = [torch.load(io.BytesIO(b), weights_only=False) for b in packed]
         if rank != 0:
             return
         state = dict(epoch=epoch, identity=identity, settings=settings, best_acc=best_acc, best_epoch=best_epoch,
@@ -384,8 +393,9 @@ def _run(args) -> int:
     model = encoder
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=False)
+        # Only the tuned parameters take part (the backbone's have requires_grad=False); the encoder has no
+        # buffers to keep in sync.
+        model = DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
 
@@ -445,7 +455,7 @@ def _run(args) -> int:
                 seen += n
                 correct += int((logits.detach().argmax(-1) == labels).sum())
                 if _on_step is not None:
-                    _on_step(epoch, step)
+                    _on_step(epoch, step, loss.detach())
                 if bar is not None:
                     el = time.perf_counter() - t0
                     bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct / seen:.1f}%",
@@ -490,8 +500,24 @@ def _run(args) -> int:
             print(f"\nlspt-train: interrupted in epoch {epoch + 1}; {out}/resume.pt holds the state after epoch "
                   f"{_saved_epoch(out)}: continue with the same command and --resume", file=sys.stderr, flush=True)
         return 130
+    if world > 1:
+        _check_in_sync(encoder, world)
     _say(rank, f"best val accuracy: {best_acc:.2f}% (epoch {best_epoch}) -> {out / 'best.safetensors'}")
     return 0
+
+
+def _check_in_sync(encoder, world: int) -> None:
+    """DDP keeps every process's tuned parameters equal; a divergence (e.g. a parameter DDP did not see) would
+    make rank 0's files describe only part of the run, so it is an error."""
+    import torch.distributed as dist
+    flat = torch.cat([t.detach().float().flatten().cpu() for t in encoder.tuned_state_dict().values()])
+    stats = torch.stack([flat.sum(), flat.abs().sum(), flat.square().sum()]).double()
+    low, high = stats.clone(), stats.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(f"the {world} processes ended with different tuned parameters ({low.tolist()} vs "
+                           f"{high.tolist()})")
 
 
 def _saved_epoch(out: Path):
@@ -502,11 +528,10 @@ def _saved_epoch(out: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (UsageError, DataError, FloatingPointError) as exc:
+    except (ValueError, FloatingPointError) as exc:     # UsageError, DataError and the encoders' checks
         print(f"lspt-train: error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:
