@@ -68,9 +68,11 @@ setup(
     packages=["lspt_kernels", "lspt_reference"],
     package_dir={"lspt_kernels": "lspt_kernels", "lspt_reference": "python/lspt_reference"},
     install_requires=["torch>=2.4", "timm>=1.0", "triton; platform_system == 'Linux'", "ninja", "pybind11",
-                      "safetensors", "numpy", "matplotlib"],
+                      "safetensors", "numpy", "matplotlib", "torchvision", "tqdm", "Pillow"],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
-    entry_points={"console_scripts": ["lspt-bench = lspt_kernels.bench:main"]},
+    entry_points={"console_scripts": ["lspt-bench = lspt_kernels.bench:main",
+                                      "lspt-train = lspt_kernels.train:main",
+                                      "lspt-eval = lspt_kernels.evaluate:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

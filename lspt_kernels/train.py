@@ -422,7 +422,8 @@ def _run(args) -> int:
             g.manual_seed(args.seed * 100003 + epoch)       # shuffling and worker seeds: a function of (seed, epoch)
             loader = torch.utils.data.DataLoader(
                 train_ds, batch_size=per_rank, shuffle=sampler is None, sampler=sampler, generator=g,
-                num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=False)
+                num_workers=args.workers, pin_memory=device.type == "cuda",
+                drop_last=world > 1)                        # as the official loader with several GPUs
             steps = len(loader) if args.limit_train_batches is None else min(len(loader), args.limit_train_batches)
             lr = optimizer.param_groups[0]["lr"]
             model.train()
