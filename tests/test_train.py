@@ -279,3 +279,33 @@ def test_warmup_cosine_matches_the_official_schedule():
     assert [f(e) for e in (0, 1, 2)] == [0.0, 0.5, 1.0]
     assert f(6) == pytest.approx(0.5) and f(10) == 0.0
     assert lspt_train.warmup_cosine(0, 4)(0) == 1.0
+
+
+@pytest.mark.parametrize("layout", ["vtab", "fgvc"])
+def test_vtab_and_fgvc_layouts_train_and_evaluate(tmp_path, capsys, layout):
+    root = write_dataset(tmp_path / layout, layout, size=32, per_class={"train": 4, "val": 3, "test": 3})
+    out = tmp_path / "out"
+    assert lspt_train.main(_args(root, out, "--limit-train-batches", "1", epochs=1)) == 0
+    assert f"layout {layout}" in capsys.readouterr().out
+    logged = _log(out)[-1]["val_acc"]
+    for split in ("val", "test"):
+        assert lspt_eval.main(["--data", str(root), "--tuned", str(out / "last.safetensors"), "--split", split]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert f"[val]: top-1 {logged:.2f}%" in lines[0] and "/12)" in lines[0] and "[test]" in lines[1]
+
+
+def test_backbone_checkpoint_is_used_and_recorded(data, tmp_path, capsys):
+    """--checkpoint loads the backbone through from_timm; the tuned file records it, so lspt-eval rebuilds the
+    same backbone; ImageNet normalisation is used with a checkpoint."""
+    from lspt_kernels.evaluate import build_backbone
+    vit = build_backbone("vit_tiny_patch16_224", 32, dict(patch_size=8, embed_dim=32, depth=3, num_heads=2), seed=7)
+    ckpt = tmp_path / "backbone.pth"
+    torch.save({"model": vit.state_dict()}, ckpt)                     # MAE-style {'model': ...}
+    out = tmp_path / "out"
+    assert lspt_train.main(_args(data, out, "--checkpoint", str(ckpt), "--limit-train-batches", "2", epochs=1)) == 0
+    assert "randomly initialised" not in capsys.readouterr().out
+    encoder, _, meta = lspt_eval.rebuild_encoder(out / "last.safetensors")
+    assert meta["checkpoint"] == str(ckpt.resolve()) and meta["mean"] == [0.485, 0.456, 0.406]
+    torch.testing.assert_close(encoder.vit.pos_embed, vit.pos_embed, rtol=0, atol=0)   # not the seed-42 init
+    acc, _, _ = _eval_float(data, out / "last.safetensors")
+    assert acc == _log(out)[-1]["val_acc"]
