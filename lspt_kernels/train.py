@@ -433,9 +433,12 @@ def _run(args) -> int:
             if tty:
                 from tqdm import tqdm
                 bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            seen = correct = 0
+            # Running sums stay on the device: no host sync per step.
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct_sum = torch.zeros((), dtype=torch.int64, device=device)
+            seen = 0
             t0 = time.perf_counter()
+            t1, seen1 = t0, 0        # after the first step: throughput leaves out loader start-up and lazy init
             for step, (images, labels) in enumerate(loader):
                 if step >= steps:
                     break
@@ -452,14 +455,18 @@ def _run(args) -> int:
                 scaler.step(optimizer)
                 scaler.update()
                 n = labels.numel()
-                loss_sum += loss.detach().double().cpu() * n
+                loss_sum += loss.detach().double() * n
                 seen += n
-                correct += int((logits.detach().argmax(-1) == labels).sum())
+                if step == 0:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    t1, seen1 = time.perf_counter(), seen
+                correct_sum += (logits.detach().argmax(-1) == labels).sum()
                 if _on_step is not None:
                     _on_step(epoch, step, loss.detach())
                 if bar is not None:
                     el = time.perf_counter() - t0
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct / seen:.1f}%",
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct_sum.item() / seen:.1f}%",
                                     img_s=f"{seen * world / el:.1f}")
                     bar.update(1)
             if device.type == "cuda":
@@ -467,12 +474,14 @@ def _run(args) -> int:
             elapsed = time.perf_counter() - t0
             if bar is not None:
                 bar.close()
-            totals = torch.tensor([loss_sum.item(), float(seen), float(correct)], dtype=torch.float64)
+            timed, timed_s = (seen - seen1, t0 + elapsed - t1) if seen > seen1 else (seen, elapsed)
+            totals = torch.tensor([loss_sum.item(), float(seen), float(correct_sum.item()), float(timed)],
+                                  dtype=torch.float64)
             if world > 1:
                 import torch.distributed as dist
                 dist.all_reduce(totals)
             train_loss, train_acc = totals[0].item() / totals[1].item(), 100 * totals[2].item() / totals[1].item()
-            images_per_s = totals[1].item() / elapsed
+            images_per_s = totals[3].item() / timed_s
             scheduler.step()
             if rank == 0:
                 val_acc, _, _ = evaluate(encoder, val_loader, device, amp)
