@@ -42,15 +42,17 @@ def _files(out):
 
 def test_lspt_learns_and_eval_reproduces_the_log(data, tmp_path, capsys):
     out = tmp_path / "run"
-    assert lspt_train.main(_args(data, out, epochs=6)) == 0
+    # lr 1 for 8 epochs: every seed tried (0, 1, 2, 42) ends at 100% val; a fixed seed here.
+    assert lspt_train.main(_args(data, out, "--lr", "1", epochs=8)) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     rows = _log(out)
-    assert [r["epoch"] for r in rows] == list(range(1, 7))
+    assert [r["epoch"] for r in rows] == list(range(1, 9))
     for key in ("epoch", "train_loss", "val_acc", "lr", "images_per_s", "peak_memory_gb"):
         assert all(key in r for r in rows), key
-    assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(2 * 8 / 256)   # warm-up from 0, scaled lr
+    assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(1 * 8 / 256)   # warm-up from 0, scaled lr
     best = max(r["val_acc"] for r in rows)
-    assert rows[0]["val_acc"] <= 50.0 and best >= 90.0, [r["val_acc"] for r in rows]    # 4 classes: chance 25%
+    accs = [r["val_acc"] for r in rows]
+    assert accs[0] <= 50.0 and accs[-1] >= 90.0 and best >= 90.0, accs            # 4 classes: chance 25%
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] / 5
     best_epoch = next(r["epoch"] for r in rows if r["val_acc"] == best)
     assert printed[-1].startswith(f"best val accuracy: {best:.2f}% (epoch {best_epoch})")
