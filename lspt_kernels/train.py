@@ -241,7 +241,10 @@ def _setup_distributed(device_arg: str | None):
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        import datetime
+        # Rank 0 alone evaluates (so the logged accuracy is exactly what lspt-eval reports); the others
+        # wait for it at the next collective, which a large val split can keep busy past the 30 min default.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=4))
     return rank, world, device
 
 
@@ -304,7 +307,7 @@ def _run(args) -> int:
                     world_size=world, effective_lr=eff_lr, mean=list(mean), std=list(std),
                     num_classes=spec.num_classes, model_kwargs=model_kwargs, encoder=encoder.config(),
                     trainable_params=encoder.parameter_report()["trainable"],
-                    versions=dict(torch=torch.__version__, timm=__import__("timm").__version__))
+                    versions=dict(torch=str(torch.__version__), timm=str(__import__("timm").__version__)))
     train_meta = dict(model=args.model, img_size=img_size, model_kwargs=model_kwargs, seed=args.seed,
                       checkpoint=identity["checkpoint"], classes=spec.classes, layout=spec.layout,
                       mean=list(mean), std=list(std), eval_batch_size=args.batch_size // world, amp=amp)
@@ -316,7 +319,7 @@ def _run(args) -> int:
 
     start_epoch, best_acc, best_epoch, rows = 0, -1.0, 0, []
     if args.resume:
-        state = torch.load(out / "resume.pt", map_location="cpu", weights_only=False)
+        state = torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
         saved = state["identity"]
         diff = [f"{k}: saved {saved.get(k)!r}, now {identity[k]!r}" for k in IDENTITY if saved.get(k) != identity[k]]
         if diff:
@@ -364,7 +367,7 @@ def _run(args) -> int:
             # Bytes, not tensors: all_gather_object cannot unpickle tensors it gathered here.
             packed = [None] * world
             dist.all_gather_object(packed, buf.getvalue())
-            rngs = [torch.load(io.BytesIO(b), weights_only=False) for b in packed]
+            rngs = [torch.load(io.BytesIO(b), weights_only=True) for b in packed]
         if rank != 0:
             return
         state = dict(epoch=epoch, identity=identity, settings=settings, best_acc=best_acc, best_epoch=best_epoch,
@@ -532,7 +535,7 @@ def _check_in_sync(encoder, world: int) -> None:
 
 def _saved_epoch(out: Path):
     try:
-        return torch.load(out / "resume.pt", map_location="cpu", weights_only=False)["epoch"]
+        return torch.load(out / "resume.pt", map_location="cpu", weights_only=True)["epoch"]
     except Exception:  # pragma: no cover - only for the message
         return "?"
 
