@@ -340,6 +340,13 @@ def _run(args) -> int:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        # The saved groups carry the saved lr / momentum / decay: recompute them from this command line, so a
+        # resume with more --epochs continues on the new schedule (unchanged settings give the same numbers).
+        factor = warmup_cosine(args.warmup_epochs, args.epochs)(state["epoch"])
+        scheduler.base_lrs = [eff_lr] * len(optimizer.param_groups)
+        for g in optimizer.param_groups:
+            g.update(initial_lr=eff_lr, lr=eff_lr * factor, momentum=args.momentum, weight_decay=args.weight_decay)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         start_epoch, best_acc, best_epoch = state["epoch"], state["best_acc"], state["best_epoch"]
         rngs = state["rng"]
         if len(rngs) == world:

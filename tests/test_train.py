@@ -332,3 +332,15 @@ def test_bf16_autocast_on_a_cpu_that_has_it(data, tmp_path, capsys):
     assert lspt_eval.rebuild_encoder(out / "last.safetensors")[2]["amp"] == "bf16"
     assert lspt_eval.main(["--data", str(data), "--tuned", str(out / "last.safetensors")]) == 0
     assert f"top-1 {rows[-1]['val_acc']:.2f}%" in capsys.readouterr().out
+
+
+def test_resume_with_more_epochs_follows_the_new_schedule(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert lspt_train.main(_args(data, out, "--limit-train-batches", "1", epochs=2)) == 0
+    assert lspt_train.main(_args(data, out, "--limit-train-batches", "1", "--resume", epochs=4)) == 0
+    assert "changed settings epochs 2 -> 4" in capsys.readouterr().err
+    rows = _log(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    f = lspt_train.warmup_cosine(1, 4)
+    assert [r["lr"] for r in rows[2:]] == pytest.approx([2 * 8 / 256 * f(2), 2 * 8 / 256 * f(3)])
+    assert rows[2]["lr"] > 0
