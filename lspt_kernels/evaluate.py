@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="timm model name (default: the one in the tuned file)")
     p.add_argument("--img-size", type=int, default=None, help="(default: the one in the tuned file)")
     p.add_argument("--checkpoint", default=None, help="backbone checkpoint (default: the training run's path)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--amp", default=None, help="auto | bf16 | fp16 | none (default: the training run's)")
     p.add_argument("--batch-size", type=int, default=None, help="(default: the training run's eval batch size)")
     p.add_argument("--workers", type=int, default=0)
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError, ImageDataset, build_transform, load_dataset
     args = build_parser().parse_args(argv)
     try:
-        device = resolve_device(args.device)
+        device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         encoder, config, meta = rebuild_encoder(args.tuned, args.model, args.img_size, args.checkpoint)
         amp = check_amp(args.amp or meta.get("amp", "none"), device)
         layout = args.layout or meta.get("layout")

@@ -344,3 +344,23 @@ def test_resume_with_more_epochs_follows_the_new_schedule(data, tmp_path, capsys
     f = lspt_train.warmup_cosine(1, 4)
     assert [r["lr"] for r in rows[2:]] == pytest.approx([2 * 8 / 256 * f(2), 2 * 8 / 256 * f(3)])
     assert rows[2]["lr"] > 0
+
+
+def test_eval_bad_input(data, tmp_path, capsys):
+    def fails(argv, pattern):
+        import re
+        assert lspt_eval.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "lspt-eval: error:" in err and re.search(pattern, err), err
+    fails(["--data", str(data), "--tuned", str(tmp_path / "none.safetensors")], "--tuned .*none.safetensors: no such file")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    fails(["--data", str(data), "--tuned", str(tmp_path / "junk.safetensors")], "is not a safetensors file")
+    out = tmp_path / "run"
+    assert lspt_train.main(_args(data, out, "--limit-train-batches", "1", method="linear", epochs=1)) == 0
+    tuned = str(out / "last.safetensors")
+    fails(["--data", str(data), "--tuned", tuned, "--split", "holdout"], "--split 'holdout'.*has no such split")
+    fails(["--data", str(tmp_path / "nodata"), "--tuned", tuned], "no such directory")
+    # A file from encoder.save_tuned alone names no backbone: --model is needed.
+    encoder, _, _ = lspt_eval.rebuild_encoder(tuned)
+    encoder.save_tuned(tmp_path / "plain.safetensors")
+    fails(["--data", str(data), "--tuned", str(tmp_path / "plain.safetensors")], "does not name its backbone.*--model")
