@@ -111,8 +111,9 @@ def encoder_kwargs(method: str, config: dict) -> dict:
     kw = {k: v for k, v in config.items() if k != "method"}
     if method in ("vpt-deep", "vpt-shallow"):
         kw.pop("deep", None)                     # the method name fixes it
-    elif method == "linear":
-        kw = {k: kw[k] for k in ("num_classes", "head_init") if k in kw}
+    elif method in ("linear", "adapter"):        # no prompts: their constructors take no prompt options
+        kw.pop("num_prompts", None)
+        kw.pop("prompt_dropout", None)
     return kw
 
 

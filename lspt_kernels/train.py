@@ -45,7 +45,10 @@ METHOD_OPTIONS = {
     "shared_lstm": (("lspt",), "shared_lstm"),
     "kmeans_steps": (("lspt",), "kmeans_steps"),
     "backend": (("lspt",), "backend"),
+    "reduction_factor": (("adapter",), "reduction_factor"),
+    "adapter_init": (("adapter",), "adapter_init"),
 }
+NO_PROMPTS = ("linear", "adapter")
 # What makes a saved run the same run: a --resume that differs in any of these is refused.
 IDENTITY = ("method", "model", "img_size", "model_kwargs", "checkpoint", "num_classes", "classes", "encoder")
 
@@ -99,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--kmeans-steps", type=int, default=None, help="lspt: Lloyd steps for cspc=kmeans")
     m.add_argument("--backend", default=None, help="lspt: the fused step's backend (auto | cpu | triton | cuda "
                    "| eager/reference)")
+    m.add_argument("--reduction-factor", type=int, default=None, help="adapter: hidden width D // this")
+    m.add_argument("--adapter-init", default=None, help="adapter: official | zero-up")
+    m.add_argument("--pool", default=None, help="features the head sees (the encoders' POOLS; default: chosen by "
+                   "from_timm from the checkpoint, e.g. MAE's average pooling)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=100, help="total epochs (official base-prompt.yaml)")
     o.add_argument("--warmup-epochs", type=int, default=10, help="linear warm-up from lr 0 (per epoch, as the "
@@ -176,12 +183,14 @@ def _encoder_options(args) -> dict:
     """The encoder keyword arguments of this command line; a method option given to another method is an
     error, not silently dropped."""
     kw = dict(head_init=args.head_init)
-    if args.method != "linear":
+    if args.method not in NO_PROMPTS:
         kw["prompt_dropout"] = args.prompt_dropout
         if args.num_prompts is not None:
             kw["num_prompts"] = args.num_prompts
     elif args.num_prompts is not None:
-        raise UsageError("--num-prompts: the linear probe has no prompts")
+        raise UsageError(f"--num-prompts: --method {args.method} has no prompts")
+    if args.pool is not None:
+        kw["pool"] = args.pool
     for opt, (methods, key) in METHOD_OPTIONS.items():
         value = getattr(args, opt)
         if value is None:
@@ -281,8 +290,11 @@ def _run(args) -> int:
     vit = build_backbone(args.model, args.img_size, model_kwargs, args.seed)
     img_size = vit.patch_embed.img_size[0]
     torch.manual_seed(args.seed)
-    encoder = from_timm(vit, checkpoint=args.checkpoint, method=args.method, num_classes=spec.num_classes,
-                        **enc_kwargs)
+    try:
+        encoder = from_timm(vit, checkpoint=args.checkpoint, method=args.method, num_classes=spec.num_classes,
+                            **enc_kwargs)
+    except TypeError as exc:          # an option this version of the encoders does not take
+        raise UsageError(f"--method {args.method} does not take these options {sorted(enc_kwargs)}: {exc}") from None
     if args.grad_checkpointing:
         if not hasattr(encoder, "set_grad_checkpointing"):
             raise UsageError("--grad-checkpointing: this version of the encoders has no set_grad_checkpointing")
@@ -558,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             import torch.distributed as dist
             if dist.is_initialized():
+                # The DDP wrapper (in reference cycles) holds the process group: collect it now, not during
+                # interpreter shutdown, where its gloo threads can abort the process after a finished run.
+                import gc
+                gc.collect()
                 dist.destroy_process_group()
 
 
