@@ -365,3 +365,19 @@ def test_eval_bad_input(data, tmp_path, capsys):
     encoder, _, _ = lspt_eval.rebuild_encoder(tuned)
     encoder.save_tuned(tmp_path / "plain.safetensors")
     fails(["--data", str(data), "--tuned", str(tmp_path / "plain.safetensors")], "does not name its backbone.*--model")
+
+
+def test_grad_checkpointing_flag(data, tmp_path, capsys):
+    """--grad-checkpointing trains to the same parameters as without it (recomputation changes memory, not
+    results); with encoders that lack set_grad_checkpointing the flag is a clear error."""
+    from lspt_kernels.encoders import PromptEncoder
+    argv = lambda out, *x: _args(data, out, "--limit-train-batches", "2", *x, epochs=2)  # noqa: E731
+    if not hasattr(PromptEncoder, "set_grad_checkpointing"):
+        _fails(capsys, argv(tmp_path / "gc", "--grad-checkpointing"), "no set_grad_checkpointing")
+        return
+    assert lspt_train.main(argv(tmp_path / "plain")) == 0
+    assert lspt_train.main(argv(tmp_path / "gc", "--grad-checkpointing")) == 0
+    a, b = load_file(str(tmp_path / "plain" / "last.safetensors")), load_file(str(tmp_path / "gc" / "last.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-6, msg=name)
+    assert json.loads((tmp_path / "gc" / "config.json").read_text())["grad_checkpointing"] is True
