@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.split not in spec.splits:
             raise UsageError(f"--split {args.split!r}: {args.data} has no such split (has {sorted(spec.splits)})")
         if spec.num_classes != config["num_classes"]:
-            raise UsageError(f"--data {args.data} has {spec.num_classes} classes, the tuned file {config['num_classes']}")
+            raise UsageError(f"--data {args.data} has {spec.num_classes} classes, the tuned file "
+                             f"{config['num_classes']}")
         img_size = encoder.vit.patch_embed.img_size[0]
         transform = build_transform(spec.layout, img_size, meta.get("mean", (0.485, 0.456, 0.406)),
                                     meta.get("std", (0.229, 0.224, 0.225)), train=False)

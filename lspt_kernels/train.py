@@ -377,10 +377,12 @@ def _run(args) -> int:
         random.seed(args.seed + rank)
 
     def save_state(epoch: int) -> None:
-        rngs = [_rng_state()]
-        if world > 1:
-            import torch.distributed as dist
+        if world == 1:
+            rngs = [_rng_state()]
+        else:
             import io
+
+            import torch.distributed as dist
             buf = io.BytesIO()
             torch.save(_rng_state(), buf)
             # Bytes, not tensors: all_gather_object cannot unpickle tensors it gathered here.

@@ -259,7 +259,8 @@ def test_option_errors(data, tmp_path, capsys):
     _fails(capsys, _args(data, tmp_path / "o", "--gate-init", "3"), "--gate-init applies to gapt only")
     _fails(capsys, _args(data, tmp_path / "o", "--cspc", "median"), "cspc must be one of")
     _fails(capsys, _args(data, tmp_path / "o", "--batch-size", "0"), "--batch-size must be >= 1")
-    _fails(capsys, _args(data, tmp_path / "o", "--checkpoint", str(tmp_path / "none.pth")), "--checkpoint .*no such file")
+    _fails(capsys, _args(data, tmp_path / "o", "--checkpoint", str(tmp_path / "none.pth")),
+           "--checkpoint .*no such file")
     _fails(capsys, _args(data, tmp_path / "o", "--val-split", "test2"), "split 'test2' not found")
     argv = _args(data, tmp_path / "o")
     argv[argv.index("vit_tiny_patch16_224")] = "vit_nonexistent_model"
@@ -277,7 +278,8 @@ def test_help_lists_the_recipe_defaults(capsys):
     for option, default in (("--prompt-dropout", "0.1"), ("--head-init", "official"), ("--momentum", "0.9"),
                             ("--weight-decay", "0.0"), ("--epochs", "100"), ("--warmup-epochs", "10"),
                             ("--amp", "auto")):
-        assert re.search(re.escape(option) + r" [A-Z_{},a-z]+ .*?\(default: " + re.escape(default) + r"\)", flat), option
+        pattern = re.escape(option) + r" [A-Z_{},a-z]+ .*?\(default: " + re.escape(default) + r"\)"
+        assert re.search(pattern, flat), option
     for option in ("--resume", "--grad-checkpointing", "--compile", "--limit-train-batches", "--layout"):
         assert option in text, option
     with pytest.raises(SystemExit):
@@ -353,7 +355,8 @@ def test_eval_bad_input(data, tmp_path, capsys):
         assert lspt_eval.main(argv) == 2
         err = capsys.readouterr().err
         assert "lspt-eval: error:" in err and re.search(pattern, err), err
-    fails(["--data", str(data), "--tuned", str(tmp_path / "none.safetensors")], "--tuned .*none.safetensors: no such file")
+    fails(["--data", str(data), "--tuned", str(tmp_path / "none.safetensors")],
+          "--tuned .*none.safetensors: no such file")
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     fails(["--data", str(data), "--tuned", str(tmp_path / "junk.safetensors")], "is not a safetensors file")
     out = tmp_path / "run"
