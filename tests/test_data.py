@@ -1,0 +1,174 @@
+"""lspt_kernels.data: the three layouts, label mapping from the train split, transforms, and every bad-input
+case of the dataset (a clear error that names the folder, file or line)."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from lspt_kernels.data import (DataError, ImageDataset, build_transform, detect_layout, load_dataset)
+from synth_data import CLASSES, write_dataset
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    base = tmp_path_factory.mktemp("synth")
+    small = {"train": 3, "val": 2, "test": 2}
+    return {layout: write_dataset(base / layout, layout, size=16, per_class=small)
+            for layout in ("imagefolder", "vtab", "fgvc")}
+
+
+def _copy(datasets, layout, tmp_path):
+    return shutil.copytree(datasets[layout], tmp_path / layout)
+
+
+@pytest.mark.parametrize("layout", ["imagefolder", "vtab", "fgvc"])
+def test_layouts_are_detected_and_read(datasets, layout):
+    root = datasets[layout]
+    assert detect_layout(root) == layout
+    spec = load_dataset(root)
+    assert spec.layout == layout and spec.num_classes == len(CLASSES)
+    assert {s: len(v) for s, v in spec.splits.items() if s != "trainval"} == {"train": 12, "val": 8, "test": 8}
+    # Every label is a train class index, and every class appears in train.
+    assert sorted({lab for _, lab in spec.splits["train"]}) == [0, 1, 2, 3]
+    assert all(0 <= lab < 4 for samples in spec.splits.values() for _, lab in samples)
+    assert "4 classes" in spec.summary() and "train 12" in spec.summary()
+
+
+def test_labels_follow_the_train_split_in_every_layout(datasets):
+    """The same image gets the same class name in each layout (imagefolder sorts class folder names; VTAB's
+    labels are the indices; FGVC's 1-based labels map to 0-based in sorted order)."""
+    names = {layout: load_dataset(datasets[layout]).classes for layout in datasets}
+    assert names["imagefolder"] == sorted(CLASSES)
+    assert names["vtab"] == ["0", "1", "2", "3"]
+    assert names["fgvc"] == ["1", "2", "3", "4"]
+    fgvc = load_dataset(datasets["fgvc"])
+    for path, lab in fgvc.splits["val"]:
+        written = CLASSES.index(path.split("_")[-2])          # images/<split>_<class>_<i>.png
+        assert lab == written
+    # Given classes (as lspt-eval passes them from a tuned file) fix the order.
+    spec = load_dataset(datasets["imagefolder"], classes=sorted(CLASSES))
+    assert spec.classes == sorted(CLASSES)
+
+
+def test_vtab_trainval_split(datasets):
+    spec = load_dataset(datasets["vtab"])
+    assert len(spec.splits["trainval"]) == len(spec.splits["train"]) + len(spec.splits["val"])
+
+
+def test_transforms_follow_the_official_code(datasets):
+    from PIL import Image
+    spec = load_dataset(datasets["imagefolder"])
+    path = spec.splits["train"][0][0]
+    img = Image.open(path).convert("RGB")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    # VTAB: resize to the model size, no augmentation (the same tensor twice).
+    vt = build_transform("vtab", 24, mean, std, train=True)
+    a, b = vt(img), vt(img)
+    assert a.shape == (3, 24, 24) and torch.equal(a, b)
+    # FGVC-style train: random crop + flip (differs between calls for some seed); eval is deterministic.
+    tr = build_transform("imagefolder", 24, mean, std, train=True)
+    torch.manual_seed(0)
+    outs = [tr(img) for _ in range(8)]
+    assert all(o.shape == (3, 24, 24) for o in outs)
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])
+    ev = build_transform("imagefolder", 24, mean, std, train=False)
+    assert torch.equal(ev(img), ev(img))
+    # Normalisation: (x - mean) / std of the image scaled to [0, 1] (at its own size: no resampling).
+    import numpy as np
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255
+    y = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    torch.testing.assert_close(build_transform("vtab", 16, mean, std, train=False)(img), y)
+
+
+# --- bad input -------------------------------------------------------------------------------------
+def test_missing_and_empty_data_dir(tmp_path):
+    with pytest.raises(DataError, match="no such directory"):
+        load_dataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is empty"):
+        load_dataset(tmp_path / "empty")
+
+
+def test_layout_that_matches_none(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "readme.txt").write_text("x")
+    with pytest.raises(DataError, match="matches none of the layouts"):
+        load_dataset(tmp_path / "d")
+    with pytest.raises(DataError, match="--layout must be one of"):
+        load_dataset(tmp_path / "d", layout="coco")
+
+
+def test_ambiguous_layout_asks_for_layout(datasets, tmp_path):
+    root = _copy(datasets, "vtab", tmp_path)
+    (root / "train.json").write_text(json.dumps({"images/x.png": 0}))
+    with pytest.raises(DataError, match="several layouts.*--layout"):
+        load_dataset(root)
+    assert load_dataset(root, layout="vtab").layout == "vtab"
+
+
+def test_imagefolder_val_class_missing_from_train(datasets, tmp_path):
+    root = _copy(datasets, "imagefolder", tmp_path)
+    shutil.copytree(root / "val" / "red", root / "val" / "purple")
+    with pytest.raises(DataError, match=r"val: class folder\(s\) \['purple'\] are not in the train split"):
+        load_dataset(root)
+
+
+def test_imagefolder_without_images(tmp_path):
+    (tmp_path / "d" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="no class folders with images"):
+        load_dataset(tmp_path / "d")
+
+
+def test_vtab_label_out_of_range_and_unknown_class(datasets, tmp_path):
+    root = _copy(datasets, "vtab", tmp_path)
+    lines = (root / "train800.txt").read_text().splitlines()
+    # A train label past the number of train classes: named with file and line.
+    bad = lines[:-1] + [lines[-1].rsplit(" ", 1)[0] + " 7"]
+    (root / "train800.txt").write_text("\n".join(bad) + "\n")
+    with pytest.raises(DataError, match=r"train800.txt:12: label 7 is out of range"):
+        load_dataset(root)
+    (root / "train800.txt").write_text("\n".join(lines) + "\n")
+    # A negative or non-integer label.
+    (root / "val200.txt").write_text(lines[0].rsplit(" ", 1)[0] + " -1\n")
+    with pytest.raises(DataError, match=r"val200.txt:1: label -1 is out of range"):
+        load_dataset(root)
+    (root / "val200.txt").write_text(lines[0].rsplit(" ", 1)[0] + " cat\n")
+    with pytest.raises(DataError, match=r"val200.txt:1: label must be an integer"):
+        load_dataset(root)
+    # A val label the train split lacks.
+    (root / "val200.txt").write_text(lines[0].rsplit(" ", 1)[0] + " 4\n")
+    with pytest.raises(DataError, match=r"val200.txt:1: label 4 is a class the train split lacks"):
+        load_dataset(root)
+
+
+def test_fgvc_unknown_class_and_bad_label(datasets, tmp_path):
+    root = _copy(datasets, "fgvc", tmp_path)
+    val = json.loads((root / "val.json").read_text())
+    first = next(iter(val))
+    (root / "val.json").write_text(json.dumps({**val, first: 9}))
+    with pytest.raises(DataError, match=r"val.json: label\(s\) \[9\] are classes the train split lacks"):
+        load_dataset(root)
+    (root / "val.json").write_text(json.dumps({**val, first: "bird"}))
+    with pytest.raises(DataError, match=r"val.json: label 'bird' .* is out of range"):
+        load_dataset(root)
+
+
+def test_listed_image_missing_is_named(datasets, tmp_path):
+    root = _copy(datasets, "vtab", tmp_path)
+    victim = load_dataset(root).splits["val"][3][0]
+    (tmp_path / "vtab" / victim.split("vtab/", 1)[1]).unlink()
+    with pytest.raises(DataError, match="do not exist, e.g. .*" + victim.rsplit("/", 1)[1]):
+        load_dataset(root)
+
+
+def test_unreadable_image_is_named(datasets, tmp_path):
+    root = _copy(datasets, "imagefolder", tmp_path)
+    spec = load_dataset(root)
+    path = spec.splits["train"][5][0]
+    with open(path, "wb") as f:
+        f.write(b"this is not a png")
+    ds = ImageDataset(spec.splits["train"], build_transform("imagefolder", 16, (0.5,) * 3, (0.5,) * 3, False))
+    ds[4]                                                   # its neighbours still load
+    with pytest.raises(DataError, match="cannot read image " + path):
+        ds[5]
