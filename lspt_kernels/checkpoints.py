@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["from_timm", "load_backbone_checkpoint", "backbone_state_dict", "load_tuned_file", "is_mae_checkpoint"]
+__all__ = ["from_timm", "load_backbone_checkpoint", "backbone_state_dict", "load_tuned_file", "is_mae_checkpoint",
+           "read_tuned_metadata"]
 
 
 def as_path(path, argument: str = "path") -> Path:
@@ -236,12 +237,12 @@ def _config_differences(saved: dict, own: dict) -> list[str]:
     return diffs
 
 
-def load_tuned_file(encoder: nn.Module, path) -> None:
-    """Load a safetensors file written by `save_tuned` into `encoder`, checking every structural option
-    recorded in its metadata against `encoder.config()`, and the tensor names and shapes. Nothing is
-    copied until every check has passed: a refused file leaves the encoder as it was."""
+def read_tuned_metadata(path) -> tuple[dict, dict]:
+    """(encoder config, other metadata) of a file written by `save_tuned`: the config is
+    `encoder.config()` as saved (with its "method"); the other entries (lspt-train's "lspt_train")
+    are JSON-decoded where they are JSON. A missing file, a file that is not safetensors, or absent or
+    malformed metadata gets an error that says which."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = as_path(path)
     if not path.is_file():
@@ -249,7 +250,6 @@ def load_tuned_file(encoder: nn.Module, path) -> None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
     except Exception as exc:
         raise ValueError(f"{path} is not a safetensors file written by save_tuned: {exc}") from exc
     if "lspt_kernels" not in meta:
@@ -263,6 +263,28 @@ def load_tuned_file(encoder: nn.Module, path) -> None:
     if not isinstance(saved, dict) or "method" not in saved:
         raise ValueError(f"{path}: its 'lspt_kernels' metadata must be a JSON object with a 'method', "
                          f"got {meta['lspt_kernels'][:80]!r}")
+    others = {}
+    for key, text in meta.items():
+        if key != "lspt_kernels":
+            try:
+                others[key] = json.loads(text)
+            except json.JSONDecodeError:
+                others[key] = text
+    return saved, others
+
+
+def load_tuned_file(encoder: nn.Module, path) -> None:
+    """Load a safetensors file written by `save_tuned` into `encoder`, checking every structural option
+    recorded in its metadata against `encoder.config()`, and the tensor names and shapes. Nothing is
+    copied until every check has passed: a refused file leaves the encoder as it was."""
+    from safetensors.torch import load_file
+
+    path = as_path(path)
+    saved, _ = read_tuned_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise ValueError(f"{path} is not a safetensors file written by save_tuned: {exc}") from exc
     if saved["method"] != encoder.method:
         raise ValueError(f"{path} holds {saved['method']!r} parameters, this encoder is {encoder.method!r}")
     diffs = _config_differences(saved, encoder.config())

@@ -11,13 +11,12 @@ one), the same encoder and the same eval transform, so it reproduces the accurac
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-__all__ = ["UsageError", "build_backbone", "encoder_kwargs", "read_tuned_metadata", "rebuild_encoder",
+__all__ = ["UsageError", "build_backbone", "read_tuned_metadata", "rebuild_encoder",
            "evaluate", "autocast_context", "resolve_device", "main"]
 
 
@@ -106,33 +105,17 @@ def build_backbone(model: str, img_size: int | None, model_kwargs: dict, seed: i
     return vit
 
 
-def encoder_kwargs(method: str, config: dict) -> dict:
-    """An encoder's `config()` -> the keyword arguments that rebuild it through build_encoder."""
-    kw = {k: v for k, v in config.items() if k != "method"}
-    if method in ("vpt-deep", "vpt-shallow"):
-        kw.pop("deep", None)                     # the method name fixes it
-    elif method in ("linear", "adapter"):        # no prompts: their constructors take no prompt options
-        kw.pop("num_prompts", None)
-        kw.pop("prompt_dropout", None)
-    return kw
-
-
 def read_tuned_metadata(path) -> tuple[dict, dict]:
     """(encoder config, training metadata) of a tuned file written by lspt-train."""
-    from safetensors import safe_open
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--tuned {path}: no such file")
+    from .checkpoints import read_tuned_metadata as read
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:
-        raise UsageError(f"--tuned {path} is not a safetensors file: {exc}") from None
-    if "lspt_kernels" not in meta:
-        raise UsageError(f"--tuned {path} has no 'lspt_kernels' metadata: it was not written by save_tuned / "
-                         "lspt-train")
-    train_meta = json.loads(meta.get("lspt_train", "{}"))
-    return json.loads(meta["lspt_kernels"]), train_meta
+        config, others = read(path)
+    except FileNotFoundError:
+        raise UsageError(f"--tuned {path}: no such file") from None
+    except ValueError as exc:
+        raise UsageError(f"--tuned {exc}") from None
+    meta = others.get("lspt_train", {})
+    return config, meta if isinstance(meta, dict) else {}
 
 
 def rebuild_encoder(path, model: str | None = None, img_size: int | None = None, checkpoint=None):
@@ -150,7 +133,8 @@ def rebuild_encoder(path, model: str | None = None, img_size: int | None = None,
                          "--checkpoint")
     vit = build_backbone(model, img_size, meta.get("model_kwargs", {}), meta.get("seed", 0))
     method = config["method"]
-    encoder = from_timm(vit, checkpoint=checkpoint, method=method, **encoder_kwargs(method, config))
+    encoder = from_timm(vit, checkpoint=checkpoint, method=method,
+                        **{k: v for k, v in config.items() if k != "method"})
     encoder.load_tuned(path)
     return encoder, config, meta
 

@@ -232,47 +232,17 @@ def load_image(path, size, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[Tensor
     return x, pixels
 
 
-def _tuned_depth(shapes: dict) -> int | None:
-    """The depth a tuned file was made for, from its per-block tensors (None when it has none)."""
-    if "prompts" in shapes and len(shapes["prompts"]) == 3:         # VPT-deep / LSPT: (L, Np, D)
-        return shapes["prompts"][0]
-    if "temperatures" in shapes:                                     # GaPT: (L,)
-        return shapes["temperatures"][0]
-    return None
-
-
 def load_tuned_encoder(path, vit):
     """Rebuild the encoder a `save_tuned` file was written from, around `vit`, and load it."""
-    from safetensors import safe_open
-
-    from .encoders import METHODS, build_encoder
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tuned file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    except Exception as exc:
-        raise ValueError(f"{path} is not a safetensors file: {exc}") from None
-    try:
-        config = json.loads(meta["lspt_kernels"])
-        method = config.pop("method")
-    except (KeyError, TypeError, json.JSONDecodeError):
-        raise ValueError(f"{path} has no 'lspt_kernels' metadata with a method: it was not written by "
-                         "encoder.save_tuned") from None
-    if method not in METHODS:
-        raise ValueError(f"{path} holds method {method!r}, not one of {sorted(METHODS)}")
-    dim = shapes.get("head.weight", (None, None))[1]
-    depth = _tuned_depth(shapes)
-    if (dim is not None and dim != vit.embed_dim) or (depth is not None and depth != len(vit.blocks)):
+    from .checkpoints import read_tuned_metadata
+    from .encoders import build_encoder
+    config, _ = read_tuned_metadata(path)
+    method = config.pop("method")
+    dim, depth = config.get("embed_dim", vit.embed_dim), config.get("depth", len(vit.blocks))
+    if (dim, depth) != (vit.embed_dim, len(vit.blocks)):
         raise ValueError(f"{path} was tuned on a different ViT (embed_dim={dim}, depth={depth}) than the one "
                          f"given (embed_dim={vit.embed_dim}, depth={len(vit.blocks)}): pass the --model / "
                          "--model-arg / --checkpoint it was trained with")
-    if method in ("vpt-deep", "vpt-shallow"):
-        config.pop("deep", None)                         # the method name already fixes it
-    # The maps are taken in eval mode, where dropout does nothing; LinearProbe does not take the key.
-    config.pop("prompt_dropout", None)
     try:
         encoder = build_encoder(method, vit, **config)
     except TypeError as exc:
@@ -373,12 +343,12 @@ def _model_kwargs(items: list[str]) -> dict:
 
 def _train_metadata(path: Path) -> dict:
     """The backbone lspt-train recorded in a tuned file ("lspt_train" metadata), or {}."""
-    from safetensors import safe_open
+    from .checkpoints import read_tuned_metadata
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("lspt_train", "{}"))
-    except Exception:
+        meta = read_tuned_metadata(path)[1].get("lspt_train", {})
+    except (FileNotFoundError, ValueError):
         return {}          # load_tuned_encoder gives the file's real error
+    return meta if isinstance(meta, dict) else {}
 
 
 def _backbone_spec(args, tuned: list[Path]) -> dict:

@@ -350,7 +350,7 @@ def test_cli_bad_input(tmp_path, tuned_files, capsys):
     plain = tmp_path / "plain.safetensors"
     save_file({"prompts": torch.zeros(3, NP, 32)}, str(plain))
     rc, err = _run_cli(["--tuned", str(plain)] + base[2:] + ["--image", str(img)], capsys)
-    assert rc == 2 and "not written by encoder.save_tuned" in err
+    assert rc == 2 and "it was not written by save_tuned" in err
 
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
