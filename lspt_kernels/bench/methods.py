@@ -69,13 +69,15 @@ def fused_backend(device: str) -> tuple[str, str | None]:
 
     import torch
 
-    from ..ops import resolve_backend, unavailable_reason
+    from ..ops import AUTO_ORDER, resolve_backend, unavailable_reason
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         name = resolve_backend("auto", torch.device(device))
-    if name not in ("reference", "eager"):
+    if name != "eager":
         return name, None
-    order = ("cuda", "triton") if str(device).startswith("cuda") else ("cpu",)
+    order = AUTO_ORDER.get(torch.device(device).type, ())
+    if not order:
+        return name, f"'auto' picks the eager step on {torch.device(device).type} (ops.AUTO_ORDER)"
     return name, "no fused backend: " + "; ".join(f"{n}: {short_reason(unavailable_reason(n))}" for n in order)
 
 
