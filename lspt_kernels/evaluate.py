@@ -74,14 +74,16 @@ def _parse_value(text: str):
         return text
 
 
-def parse_model_kwargs(items: list[str] | None) -> dict:
-    """["embed_dim=32", "depth=3"] -> {"embed_dim": 32, "depth": 3} (values as Python literals)."""
+def parse_model_kwargs(items: list[str] | None, option: str = "--model-kwargs") -> dict:
+    """["embed_dim=32", "depth=3"] -> {"embed_dim": 32, "depth": 3} (values as Python literals, else
+    strings): the timm keywords of every CLI (lspt-train/-eval, lspt-bench, lspt-viz)."""
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key.isidentifier():
-            raise UsageError(f"--model-kwargs expects KEY=VALUE items (e.g. drop_path_rate=0.1), got {item!r}")
-        out[key] = _parse_value(value)
+            raise UsageError(f"{option} expects KEY=VALUE items (e.g. drop_path_rate=0.1), got {item!r}")
+        out[key] = _parse_value(value.strip())
     return out
 
 

@@ -23,7 +23,6 @@ attention maps from CLS are the frozen backbone's.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import sys
@@ -329,16 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_kwargs(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise VizError(f"--model-arg must be KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()
-    return out
+    from .evaluate import UsageError, parse_model_kwargs
+    try:
+        return parse_model_kwargs(items, "--model-arg")
+    except UsageError as exc:
+        raise VizError(str(exc)) from None
 
 
 def _train_metadata(path: Path) -> dict:

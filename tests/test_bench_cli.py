@@ -129,7 +129,7 @@ def test_a_killed_measuring_process_is_reported_as_oom(monkeypatch):
     (["--dtype", "int8"], "--dtype: int8 not allowed"),
     (["--batch-size", "0"], "--batch-size: 0 not allowed"),
     (["--batch-size", "four"], "--batch-size: 'four' is not a valid int"),
-    (["--model-arg", "depth"], "--model-arg must be KEY=VALUE"),
+    (["--model-arg", "depth"], "--model-arg expects KEY=VALUE"),
 ])
 def test_cli_bad_input(tmp_path, capsys, args, message):
     rc = B.main([*args, "--output", str(tmp_path / "out")])

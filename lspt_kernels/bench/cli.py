@@ -62,17 +62,11 @@ def parse_list(text: str, kind, name: str) -> list:
 
 def parse_model_args(items: list[str]) -> dict:
     """["depth=2", "global_pool=avg"] -> {"depth": 2, "global_pool": "avg"} (Python literals, else str)."""
-    import ast
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise BenchError(f"--model-arg must be KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()
-    return out
+    from ..evaluate import UsageError, parse_model_kwargs
+    try:
+        return parse_model_kwargs(items, "--model-arg")
+    except UsageError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def check_model(name: str, img_size: int | None = None, model_kwargs: dict | None = None) -> dict:
