@@ -546,7 +546,7 @@ class LSPTEncoder(PromptEncoder):
         cells = [torch.zeros(B, n, D, dtype=dtype, device=x.device) for _ in range(self.lstm_layers)]
         gemm_dtype = torch.get_autocast_dtype(x.device.type) if autocast else None
         state = dict(cells=cells, gemm_dtype=gemm_dtype, weights={})
-        if self.fused and self.depth > 1:   # a depth-1 ViT runs no step
+        if self.fused:
             self._init_fused(x, state, autocast)
         return state
 
