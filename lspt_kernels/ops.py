@@ -170,6 +170,14 @@ def autocast_enabled(device_type: str) -> bool:
         return False
 
 
+def _autocast_off(device_type: str):
+    """A context that keeps autocast from re-casting inside a step whose dtypes are already chosen;
+    a no-op (and no context cost on the hot path) where autocast is not on."""
+    if autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -185,11 +193,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     self-check against the eager step (lspt_kernels/selfcheck.py), else the next backend is used, with
     a warning. Inside torch.func transforms the eager step runs (the op's autograd cannot)."""
     name = _resolve_backend(backend, device)
-    if dtype is not None and name != "eager" and device.type != "meta":
+    if name == "eager" or _under_func_transform():
+        return "eager"
+    if dtype is not None and device.type != "meta":
         from . import selfcheck
         name = selfcheck.ensure(name, device, dtype, width)
-    if name != "eager" and _under_func_transform():
-        name = "eager"
     return name
 
 
@@ -353,10 +361,8 @@ def _step_fwd(tokens: Tensor, cell: Tensor, gate_bias: Tensor, weight_hh: Tensor
     kernels = _kernels_for_op(backend, "lspt::step_fwd")
     _refuse_interpreted_bf16(backend, tokens, cell, gate_bias, weight_hh)
     save_gates = save_gates and backend in SAVES_GATES   # the fake impl's rule, one switch
-    if torch.is_autocast_enabled(tokens.device.type):
-        with torch.autocast(tokens.device.type, enabled=False):
-            return kernels.forward(tokens, cell, gate_bias, weight_hh, num_prefix_tokens, save_gates)
-    return kernels.forward(tokens, cell, gate_bias, weight_hh, num_prefix_tokens, save_gates)
+    with _autocast_off(tokens.device.type):
+        return kernels.forward(tokens, cell, gate_bias, weight_hh, num_prefix_tokens, save_gates)
 
 
 @_step_fwd.register_fake
@@ -377,12 +383,9 @@ def _step_bwd(grad_hidden: Tensor, grad_cell: Tensor, xhat: Tensor, cell: Tensor
               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = _kernels_for_op(backend, "lspt::step_bwd")
     _refuse_interpreted_bf16(backend, grad_hidden, cell, weight_hh)
-    if torch.is_autocast_enabled(grad_hidden.device.type):
-        with torch.autocast(grad_hidden.device.type, enabled=False):
-            return kernels.backward(grad_hidden, grad_cell, xhat, cell, gate_bias, weight_hh, gates,
-                                    num_prefix_tokens, num_tokens)
-    return kernels.backward(grad_hidden, grad_cell, xhat, cell, gate_bias, weight_hh, gates,
-                            num_prefix_tokens, num_tokens)
+    with _autocast_off(grad_hidden.device.type):
+        return kernels.backward(grad_hidden, grad_cell, xhat, cell, gate_bias, weight_hh, gates,
+                                num_prefix_tokens, num_tokens)
 
 
 @_step_bwd.register_fake
@@ -435,10 +438,8 @@ def fused_step(tokens: Tensor, cell: Tensor, gate_bias: Tensor, weight_hh: Tenso
     """One step from already validated inputs and a resolved backend: the encoder's per-block call.
     gate_bias: (Np, 4D) or (B, Np, 4D) = prompt W_ih^T + b_ih + b_hh (`gate_bias_rows`)."""
     if backend == "eager":
-        if autocast_enabled(tokens.device.type):
-            with torch.autocast(tokens.device.type, enabled=False):
-                return step_eager(tokens, cell, gate_bias, weight_hh, num_prefix_tokens)
-        return step_eager(tokens, cell, gate_bias, weight_hh, num_prefix_tokens)
+        with _autocast_off(tokens.device.type):
+            return step_eager(tokens, cell, gate_bias, weight_hh, num_prefix_tokens)
     hidden, new_cell, _, _ = _STEP_FWD(tokens, cell, gate_bias, weight_hh, num_prefix_tokens, save_gates,
                                        backend)
     return hidden, new_cell
@@ -526,8 +527,7 @@ def lspt_step(tokens: Tensor, cell: Tensor, prompt: Tensor, weight_ih: Tensor, w
     check_step_inputs(tokens, cell, prompt, weight_ih, weight_hh, bias_ih, bias_hh, num_prefix_tokens,
                       autocast=autocast)
     backend = resolve_backend(backend, tokens.device, weight_hh.dtype, tokens.shape[-1])
-    # (no autocast context where there is no autocast: meta tensors)
-    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+    with _autocast_off(device_type):
         gate_bias = gate_bias_rows(prompt, weight_ih, bias_ih, bias_hh)
     if backend != "eager":
         if tokens.stride(-1) != 1:

@@ -25,8 +25,9 @@ prompt rows reaches the GEMM configurations for large batches.
 
 The check never touches the global RNG (its inputs come from a private generator) and runs with
 gradients on even under torch.no_grad / inference_mode. It is skipped while torch.compile traces (it
-would be traced into the graph; run the model once eagerly to check it) and inside torch.func
-transforms (which run the eager step anyway) and CUDA graph captures (run once before capturing).
+would be traced into the graph; run the model once eagerly to check it) and CUDA graph captures (run
+once before capturing); inside torch.func transforms `ops.resolve_backend` picks the eager step
+before asking for a check.
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def ensure(backend: str, device: torch.device, dtype: torch.dtype | None, width:
     on_gpu = backend in CHECKED_BY_DEFAULT and torch.device(device).type == "cuda"
     if not cfg["enabled"] or not (on_gpu or cfg["all"]):
         return backend
-    if torch.compiler.is_compiling() or _in_func_transform() or _capturing(device):
+    if torch.compiler.is_compiling() or _capturing(device):
         return backend
     width = width or 32
     key = _key(backend, device, dtype, width)
@@ -139,13 +140,6 @@ def _first_passing_fallback(backend: str, device, dtype, width: int) -> str:
 def _capturing(device) -> bool:
     """Inside a CUDA graph capture nothing may synchronize, and the check reads its errors back."""
     return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _in_func_transform() -> bool:
-    try:
-        return torch._C._functorch.peek_interpreter_stack() is not None
-    except AttributeError:  # pragma: no cover
-        return False
 
 
 # ----------------------------------------------------------------------------------------------
