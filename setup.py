@@ -73,7 +73,7 @@ setup(
     package_dir={"lspt_kernels": "lspt_kernels", "lspt_reference": "python/lspt_reference"},
     install_requires=["torch>=2.4", "timm>=1.0", "triton; platform_system == 'Linux'", "ninja", "pybind11",
                       "safetensors", "numpy", "matplotlib", "torchvision", "tqdm", "Pillow"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "ruff"]},
     entry_points={"console_scripts": ["lspt-bench = lspt_kernels.bench.cli:main",
                                       "lspt-train = lspt_kernels.train:main",
                                       "lspt-eval = lspt_kernels.evaluate:main",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from typing import Iterator
 
 import torch
 import torch.nn as nn

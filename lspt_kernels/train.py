@@ -29,8 +29,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .evaluate import (UsageError, autocast_context, build_backbone, check_amp, evaluate, parse_model_kwargs,
-                       resolve_device)
+from .evaluate import (
+    UsageError,
+    autocast_context,
+    build_backbone,
+    check_amp,
+    evaluate,
+    parse_model_kwargs,
+    resolve_device,
+)
 
 __all__ = ["build_parser", "main", "warmup_cosine"]
 

@@ -12,16 +12,25 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
 import pytest  # noqa: E402
+from helpers import make_vit  # noqa: E402
 
 
-def make_vit(embed_dim=32, depth=3, heads=2, img=32, patch=8, reg_tokens=0, global_pool="token",
-             class_token=True, **kw):
-    """A small random timm ViT (nothing downloaded)."""
-    import timm
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=img,
-                             patch_size=patch, embed_dim=embed_dim, depth=depth, num_heads=heads,
-                             reg_tokens=reg_tokens, global_pool=global_pool, class_token=class_token, **kw)
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the end-to-end tests marked slow (skipped by default to keep CI short)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: an end-to-end test of minutes; runs only with --run-slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow end-to-end test: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(params=["cls", "reg4-avg"])

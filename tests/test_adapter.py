@@ -2,7 +2,7 @@
 restatement, its init, and its place in the method table."""
 import pytest
 import torch
-from conftest import make_vit
+from helpers import make_vit
 from test_encoders import _images, assert_parity
 
 import lspt_reference as R

@@ -2,7 +2,7 @@
 import pytest
 import timm
 import torch
-from conftest import make_vit
+from helpers import make_vit
 
 from lspt_kernels import GaPTEncoder, LSPTEncoder, VPTEncoder, from_timm, load_backbone_checkpoint
 

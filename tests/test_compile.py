@@ -1,7 +1,7 @@
 """torch.compile(encoder, fullgraph=True): no graph breaks, same logits and gradients as eager."""
 import pytest
 import torch
-from conftest import make_vit
+from helpers import make_vit
 
 from lspt_kernels import AdapterEncoder, GaPTEncoder, LSPTEncoder, VPTEncoder
 from lspt_kernels.ops import unavailable_reason

@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 import torch
-
-from lspt_kernels.data import (DataError, ImageDataset, build_transform, detect_layout, load_dataset)
 from synth_data import CLASSES, write_dataset
+
+from lspt_kernels.data import DataError, ImageDataset, build_transform, detect_layout, load_dataset
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from conftest import make_vit
+from helpers import make_vit
 
 import lspt_reference as R
 from lspt_kernels import AdapterEncoder, GaPTEncoder, LinearProbe, LSPTEncoder, VPTEncoder

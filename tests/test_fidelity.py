@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_vit
+from helpers import make_vit
 
 import lspt_reference as R
 from lspt_kernels import GaPTEncoder, LSPTEncoder, VPTEncoder, from_timm

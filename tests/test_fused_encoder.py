@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import make_vit
+from helpers import make_vit
 from test_encoders import NC, NP, _images, assert_parity
 from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -7,7 +7,7 @@ activations for backward.
 """
 import pytest
 import torch
-from conftest import make_vit
+from helpers import make_vit
 
 from lspt_kernels.encoders import build_encoder
 from lspt_kernels.ops import unavailable_reason

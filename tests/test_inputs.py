@@ -5,11 +5,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_vit
+from helpers import make_vit
 
 from lspt_kernels import GaPTEncoder, LinearProbe, LSPTEncoder, VPTEncoder, from_timm, load_backbone_checkpoint
 from lspt_kernels.checkpoints import as_path
-from lspt_kernels.encoders import METHODS, build_encoder, _images_in_model_dtype
+from lspt_kernels.encoders import METHODS, _images_in_model_dtype, build_encoder
 
 NP, NC = 2, 3
 PROMPTED = ["vpt-shallow", "vpt-deep", "gapt", "lspt"]

@@ -13,9 +13,7 @@ import warnings
 
 import pytest
 import torch
-
-from lspt_kernels import ops
-from conftest import make_vit
+from helpers import make_vit
 from test_step import TINY, make_inputs, upstream
 
 from lspt_kernels import GaPTEncoder, LSPTEncoder, VPTEncoder, ops

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_vit
+from helpers import make_vit
 
 from lspt_kernels import LSPTEncoder, ops
 

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_vit
+from helpers import make_vit
 from test_step import TINY, make_inputs
 
 from lspt_kernels import LSPTEncoder, ops, selfcheck

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_vit
+from helpers import make_vit
 
 from lspt_kernels import init_prompts_from_data
 from lspt_kernels.encoders import build_encoder

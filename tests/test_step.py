@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lspt_kernels import ops
-from lspt_kernels.ops import gate_bias_rows, lspt_step, step_eager, step_reference
+from lspt_kernels.ops import gate_bias_rows, lspt_step, step_reference
 
 BACKENDS = ["eager", "cpu", "triton", "cuda"]
 FUSED = ["cpu", "triton", "cuda"]
@@ -481,7 +481,8 @@ def test_op_refuses_unknown_backend():
     """A direct op call names the choices (issue 13, item 10), not a bare KeyError."""
     tokens, cell, gb, w_hh, k, save, _ = _fwd_args("cpu", "cpu", requires_grad=False)
     for name in ("nonsense", "eager", "auto"):
-        with pytest.raises(ValueError, match=r"lspt::step_fwd: backend must be one of \('cpu', 'triton', 'cuda'\).*" + repr(name)):
+        message = r"lspt::step_fwd: backend must be one of \('cpu', 'triton', 'cuda'\).*" + repr(name)
+        with pytest.raises(ValueError, match=message):
             torch.ops.lspt.step_fwd(tokens, cell, gb, w_hh, k, save, name)
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from synth_data import write_dataset
 
 from lspt_kernels import evaluate as lspt_eval
 from lspt_kernels import train as lspt_train
 from lspt_kernels.encoders import METHODS
-from synth_data import write_dataset
 
 TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32",
         "--model-kwargs", "patch_size=8", "embed_dim=32", "depth=3", "num_heads=2"]
@@ -142,8 +142,11 @@ def test_resume_after_ctrl_c_is_bit_exact(data, tmp_path, monkeypatch, capsys):
     assert set(a) == set(b)
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("images_per_s", "peak_memory_gb", "epoch_time_s")}
-                          for r in rows]  # noqa: E731
+    timing = ("images_per_s", "peak_memory_gb", "epoch_time_s")
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
     assert strip(_log(full)) == strip(_log(cut))
 
 

@@ -49,6 +49,7 @@ def _combo_id(combo):
 # ----------------------------------------------------------------------------------------------
 def _cases() -> list[dict]:
     import torch
+
     from lspt_kernels import triton_kernels as tk  # config tables only: plain Python
     torch_dt = dict(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16, fp64=torch.float64)
     cases = []
@@ -159,6 +160,7 @@ def _worker(cases_path: str, out_path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "worker must run without the interpreter"
     import triton
     import triton.language as tl
+
     from lspt_kernels import triton_kernels as tk
     with open(cases_path) as f:
         cases = json.load(f)
@@ -289,6 +291,7 @@ def test_every_launch_config_is_covered():
     if not CASES:
         pytest.skip("no Triton or no ptxas")
     import torch
+
     from lspt_kernels import triton_kernels as tk
     picked = set()
     for w in (torch.float32, torch.float16, torch.bfloat16, torch.float64):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_vit
+from helpers import make_vit
 
 from lspt_kernels import viz
 from lspt_kernels.encoders import build_encoder

@@ -83,7 +83,8 @@ def loadavg() -> list[float] | None:
 def load_line(load: list[float] | None, when: str) -> str:
     if load is None:
         return f"machine load {when}: unavailable"
-    return f"machine load {when}: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15-min averages, {os.cpu_count()} CPUs)"
+    return (f"machine load {when}: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+            f"(1/5/15-min averages, {os.cpu_count()} CPUs)")
 
 
 def load_warning(start: list[float] | None, end: list[float] | None) -> str | None:

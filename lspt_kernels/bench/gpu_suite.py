@@ -176,7 +176,8 @@ def _run(parts, out: Path, log, args, argv, torch) -> int:
     summary["wall_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     say("\n" + format_summary(summary))
-    say(f"\ntotal wall time {summary['wall_s']:.0f} s (budget {args.budget_s:.0f} s); {load_line(loadavg(), 'at the end')}")
+    say(f"\ntotal wall time {summary['wall_s']:.0f} s (budget {args.budget_s:.0f} s); "
+        f"{load_line(loadavg(), 'at the end')}")
     return 0 if all(v == "ok" or v.startswith("not run") for v in status.values()) else 1
 
 

@@ -253,8 +253,9 @@ def run(batches=(8, 64), num_prompts=(10, 100), *, device: str = "cpu", dtype=No
             base = dict(device=device, dtype=str(dtype).replace("torch.", ""), batch=B, num_prompts=n_p,
                         num_patches=num_patches, dim=dim, num_prefix_tokens=num_prefix_tokens,
                         floor_fwd_ms=floor_fwd * 1e3, floor_fwd_bwd_ms=floor_fb * 1e3)
+            min_sample = MIN_SAMPLE_S["cuda" if device == "cuda" else "cpu"]
             times, skipped, inner = _time_backends(backends, inputs, device, repeats, warmup, timer,
-                                                   num_prefix_tokens, MIN_SAMPLE_S["cuda" if device == "cuda" else "cpu"])
+                                                   num_prefix_tokens, min_sample)
             for backend in backends:
                 row = dict(base, backend=backend)
                 if backend in skipped:
@@ -459,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     if targets:
         print("\nTargets (met / missed / inconclusive: the quartiles straddle the limit):")
         for t in targets:
-            print(f"  [{t['verdict']}] {t['target']} ({t['backend']}, B{t['batch']} Np{t['num_prompts']} {t['dtype']}): "
+            where = f"{t['backend']}, B{t['batch']} Np{t['num_prompts']} {t['dtype']}"
+            print(f"  [{t['verdict']}] {t['target']} ({where}): "
                   + ("n/a" if t.get("median") is None else
                      f"{t['median']:.2f} [{t['q1']:.2f}-{t['q3']:.2f}] over {t['n']} rounds"))
     meta["loadavg_end"] = loadavg()

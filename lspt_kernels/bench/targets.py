@@ -118,7 +118,8 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
             s = _ratio_summary(fused, vpt, "train_s")
             limit = 1 + fused["floor_train_extra"] + TARGET_TIME_SLACK
             out.append(_target("LSPT-fused train step <= VPT-deep x (1 + Np/(2T) + 2%)", setting, s, limit,
-                               f"{_spread_text(s, pct=True)} over VPT-deep; floor {100 * fused['floor_train_extra']:.1f}%"
+                               f"{_spread_text(s, pct=True)} over VPT-deep; "
+                               f"floor {100 * fused['floor_train_extra']:.1f}%"
                                f" + 2% = {100 * (limit - 1):.1f}%" + note, **extra))
         if _ok(ref):
             s = _ratio_summary(fused, ref, "train_s")
