@@ -1,6 +1,6 @@
 """lspt-kernels: Long-term Spatial Prompt Tuning for timm Vision Transformers, with fused kernels."""
-from .checkpoints import from_timm, load_backbone_checkpoint
-from .encoders import AdapterEncoder, GaPTEncoder, LinearProbe, LSPTEncoder, PromptEncoder, VPTEncoder
+from .checkpoints import load_backbone_checkpoint
+from .encoders import AdapterEncoder, GaPTEncoder, LinearProbe, LSPTEncoder, PromptEncoder, VPTEncoder, from_timm
 from .ops import lspt_step
 from .spt_init import init_prompts_from_data
 

@@ -10,8 +10,13 @@ A DDP save, whose keys all start with 'module.', has that prefix stripped (only 
 carries it). Paths may be str or os.PathLike, '~' is expanded. Tensors holding NaN or inf are
 loaded, with a warning naming them.
 An MAE file's final norm (`norm.*`) goes into `fc_norm` when the model has timm's avg-pool layout
-(`norm` an Identity, `fc_norm` a LayerNorm), and `from_timm` gives an MAE backbone the official MAE
-pooling (docs/method.md, "Features").
+(`norm` an Identity, `fc_norm` a LayerNorm); `encoders.from_timm` gives an MAE backbone the official
+MAE pooling (docs/method.md, "Features").
+
+Tuned-parameter files (`save_tuned_file` / `load_tuned_file`, behind `encoder.save_tuned` /
+`encoder.load_tuned`) are safetensors files whose "lspt_kernels" metadata entry is the encoder's
+`config()`; `read_tuned_metadata` is the one reader of that metadata. This module is file IO only:
+it imports nothing from the encoders (they import it).
 """
 from __future__ import annotations
 
@@ -23,8 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["from_timm", "load_backbone_checkpoint", "backbone_state_dict", "load_tuned_file", "is_mae_checkpoint",
-           "read_tuned_metadata"]
+__all__ = ["load_backbone_checkpoint", "backbone_state_dict", "save_tuned_file", "load_tuned_file",
+           "read_tuned_metadata", "is_mae_checkpoint", "is_mae_file", "as_path", "CONFIG_KEY"]
+
+# The metadata entry of a tuned file that holds `encoder.config()` (method and structural options).
+CONFIG_KEY = "lspt_kernels"
 
 
 def as_path(path, argument: str = "path") -> Path:
@@ -125,8 +133,9 @@ def is_mae_checkpoint(obj: dict) -> bool:
     return "model" in obj and isinstance(obj["model"], dict)
 
 
-def _is_mae_file(path) -> bool:
-    """The format of a file already loaded once: memory-mapped, so no second full read of the weights."""
+def is_mae_file(path) -> bool:
+    """Whether a backbone checkpoint file is an MAE pre-training file ({'model': ...}). Meant for a file
+    already loaded once: it is memory-mapped, so the weights are not read a second time."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:           # legacy (non-zip) files cannot be memory-mapped
@@ -177,58 +186,18 @@ def load_backbone_checkpoint(vit: nn.Module, path) -> nn.Module:
     return vit
 
 
-def from_timm(name_or_model, checkpoint=None, method: str = "lspt", pool: str | None = None, **kwargs):
-    """Build an encoder around a timm ViT given by name (random init, nothing downloaded) or module,
-    with backbone weights from a local MAE / MoCo v3 / plain checkpoint file.
-
-    method: a name of lspt_kernels.encoders.METHODS ("lspt", "gapt", "vpt-deep", "vpt-shallow",
-    "adapter", "linear"); kwargs go to the encoder (num_prompts, num_classes, ...) except `img_size` /
-    `dynamic_img_size`, which go to timm.
-    pool: the features the head sees (encoders.POOLS). None: "mae" for an MAE file (the official MAE
-    protocol: the pretrained final norm of the mean of all tokens after CLS), else "model" (the timm
-    model's own pooling; CLS after the final norm for a 'token' model, as MoCo v3).
-    """
-    import timm
-
-    from .encoders import POOLS, build_encoder
-
-    if checkpoint is not None:
-        checkpoint = as_path(checkpoint, "checkpoint")
-    if pool is not None and pool not in POOLS:
-        raise ValueError(f"pool must be one of {POOLS} or None (chosen from the checkpoint), got {pool!r}")
-    if isinstance(name_or_model, str):
-        timm_kwargs = {k: kwargs.pop(k) for k in ("img_size", "dynamic_img_size") if k in kwargs}
-        try:
-            vit = timm.create_model(name_or_model, pretrained=False, num_classes=0, **timm_kwargs)
-        except RuntimeError as exc:
-            raise ValueError(f"unknown timm model {name_or_model!r}: {exc}") from exc
-    else:
-        vit = name_or_model
-    mae = False
-    if checkpoint is not None:
-        from .encoders import _check_vit
-        _check_vit(vit)
-        load_backbone_checkpoint(vit, checkpoint)
-        mae = _is_mae_file(checkpoint)
-    if pool is None:
-        pool = "mae" if mae else "model"
-    return build_encoder(method, vit, pool=pool, **kwargs)
-
-
 # Files written before these options were recorded: pooling was always the model's own, and the
 # dimensions are still checked by the tensor shapes below.
 _OLDER_FILES = {"pool": "model"}
 _CHECKED_BY_SHAPES = ("embed_dim", "depth", "adapter_dim")
 
 
-def _config_differences(saved: dict, own: dict) -> list[str]:
-    """Every structural option (all of config() except TRAINING_ONLY_OPTIONS) that differs."""
-    from .encoders import TRAINING_ONLY_OPTIONS
-
+def _config_differences(saved: dict, own: dict, training_only) -> list[str]:
+    """Every structural option (all of config() except the `training_only` ones) that differs."""
     missing = object()
     diffs = []
     for key in sorted(set(saved) | set(own)):
-        if key in TRAINING_ONLY_OPTIONS or (key in _CHECKED_BY_SHAPES and key not in saved):
+        if key in training_only or (key in _CHECKED_BY_SHAPES and key not in saved):
             continue
         a, b = saved.get(key, _OLDER_FILES.get(key, missing)), own.get(key, missing)
         if a != b:
@@ -239,9 +208,10 @@ def _config_differences(saved: dict, own: dict) -> list[str]:
 
 def read_tuned_metadata(path) -> tuple[dict, dict]:
     """(encoder config, other metadata) of a file written by `save_tuned`: the config is
-    `encoder.config()` as saved (with its "method"); the other entries (lspt-train's "lspt_train")
-    are JSON-decoded where they are JSON. A missing file, a file that is not safetensors, or absent or
-    malformed metadata gets an error that says which."""
+    `encoder.config()` as saved (with its "method"); the other entries (e.g. lspt-train's record of
+    its backbone and data) are JSON-decoded where they are JSON. A missing file (FileNotFoundError),
+    a file that is not safetensors, or absent or malformed metadata (ValueError) gets an error that
+    says which."""
     from safetensors import safe_open
 
     path = as_path(path)
@@ -252,20 +222,20 @@ def read_tuned_metadata(path) -> tuple[dict, dict]:
             meta = f.metadata() or {}
     except Exception as exc:
         raise ValueError(f"{path} is not a safetensors file written by save_tuned: {exc}") from exc
-    if "lspt_kernels" not in meta:
-        raise ValueError(f"{path} has no 'lspt_kernels' metadata: it was not written by save_tuned, so "
+    if CONFIG_KEY not in meta:
+        raise ValueError(f"{path} has no {CONFIG_KEY!r} metadata: it was not written by save_tuned, so "
                          "what its tensors mean (method, options) is unknown")
     try:
-        saved = json.loads(meta["lspt_kernels"])
+        saved = json.loads(meta[CONFIG_KEY])
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: its 'lspt_kernels' metadata is not valid JSON ({exc.msg} at "
+        raise ValueError(f"{path}: its {CONFIG_KEY!r} metadata is not valid JSON ({exc.msg} at "
                          f"character {exc.pos}): the file is damaged or was not written by save_tuned") from exc
     if not isinstance(saved, dict) or "method" not in saved:
-        raise ValueError(f"{path}: its 'lspt_kernels' metadata must be a JSON object with a 'method', "
-                         f"got {meta['lspt_kernels'][:80]!r}")
+        raise ValueError(f"{path}: its {CONFIG_KEY!r} metadata must be a JSON object with a 'method', "
+                         f"got {meta[CONFIG_KEY][:80]!r}")
     others = {}
     for key, text in meta.items():
-        if key != "lspt_kernels":
+        if key != CONFIG_KEY:
             try:
                 others[key] = json.loads(text)
             except json.JSONDecodeError:
@@ -273,10 +243,30 @@ def read_tuned_metadata(path) -> tuple[dict, dict]:
     return saved, others
 
 
-def load_tuned_file(encoder: nn.Module, path) -> None:
+def save_tuned_file(encoder: nn.Module, path, metadata: dict | None = None) -> None:
+    """Write `encoder.tuned_state_dict()` (not the backbone) to a safetensors file, with
+    `encoder.config()` as its "lspt_kernels" metadata and each entry of `metadata` (name -> a
+    JSON-serialisable value, e.g. lspt-train's record of its backbone and data) JSON-encoded under
+    its name. `path`: str or os.PathLike, '~' expanded; its directory must exist."""
+    from safetensors.torch import save_file
+
+    path = as_path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
+    extra = dict(metadata or {})
+    if CONFIG_KEY in extra:
+        raise ValueError(f"metadata must not have a {CONFIG_KEY!r} entry: that one is the encoder's config()")
+    entries = {CONFIG_KEY: json.dumps(encoder.config())}
+    entries.update({str(k): json.dumps(v) for k, v in extra.items()})
+    tensors = {n: t.contiguous().cpu() for n, t in encoder.tuned_state_dict().items()}
+    save_file(tensors, str(path), metadata=entries)
+
+
+def load_tuned_file(encoder: nn.Module, path, training_only=()) -> None:
     """Load a safetensors file written by `save_tuned` into `encoder`, checking every structural option
-    recorded in its metadata against `encoder.config()`, and the tensor names and shapes. Nothing is
-    copied until every check has passed: a refused file leaves the encoder as it was."""
+    recorded in its metadata against `encoder.config()` (all but the `training_only` ones, which shape
+    only initialisation or training), and the tensor names and shapes. Nothing is copied until every
+    check has passed: a refused file leaves the encoder as it was."""
     from safetensors.torch import load_file
 
     path = as_path(path)
@@ -287,7 +277,7 @@ def load_tuned_file(encoder: nn.Module, path) -> None:
         raise ValueError(f"{path} is not a safetensors file written by save_tuned: {exc}") from exc
     if saved["method"] != encoder.method:
         raise ValueError(f"{path} holds {saved['method']!r} parameters, this encoder is {encoder.method!r}")
-    diffs = _config_differences(saved, encoder.config())
+    diffs = _config_differences(saved, encoder.config(), training_only)
     if diffs:
         raise ValueError(f"{path} was saved with other {encoder.method!r} options than this encoder: "
                          + "; ".join(diffs))

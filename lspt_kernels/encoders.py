@@ -11,7 +11,6 @@ silent, is in docs/method.md.
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import torch
@@ -19,10 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checkpoints import as_path, is_mae_file, load_backbone_checkpoint, load_tuned_file, save_tuned_file
 from .ops import autocast_enabled, check_fused_inputs, fused_step, gate_bias_rows, resolve_backend
 
 __all__ = ["PromptEncoder", "LinearProbe", "VPTEncoder", "GaPTEncoder", "LSPTEncoder", "AdapterEncoder",
-           "METHODS", "build_encoder", "HEAD_INITS", "POOLS", "TRAINING_ONLY_OPTIONS"]
+           "METHODS", "METHODS_WITHOUT_PROMPTS", "build_encoder", "from_timm", "check_vit", "HEAD_INITS", "POOLS",
+           "TRAINING_ONLY_OPTIONS"]
 
 # "torch": nn.Linear's own init. "official": GaPT's head (kaiming-normal fan_out weight, bias
 # -log((1 - 0.01) / 0.01)), which LSPT's training setup follows.
@@ -40,7 +41,8 @@ POOLS = ("model", "token", "mae")
 TRAINING_ONLY_OPTIONS = ("prompt_dropout", "head_init", "gate_init", "adapter_init")
 
 
-def _check_vit(vit) -> None:
+def check_vit(vit) -> None:
+    """Raise a TypeError unless `vit` is a backbone the encoders wrap: a timm VisionTransformer."""
     try:
         from timm.models.vision_transformer import VisionTransformer
     except ImportError as exc:  # pragma: no cover - timm is a dependency
@@ -72,7 +74,7 @@ def _check_count(name: str, value, minimum: int) -> None:
 def _check_depth(vit, method: str, why: str) -> None:
     """GaPT's gates and LSPT's LSTM act between blocks l and l + 1: with one block they would be
     trainable parameters that never run, so such a ViT is refused rather than silently degenerate."""
-    _check_vit(vit)
+    check_vit(vit)
     _check_layout(vit)
     if len(vit.blocks) < 2:
         raise ValueError(f"{method} needs a ViT with at least 2 blocks ({why}), this one has "
@@ -127,7 +129,7 @@ class PromptEncoder(nn.Module):
     def __init__(self, vit: nn.Module, num_prompts: int, num_classes: int, prompt_dropout: float = 0.0,
                  head_init: str = "torch", pool: str = "model"):
         super().__init__()
-        _check_vit(vit)
+        check_vit(vit)
         _check_layout(vit)
         _check_count("num_classes", num_classes, 1)
         if pool not in POOLS:
@@ -188,27 +190,22 @@ class PromptEncoder(nn.Module):
     def config(self) -> dict:
         return dict(method=self.method, **self._config)
 
-    def save_tuned(self, path) -> None:
-        """Write the tuned parameters (not the backbone) to a safetensors file. `path`: str or
-        os.PathLike, '~' expanded; its directory must exist."""
-        from safetensors.torch import save_file
-
-        from .checkpoints import as_path
-        path = as_path(path)
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
-        tensors = {n: t.contiguous().cpu() for n, t in self.tuned_state_dict().items()}
-        save_file(tensors, str(path), metadata={"lspt_kernels": json.dumps(self.config())})
+    def save_tuned(self, path, metadata: dict | None = None) -> None:
+        """Write the tuned parameters (not the backbone) to a safetensors file, with `config()` as its
+        metadata. `metadata`: extra entries (name -> JSON-serialisable value) stored beside it, e.g.
+        lspt-train's record of the backbone and data. `path`: str or os.PathLike, '~' expanded; its
+        directory must exist."""
+        save_tuned_file(self, path, metadata)
 
     def load_tuned(self, path) -> None:
         """Load parameters written by `save_tuned` into this encoder (same method and shapes)."""
-        from .checkpoints import load_tuned_file
-        load_tuned_file(self, path)
+        load_tuned_file(self, path, training_only=TRAINING_ONLY_OPTIONS)
 
     # --- the block loop -----------------------------------------------------------------------------
-    def _check_images(self, images) -> None:
-        """A (B, C, H, W) float tensor on the model's device, of the ViT's size. Its float dtype may
-        differ from the model's: `_embed` casts it (see `_images_in_model_dtype`)."""
+    def check_images(self, images) -> None:
+        """Raise a clear error unless `images` is a (B, C, H, W) float tensor on the model's device, of
+        the ViT's size. Its float dtype may differ from the model's: `embed` casts it (see
+        `_images_in_model_dtype`)."""
         if not isinstance(images, Tensor) or images.dim() != 4:
             got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"images must be a (B, C, H, W) tensor, got {got}")
@@ -231,7 +228,9 @@ class PromptEncoder(nn.Module):
                              f"{pe.img_size[0]}, {pe.img_size[1]}), got {tuple(images.shape)}; build the "
                              "model with img_size=... or dynamic_img_size=True for other sizes")
 
-    def _embed(self, images: Tensor) -> Tensor:
+    def embed(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) images -> (B, k + N, D) tokens entering block 1, without prompts: the frozen
+        backbone's patch embedding, prefix tokens and position embedding (timm's own) and pre-norm."""
         vit = self.vit
         x = vit.patch_embed(_images_in_model_dtype(images, vit.patch_embed.proj.weight))
         x = vit._pos_embed(x)            # prefix tokens and position embedding (timm's own)
@@ -312,8 +311,8 @@ class PromptEncoder(nn.Module):
         return x[:, k:k + self.num_prompts]
 
     def forward_features(self, images: Tensor) -> Tensor:
-        self._check_images(images)
-        x = self._embed(images)                                             # (B, k + N, D)
+        self.check_images(images)
+        x = self.embed(images)                                             # (B, k + N, D)
         first = self._first_prompts()
         if first is not None:
             k = self.num_prefix_tokens
@@ -708,7 +707,7 @@ METHODS = {
 }
 
 # Methods without prompts: build_encoder drops the prompt options the tools pass to every method.
-_NO_PROMPTS = ("linear", "adapter")
+METHODS_WITHOUT_PROMPTS = ("linear", "adapter")
 
 
 def build_encoder(method: str, vit: nn.Module, **kwargs) -> PromptEncoder:
@@ -717,7 +716,7 @@ def build_encoder(method: str, vit: nn.Module, **kwargs) -> PromptEncoder:
     (embed_dim, depth, deep, adapter_dim) are checked against `vit` and the method, not passed on."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    _check_vit(vit)
+    check_vit(vit)
     kwargs = dict(kwargs)
     expected = dict(embed_dim=vit.embed_dim, depth=len(vit.blocks))
     if method in ("vpt-deep", "vpt-shallow"):
@@ -732,7 +731,43 @@ def build_encoder(method: str, vit: nn.Module, **kwargs) -> PromptEncoder:
         raise ValueError(f"cannot build {method!r} around this {type(vit).__name__}: " + "; ".join(problems))
     for key in expected:
         kwargs.pop(key, None)
-    if method in _NO_PROMPTS:
+    if method in METHODS_WITHOUT_PROMPTS:
         kwargs.pop("num_prompts", None)          # no prompts: the tools pass these to every method
         kwargs.pop("prompt_dropout", None)
     return METHODS[method](vit, **kwargs)
+
+
+def from_timm(name_or_model, checkpoint=None, method: str = "lspt", pool: str | None = None, **kwargs):
+    """Build an encoder around a timm ViT given by name (random init, nothing downloaded) or module,
+    with backbone weights from a local MAE / MoCo v3 / plain checkpoint file (read by
+    `checkpoints.load_backbone_checkpoint`).
+
+    method: a name of METHODS ("lspt", "gapt", "vpt-deep", "vpt-shallow", "adapter", "linear"); kwargs
+    go to the encoder (num_prompts, num_classes, ...) except `img_size` / `dynamic_img_size`, which go
+    to timm.
+    pool: the features the head sees (POOLS). None: "mae" for an MAE file (the official MAE protocol:
+    the pretrained final norm of the mean of all tokens after CLS), else "model" (the timm model's own
+    pooling; CLS after the final norm for a 'token' model, as MoCo v3).
+    """
+    import timm
+
+    if checkpoint is not None:
+        checkpoint = as_path(checkpoint, "checkpoint")
+    if pool is not None and pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS} or None (chosen from the checkpoint), got {pool!r}")
+    if isinstance(name_or_model, str):
+        timm_kwargs = {k: kwargs.pop(k) for k in ("img_size", "dynamic_img_size") if k in kwargs}
+        try:
+            vit = timm.create_model(name_or_model, pretrained=False, num_classes=0, **timm_kwargs)
+        except RuntimeError as exc:
+            raise ValueError(f"unknown timm model {name_or_model!r}: {exc}") from exc
+    else:
+        vit = name_or_model
+    mae = False
+    if checkpoint is not None:
+        check_vit(vit)
+        load_backbone_checkpoint(vit, checkpoint)
+        mae = is_mae_file(checkpoint)
+    if pool is None:
+        pool = "mae" if mae else "model"
+    return build_encoder(method, vit, pool=pool, **kwargs)

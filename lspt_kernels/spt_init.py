@@ -62,19 +62,8 @@ def _stream(seed: int, image: int, layer: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 0x9E3779B1 + image * 1_000_003 + layer) % (1 << 62))
 
 
-@torch.no_grad()
-def init_prompts_from_data(encoder, images_or_loader, how: str = "tokens", seed: int = 0, *,
-                           num_images: int = 256, tokens_per_image: int | None = 64, window: int = 2,
-                           kmeans_iters: int = 100):
-    """Overwrite `encoder.prompts` from the frozen backbone's tokens on a sample of images.
-
-    images_or_loader: a (B, C, H, W) tensor, or an iterable (e.g. a DataLoader) of such tensors or of
-      (images, labels, ...) tuples; at most `num_images` images are used, in order.
-    how: "tokens" (default: Np distinct random patch tokens), "kmeans" (Np k-means centroids of the
-      sampled tokens, initialised from Np of them) or "pool" (Np distinct random window x window means).
-    tokens_per_image: patch tokens kept per image and layer for "tokens"/"kmeans" (None: all of them).
-    Deterministic for a seed and the same images. Returns the encoder.
-    """
+def _check_arguments(encoder, how, num_images, tokens_per_image, window, kmeans_iters) -> Tensor:
+    """The encoder's prompt parameter, after every argument has been checked."""
     from .encoders import PromptEncoder
 
     if not isinstance(encoder, PromptEncoder):
@@ -89,44 +78,67 @@ def init_prompts_from_data(encoder, images_or_loader, how: str = "tokens", seed:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if tokens_per_image is not None and (not isinstance(tokens_per_image, int) or tokens_per_image < 1):
         raise ValueError(f"tokens_per_image must be an int >= 1 or None, got {tokens_per_image!r}")
+    return prompts
 
-    layers = list(range(prompts.shape[0])) if prompts.dim() == 3 else [0]
-    vit, k, Np = encoder.vit, encoder.num_prefix_tokens, encoder.num_prompts
+
+def _candidate_banks(encoder, images_or_loader, layers: list[int], how: str, seed: int, num_images: int,
+                     tokens_per_image: int | None, window: int) -> dict[int, list[Tensor]]:
+    """Per layer l, the candidate tokens entering block l of the backbone run without prompts: sampled
+    patch tokens ("tokens", "kmeans") or window means ("pool"), from at most `num_images` images."""
+    vit, k = encoder.vit, encoder.num_prefix_tokens
     weight = vit.patch_embed.proj.weight
-    gen = torch.Generator().manual_seed(seed)
     banks: dict[int, list[Tensor]] = {l: [] for l in layers}
     seen = 0
+    for batch in _batches(images_or_loader):
+        if seen >= num_images:
+            break
+        batch = batch[:num_images - seen].to(device=weight.device, dtype=weight.dtype)
+        encoder.check_images(batch)
+        seen += batch.shape[0]
+        ph, pw = vit.patch_embed.patch_size
+        grid = (-(-batch.shape[2] // ph), -(-batch.shape[3] // pw))
+        x = encoder.embed(batch)                                    # (B, k + N, D): block 1's input
+        for l in range(layers[-1] + 1):
+            if l > 0:
+                x = vit.blocks[l - 1](x)                             # block l's input, no prompts
+            patches = x[:, k:].float().cpu()                         # (B, N, D)
+            if how == "pool":
+                banks[l].append(_window_means(patches, grid, window))
+                continue
+            B, N, D = patches.shape
+            keep = N if tokens_per_image is None else min(tokens_per_image, N)
+            # One stream per (seed, image, layer): the sample does not depend on how the images are batched.
+            idx = torch.stack([torch.randperm(N, generator=_stream(seed, seen - B + i, l))[:keep] for i in range(B)])
+            banks[l].append(torch.gather(patches, 1, idx.unsqueeze(-1).expand(-1, -1, D)).reshape(-1, D))
+    if seen == 0:
+        raise ValueError("images_or_loader gave no images")
+    return banks
+
+
+@torch.no_grad()
+def init_prompts_from_data(encoder, images_or_loader, how: str = "tokens", seed: int = 0, *,
+                           num_images: int = 256, tokens_per_image: int | None = 64, window: int = 2,
+                           kmeans_iters: int = 100):
+    """Overwrite `encoder.prompts` from the frozen backbone's tokens on a sample of images.
+
+    images_or_loader: a (B, C, H, W) tensor, or an iterable (e.g. a DataLoader) of such tensors or of
+      (images, labels, ...) tuples; at most `num_images` images are used, in order.
+    how: "tokens" (default: Np distinct random patch tokens), "kmeans" (Np k-means centroids of the
+      sampled tokens, initialised from Np of them) or "pool" (Np distinct random window x window means).
+    tokens_per_image: patch tokens kept per image and layer for "tokens"/"kmeans" (None: all of them).
+    Deterministic for a seed and the same images. Returns the encoder.
+    """
+    prompts = _check_arguments(encoder, how, num_images, tokens_per_image, window, kmeans_iters)
+    layers = list(range(prompts.shape[0])) if prompts.dim() == 3 else [0]
     was_training = encoder.training
     encoder.eval()
     try:
-        for batch in _batches(images_or_loader):
-            if seen >= num_images:
-                break
-            batch = batch[:num_images - seen].to(device=weight.device, dtype=weight.dtype)
-            encoder._check_images(batch)
-            seen += batch.shape[0]
-            ph, pw = vit.patch_embed.patch_size
-            grid = (-(-batch.shape[2] // ph), -(-batch.shape[3] // pw))
-            x = encoder._embed(batch)                               # (B, k + N, D): block 1's input
-            for l in range(layers[-1] + 1):
-                if l > 0:
-                    x = vit.blocks[l - 1](x)                         # block l's input, no prompts
-                patches = x[:, k:].float().cpu()                     # (B, N, D)
-                if how == "pool":
-                    banks[l].append(_window_means(patches, grid, window))
-                    continue
-                B, N, _ = patches.shape
-                keep = N if tokens_per_image is None else min(tokens_per_image, N)
-                # One stream per (seed, image, layer): the sample does not depend on how the images are batched.
-                idx = torch.stack([torch.randperm(N, generator=_stream(seed, seen - B + i, l))[:keep]
-                                   for i in range(B)])
-                banks[l].append(torch.gather(patches, 1, idx.unsqueeze(-1).expand(-1, -1, patches.shape[2]))
-                                .reshape(-1, patches.shape[2]))
+        banks = _candidate_banks(encoder, images_or_loader, layers, how, seed, num_images, tokens_per_image,
+                                 window)
     finally:
         encoder.train(was_training)
-    if seen == 0:
-        raise ValueError("images_or_loader gave no images")
-
+    gen = torch.Generator().manual_seed(seed)
+    Np = encoder.num_prompts
     for l in layers:
         bank = torch.cat(banks[l])                                   # (M, D)
         if bank.shape[0] < Np:

@@ -5,10 +5,14 @@ per-epoch schedule with linear warm-up from 0 then cosine decay to 0, the learni
 of 256 and scaled by batch / 256, prompt dropout 0.1, GaPT's head init. One process, or data-parallel
 under torchrun (DDP over the tuned parameters only; gloo on the CPU, NCCL on GPUs; rank 0 writes).
 
-Output directory: last.safetensors and best.safetensors (tuned parameters only, encoder config + training
-metadata inside, so `lspt-eval` rebuilds the encoder from the file), resume.pt (parameters, optimizer,
-scheduler, RNG states, epoch: written at the start and after every epoch, atomically), log.jsonl,
-curves.png, config.json.
+The run is a sequence of stages, as in timm's train.py, each a function of its own: `setup` (check the
+command line, build the encoder, data and optimizer), `resume` (restore a saved run, or seed a new one),
+then per epoch `train_one_epoch`, `validate` and `save_epoch` / `save_state`; `train` runs them in order.
+
+Output directory: last.safetensors and best.safetensors (tuned parameters only, written by
+`encoder.save_tuned` with the encoder config and the training record inside, so `lspt-eval` rebuilds the
+encoder from the file), resume.pt (parameters, optimizer, scheduler, RNG states, epoch: written at the
+start and after every epoch, atomically), log.jsonl, curves.png, config.json.
 
 Reproducibility: each epoch's shuffling and worker seeds come from (seed, epoch); the global RNGs (prompt
 dropout, main-process augmentation) are saved with every epoch's resume state, so `--resume` on the CPU ends
@@ -23,23 +27,31 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from .evaluate import (
+from .cli_helpers import (
+    TRAIN_RECORD,
     UsageError,
+    add_model_kwargs_option,
     autocast_context,
     build_backbone,
     check_amp,
-    evaluate,
-    parse_model_kwargs,
+    check_output_dir,
+    model_kwargs_from_args,
     resolve_device,
 )
+from .data import IMAGENET_MEAN, IMAGENET_STD, DatasetSpec, ImageDataset, build_transform, load_dataset
+from .encoders import METHODS, METHODS_WITHOUT_PROMPTS, from_timm
+from .evaluate import evaluate
 
-__all__ = ["build_parser", "main", "warmup_cosine"]
+__all__ = ["build_parser", "main", "train", "warmup_cosine", "Run", "setup", "resume", "wrap_model",
+           "train_one_epoch", "validate", "save_epoch", "save_state"]
 
 # The recipe's values where the encoders' constructor defaults differ (those stay 0.0 / "torch").
 RECIPE = dict(prompt_dropout=0.1, head_init="official")
@@ -55,9 +67,11 @@ METHOD_OPTIONS = {
     "reduction_factor": (("adapter",), "reduction_factor"),
     "adapter_init": (("adapter",), "adapter_init"),
 }
-NO_PROMPTS = ("linear", "adapter")
 # What makes a saved run the same run: a --resume that differs in any of these is refused.
 IDENTITY = ("method", "model", "img_size", "model_kwargs", "checkpoint", "num_classes", "classes", "encoder")
+# Settings a --resume may change (with a warning that the result will differ from an uninterrupted run).
+RESUMABLE_CHANGES = ("epochs", "warmup_epochs", "batch_size", "lr", "seed", "momentum", "weight_decay",
+                     "prompt_dropout", "world_size", "amp", "limit_train_batches")
 
 _on_step = None        # test hook: called as _on_step(epoch, step, loss) after every optimizer step
 
@@ -74,7 +88,6 @@ def warmup_cosine(warmup: int, total: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .encoders import METHODS
     p = argparse.ArgumentParser(
         prog="lspt-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Tune prompts (LSPT, GaPT, VPT), adapters or a linear probe on a frozen timm ViT with the "
@@ -90,8 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--model", required=True, help="timm VisionTransformer name, e.g. vit_base_patch16_224")
     m.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
-    m.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="extra timm.create_model arguments, e.g. drop_path_rate=0.0 patch_size=8")
+    add_model_kwargs_option(m)
     m.add_argument("--checkpoint", default=None, help="backbone weights: MAE / MoCo v3 / plain state dict file "
                    "(without it the backbone is randomly initialised from --seed)")
     m.add_argument("--method", required=True, choices=sorted(METHODS))
@@ -127,13 +139,50 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--limit-train-batches", type=int, default=None,
                    help="stop every epoch after this many batches (smoke runs, throughput measurements)")
     r = p.add_argument_group("runtime")
-    r.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    r.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: cuda when available)")
     r.add_argument("--amp", default="auto", help="auto (bf16 on a GPU, none on the CPU) | bf16 | fp16 | none")
     r.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward")
     r.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     r.add_argument("--output", required=True, help="output directory")
     r.add_argument("--resume", action="store_true", help="continue the run saved in --output")
     return p
+
+
+@dataclass
+class Run:
+    """What `setup` builds and the later stages read and update (timm's train.py keeps these as locals of
+    its main). `model` is the encoder as it is trained: wrapped in DDP and/or torch.compile by `wrap_model`."""
+    args: argparse.Namespace
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    amp: str
+    spec: DatasetSpec
+    encoder: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    train_ds: ImageDataset
+    val_loader: torch.utils.data.DataLoader
+    sampler: torch.utils.data.DistributedSampler | None
+    identity: dict          # IDENTITY: what --resume must find unchanged
+    settings: dict          # every setting of the run (config.json)
+    record: dict            # what the tuned files record under TRAIN_RECORD (lspt-eval rebuilds from it)
+    model: nn.Module | None = None
+    start_epoch: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def effective_lr(self) -> float:
+        return self.settings["effective_lr"]
+
+    def say(self, *a, **k) -> None:
+        """print on rank 0 only."""
+        if self.rank == 0:
+            print(*a, **k, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -186,11 +235,14 @@ def _plot_curves(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------------------
+# set-up
+# ---------------------------------------------------------------------------------------------------
 def _encoder_options(args) -> dict:
     """The encoder keyword arguments of this command line; a method option given to another method is an
     error, not silently dropped."""
     kw = dict(head_init=args.head_init)
-    if args.method not in NO_PROMPTS:
+    if args.method not in METHODS_WITHOUT_PROMPTS:
         kw["prompt_dropout"] = args.prompt_dropout
         if args.num_prompts is not None:
             kw["num_prompts"] = args.num_prompts
@@ -227,32 +279,22 @@ def _check_numbers(args) -> None:
 
 def _check_output(out: Path, resume: bool) -> None:
     """Refuse to overwrite another run, and find an unwritable directory before any work is done."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output {out} exists and is not a directory")
-    state = out / "resume.pt"
-    if resume and not state.is_file():
+    if resume and not (out / "resume.pt").is_file():
         raise UsageError(f"--resume: {out} holds no resume state (resume.pt); start the run without --resume")
     if not resume and out.is_dir() and any((out / f).exists() for f in ("config.json", "resume.pt", "log.jsonl")):
         raise UsageError(f"--output {out} already holds a run (config.json / resume.pt): pass --resume to continue "
                          "it, or choose another --output (nothing there was changed)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"--output {out} is not writable: {exc.strerror or exc}") from None
+    check_output_dir(out)
 
 
 def _setup_distributed(device_arg: str | None):
     """(rank, world_size, device) from torchrun's environment; one process without it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device_arg)
     if world == 1:
-        return 0, 1, resolve_device(want)
+        return 0, 1, device
     import torch.distributed as dist
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(want)
     if device.type == "cuda":
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
@@ -264,23 +306,67 @@ def _setup_distributed(device_arg: str | None):
     return rank, world, device
 
 
-def _say(rank: int, *a, **k) -> None:
-    if rank == 0:
-        print(*a, **k, flush=True)
+def _build_encoder(args, num_classes: int, model_kwargs: dict, enc_kwargs: dict):
+    """The backbone (seeded, so lspt-eval can rebuild a random one), then the encoder around it."""
+    vit = build_backbone(args.model, args.img_size, model_kwargs, args.seed)
+    torch.manual_seed(args.seed)
+    try:
+        encoder = from_timm(vit, checkpoint=args.checkpoint, method=args.method, num_classes=num_classes,
+                            **enc_kwargs)
+    except TypeError as exc:          # an option this version of the encoders does not take
+        raise UsageError(f"--method {args.method} does not take these options {sorted(enc_kwargs)}: {exc}") from None
+    if args.grad_checkpointing:
+        encoder.set_grad_checkpointing(True)
+    return encoder
 
 
-# ---------------------------------------------------------------------------------------------------
-# the run
-# ---------------------------------------------------------------------------------------------------
-def _run(args) -> int:
-    from safetensors.torch import save_file
+def _normalisation(vit, checkpoint) -> tuple[tuple, tuple]:
+    """MAE / MoCo v3 checkpoints were trained on ImageNet statistics; a timm model's own config is used
+    otherwise (ImageNet mean/std when it names none)."""
+    cfg = getattr(vit, "pretrained_cfg", None) or {}
+    if checkpoint is None and "mean" in cfg and "std" in cfg:
+        return tuple(cfg["mean"]), tuple(cfg["std"])
+    return IMAGENET_MEAN, IMAGENET_STD
 
-    from .checkpoints import from_timm
-    from .data import ImageDataset, build_transform, load_dataset
 
+def _records(args, encoder, spec: DatasetSpec, model_kwargs: dict, amp: str, device, world: int):
+    """(identity, settings, record): what --resume compares, config.json, and the tuned files' record."""
+    img_size = encoder.vit.patch_embed.img_size[0]
+    mean, std = _normalisation(encoder.vit, args.checkpoint)
+    identity = dict(method=args.method, model=args.model, img_size=img_size, model_kwargs=model_kwargs,
+                    checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+                    num_classes=spec.num_classes, classes=spec.classes, encoder=encoder.config())
+    settings = dict(vars(args), img_size=img_size, layout=spec.layout, amp=amp, device=str(device),
+                    world_size=world, effective_lr=args.lr * args.batch_size / 256, mean=list(mean), std=list(std),
+                    num_classes=spec.num_classes, model_kwargs=model_kwargs, encoder=encoder.config(),
+                    trainable_params=encoder.parameter_report()["trainable"],
+                    versions=dict(torch=str(torch.__version__), timm=str(__import__("timm").__version__)))
+    record = dict(model=args.model, img_size=img_size, model_kwargs=model_kwargs, seed=args.seed,
+                  checkpoint=identity["checkpoint"], classes=spec.classes, layout=spec.layout,
+                  mean=list(mean), std=list(std), eval_batch_size=args.batch_size // world, amp=amp)
+    return identity, settings, record
+
+
+def _data(args, spec: DatasetSpec, record: dict, rank: int, world: int, device):
+    """(train dataset, val loader, distributed sampler or None)."""
+    img_size, mean, std = record["img_size"], record["mean"], record["std"]
+    train_ds = ImageDataset(spec.splits[args.train_split], build_transform(spec.layout, img_size, mean, std, True))
+    val_ds = ImageDataset(spec.splits[args.val_split], build_transform(spec.layout, img_size, mean, std, False))
+    sampler = None
+    if world > 1:
+        sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                                      seed=args.seed)
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=args.batch_size // world, shuffle=False,
+                                             num_workers=args.workers, pin_memory=device.type == "cuda")
+    return train_ds, val_loader, sampler
+
+
+def setup(args) -> Run:
+    """Set-up: check the command line (every check that needs no disk first), start the processes, build
+    the encoder, the data and the optimizer; rank 0 checks --output before anything is written."""
     _check_numbers(args)
     enc_kwargs = _encoder_options(args)
-    model_kwargs = parse_model_kwargs(args.model_kwargs)
+    model_kwargs = model_kwargs_from_args(args)
     rank, world, device = _setup_distributed(args.device)
     amp = check_amp(args.amp, device)
     if args.batch_size % world:
@@ -291,259 +377,292 @@ def _run(args) -> int:
         if split not in spec.splits:
             raise UsageError(f"split {split!r} not found in {args.data} (layout {spec.layout}; has "
                              f"{sorted(spec.splits)})")
+    encoder = _build_encoder(args, spec.num_classes, model_kwargs, enc_kwargs).to(device)
     out = Path(args.output)
-
-    # The backbone (seeded, so lspt-eval can rebuild a random one), then the encoder.
-    vit = build_backbone(args.model, args.img_size, model_kwargs, args.seed)
-    img_size = vit.patch_embed.img_size[0]
-    torch.manual_seed(args.seed)
-    try:
-        encoder = from_timm(vit, checkpoint=args.checkpoint, method=args.method, num_classes=spec.num_classes,
-                            **enc_kwargs)
-    except TypeError as exc:          # an option this version of the encoders does not take
-        raise UsageError(f"--method {args.method} does not take these options {sorted(enc_kwargs)}: {exc}") from None
-    if args.grad_checkpointing:
-        if not hasattr(encoder, "set_grad_checkpointing"):
-            raise UsageError("--grad-checkpointing: this version of the encoders has no set_grad_checkpointing")
-        encoder.set_grad_checkpointing(True)
-    encoder.to(device)
-    if rank == 0:          # after every check that needs no disk, before anything is written
+    if rank == 0:
         _check_output(out, args.resume)
-
-    # Normalisation: MAE / MoCo v3 checkpoints were trained on ImageNet statistics; a timm model's own
-    # config is used otherwise (ImageNet mean/std when it names none).
-    cfg = getattr(vit, "pretrained_cfg", None) or {}
-    if args.checkpoint is None and "mean" in cfg and "std" in cfg:
-        mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
-    else:
-        from .data import IMAGENET_MEAN, IMAGENET_STD
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    eff_lr = args.lr * args.batch_size / 256
-    identity = dict(method=args.method, model=args.model, img_size=img_size, model_kwargs=model_kwargs,
-                    checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
-                    num_classes=spec.num_classes, classes=spec.classes, encoder=encoder.config())
-    settings = dict(vars(args), img_size=img_size, layout=spec.layout, amp=amp, device=str(device),
-                    world_size=world, effective_lr=eff_lr, mean=list(mean), std=list(std),
-                    num_classes=spec.num_classes, model_kwargs=model_kwargs, encoder=encoder.config(),
-                    trainable_params=encoder.parameter_report()["trainable"],
-                    versions=dict(torch=str(torch.__version__), timm=str(__import__("timm").__version__)))
-    train_meta = dict(model=args.model, img_size=img_size, model_kwargs=model_kwargs, seed=args.seed,
-                      checkpoint=identity["checkpoint"], classes=spec.classes, layout=spec.layout,
-                      mean=list(mean), std=list(std), eval_batch_size=args.batch_size // world, amp=amp)
-
-    optimizer = torch.optim.SGD(encoder.trainable_parameters(), lr=eff_lr, momentum=args.momentum,
+    identity, settings, record = _records(args, encoder, spec, model_kwargs, amp, device, world)
+    lr = settings["effective_lr"]
+    optimizer = torch.optim.SGD(encoder.trainable_parameters(), lr=lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_epochs, args.epochs))
     scaler = torch.amp.GradScaler("cuda", enabled=(amp == "fp16"))
+    train_ds, val_loader, sampler = _data(args, spec, record, rank, world, device)
+    return Run(args=args, out=out, rank=rank, world=world, device=device, amp=amp, spec=spec, encoder=encoder,
+               optimizer=optimizer, scheduler=scheduler, scaler=scaler, train_ds=train_ds, val_loader=val_loader,
+               sampler=sampler, identity=identity, settings=settings, record=record)
 
-    start_epoch, best_acc, best_epoch, rows = 0, -1.0, 0, []
-    if args.resume:
-        state = torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
-        saved = state["identity"]
-        diff = [f"{k}: saved {saved.get(k)!r}, now {identity[k]!r}" for k in IDENTITY if saved.get(k) != identity[k]]
-        if diff:
-            raise UsageError(f"--resume: {out} holds a different run; " + "; ".join(diff[:4]) +
-                             " (use the saved settings, or another --output)")
-        changed = {k: (state["settings"].get(k), v) for k, v in settings.items()
-                   if k in ("epochs", "warmup_epochs", "batch_size", "lr", "seed", "momentum", "weight_decay",
-                            "prompt_dropout", "world_size", "amp", "limit_train_batches")
-                   and state["settings"].get(k) != v}
-        if changed:
-            _say(rank, "lspt-train: warning: resuming with changed settings " +
-                 ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) +
-                 "; the run will not match an uninterrupted one", file=sys.stderr)
-        with torch.no_grad():
-            params = dict(encoder.named_parameters())
-            for n, t in state["tuned"].items():
-                params[n].copy_(t)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        # The saved groups carry the saved lr / momentum / decay: recompute them from this command line, so a
-        # resume with more --epochs continues on the new schedule (unchanged settings give the same numbers).
-        factor = warmup_cosine(args.warmup_epochs, args.epochs)(state["epoch"])
-        scheduler.base_lrs = [eff_lr] * len(optimizer.param_groups)
-        for g in optimizer.param_groups:
-            g.update(initial_lr=eff_lr, lr=eff_lr * factor, momentum=args.momentum, weight_decay=args.weight_decay)
-        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-        start_epoch, best_acc, best_epoch = state["epoch"], state["best_acc"], state["best_epoch"]
-        rngs = state["rng"]
-        if len(rngs) == world:
-            _set_rng_state(rngs[rank])
-        else:
-            _say(rank, f"lspt-train: warning: saved with {len(rngs)} processes, resumed with {world}: RNG streams "
-                 "are reseeded", file=sys.stderr)
-            torch.manual_seed(args.seed + 1000 * rank + start_epoch)
-        if (out / "log.jsonl").is_file():
-            rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
-            rows = [r for r in rows if r["epoch"] <= start_epoch]
-    else:
+
+# ---------------------------------------------------------------------------------------------------
+# resume
+# ---------------------------------------------------------------------------------------------------
+def _check_same_run(run: Run, state: dict) -> None:
+    """Refuse another run's state; warn about changed hyper-parameters."""
+    saved = state["identity"]
+    diff = [f"{k}: saved {saved.get(k)!r}, now {run.identity[k]!r}" for k in IDENTITY
+            if saved.get(k) != run.identity[k]]
+    if diff:
+        raise UsageError(f"--resume: {run.out} holds a different run; " + "; ".join(diff[:4]) +
+                         " (use the saved settings, or another --output)")
+    changed = {k: (state["settings"].get(k), run.settings[k]) for k in RESUMABLE_CHANGES
+               if state["settings"].get(k) != run.settings[k]}
+    if changed:
+        run.say("lspt-train: warning: resuming with changed settings " +
+                ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) +
+                "; the run will not match an uninterrupted one", file=sys.stderr)
+
+
+def _continue_schedule(run: Run, epoch: int) -> None:
+    """The saved groups carry the saved lr / momentum / decay: recompute them from this command line, so a
+    resume with more --epochs continues on the new schedule (unchanged settings give the same numbers)."""
+    args, lr = run.args, run.effective_lr
+    factor = warmup_cosine(args.warmup_epochs, args.epochs)(epoch)
+    run.scheduler.base_lrs = [lr] * len(run.optimizer.param_groups)
+    for g in run.optimizer.param_groups:
+        g.update(initial_lr=lr, lr=lr * factor, momentum=args.momentum, weight_decay=args.weight_decay)
+    run.scheduler._last_lr = [g["lr"] for g in run.optimizer.param_groups]
+
+
+def resume(run: Run) -> None:
+    """Resume: with --resume, restore the tuned parameters, optimizer, scheduler, grad scaler, RNG streams,
+    best epoch and log of the run saved in --output (refusing another run's state); without it, seed this
+    process's own RNG streams (prompt dropout, augmentation)."""
+    args = run.args
+    if not args.resume:
         # Each process its own dropout / augmentation stream; the same one on every run with this seed.
-        torch.manual_seed(args.seed + 1000 * rank)
-        np.random.seed(args.seed + rank)
-        random.seed(args.seed + rank)
-
-    def save_state(epoch: int) -> None:
-        if world == 1:
-            rngs = [_rng_state()]
-        else:
-            import io
-
-            import torch.distributed as dist
-            buf = io.BytesIO()
-            torch.save(_rng_state(), buf)
-            # Bytes, not tensors: all_gather_object cannot unpickle tensors it gathered here.
-            packed = [None] * world
-            dist.all_gather_object(packed, buf.getvalue())
-            rngs = [torch.load(io.BytesIO(b), weights_only=True) for b in packed]
-        if rank != 0:
-            return
-        state = dict(epoch=epoch, identity=identity, settings=settings, best_acc=best_acc, best_epoch=best_epoch,
-                     tuned={n: t.detach().cpu().clone() for n, t in encoder.tuned_state_dict().items()},
-                     optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                     scaler=scaler.state_dict(), rng=rngs)
-        _atomic_write(out / "resume.pt", lambda p: torch.save(state, p))
-
-    def save_tuned(name: str, epoch: int, acc: float) -> None:
-        tensors = {n: t.detach().contiguous().cpu() for n, t in encoder.tuned_state_dict().items()}
-        meta = {"lspt_kernels": json.dumps(encoder.config()),
-                "lspt_train": json.dumps(dict(train_meta, epoch=epoch, val_acc=acc))}
-        _atomic_write(out / name, lambda p: save_file(tensors, str(p), metadata=meta))
-
-    # Data.
-    train_ds = ImageDataset(spec.splits[args.train_split], build_transform(spec.layout, img_size, mean, std, True))
-    val_ds = ImageDataset(spec.splits[args.val_split], build_transform(spec.layout, img_size, mean, std, False))
-    per_rank = args.batch_size // world
-    sampler = None
-    if world > 1:
-        sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                                      seed=args.seed)
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=per_rank, shuffle=False, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda")
-
-    model = encoder
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        # Only the tuned parameters take part (the backbone's have requires_grad=False); the encoder has no
-        # buffers to keep in sync.
-        model = DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
-
-    if rank == 0 and not args.resume:
-        _atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(settings, indent=2, default=str)))
-    _say(rank, "lspt-train settings (defaults included):")
-    for k in sorted(settings):
-        _say(rank, f"  {k} = {settings[k]}")
-    _say(rank, spec.summary())
-    if args.checkpoint is None:
-        _say(rank, f"note: no --checkpoint: the backbone is randomly initialised (seed {args.seed})")
-    if args.resume:
-        _say(rank, f"resuming {out} after epoch {start_epoch} (best val {best_acc:.2f}% at epoch {best_epoch})")
+        torch.manual_seed(args.seed + 1000 * run.rank)
+        np.random.seed(args.seed + run.rank)
+        random.seed(args.seed + run.rank)
+        return
+    state = torch.load(run.out / "resume.pt", map_location="cpu", weights_only=True)
+    _check_same_run(run, state)
+    with torch.no_grad():
+        params = dict(run.encoder.named_parameters())
+        for n, t in state["tuned"].items():
+            params[n].copy_(t)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    _continue_schedule(run, state["epoch"])
+    run.start_epoch, run.best_acc, run.best_epoch = state["epoch"], state["best_acc"], state["best_epoch"]
+    rngs = state["rng"]
+    if len(rngs) == run.world:
+        _set_rng_state(rngs[run.rank])
     else:
-        save_state(0)
+        run.say(f"lspt-train: warning: saved with {len(rngs)} processes, resumed with {run.world}: RNG streams "
+                "are reseeded", file=sys.stderr)
+        torch.manual_seed(args.seed + 1000 * run.rank + run.start_epoch)
+    log = run.out / "log.jsonl"
+    if log.is_file():
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        run.rows = [r for r in rows if r["epoch"] <= run.start_epoch]
 
-    tty = sys.stderr.isatty() and rank == 0
-    epoch = start_epoch
+
+def wrap_model(run: Run) -> None:
+    """The model the epochs train: the encoder in DDP over several processes (only the tuned parameters take
+    part: the backbone's have requires_grad=False; the encoder has no buffers to keep in sync), compiled
+    with --compile."""
+    model = run.encoder
+    if run.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(run.encoder, device_ids=[run.device.index] if run.device.type == "cuda"
+                                        else None)
+    run.model = torch.compile(model) if run.args.compile else model
+
+
+# ---------------------------------------------------------------------------------------------------
+# one epoch
+# ---------------------------------------------------------------------------------------------------
+def _epoch_loader(run: Run, epoch: int) -> torch.utils.data.DataLoader:
+    if run.sampler is not None:
+        run.sampler.set_epoch(epoch)
+    g = torch.Generator()
+    g.manual_seed(run.args.seed * 100003 + epoch)        # shuffling and worker seeds: a function of (seed, epoch)
+    return torch.utils.data.DataLoader(
+        run.train_ds, batch_size=run.args.batch_size // run.world, shuffle=run.sampler is None, sampler=run.sampler,
+        generator=g, num_workers=run.args.workers, pin_memory=run.device.type == "cuda",
+        drop_last=run.world > 1)                         # as the official loader with several GPUs
+
+
+def _train_step(run: Run, images, labels, epoch: int, step: int):
+    """Forward, cross-entropy, backward and optimizer step on one batch (on the device): (loss, logits)."""
+    with autocast_context(run.device, run.amp):
+        logits = run.model(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the training loss is {loss.item()} at epoch {epoch + 1} step "
+                                 f"{step + 1}: lower --lr (the last good state is in {run.out})")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return loss, logits
+
+
+def train_one_epoch(run: Run, epoch: int) -> dict:
+    """Train one epoch (`epoch` counts from 0; at most --limit-train-batches batches). Returns, over all
+    processes: train_loss, train_acc (%), the lr of the epoch, images_per_s (from the end of the first step,
+    so loader start-up and lazy initialisation are left out) and epoch_time_s."""
+    loader = _epoch_loader(run, epoch)
+    limit = run.args.limit_train_batches
+    steps = len(loader) if limit is None else min(len(loader), limit)
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.model.train()
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    bar = None
+    if sys.stderr.isatty() and run.rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{run.args.epochs}", leave=False, dynamic_ncols=True)
+    # Running sums stay on the device: no host sync per step.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    correct_sum = torch.zeros((), dtype=torch.int64, device=run.device)
+    seen = seen1 = 0
+    t0 = t1 = time.perf_counter()
+    for step, (images, labels) in enumerate(loader):
+        if step >= steps:
+            break
+        images = images.to(run.device, non_blocking=True)
+        labels = labels.to(run.device, non_blocking=True)
+        loss, logits = _train_step(run, images, labels, epoch, step)
+        n = labels.numel()
+        loss_sum += loss.detach().double() * n
+        seen += n
+        if step == 0:
+            if run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)
+            t1, seen1 = time.perf_counter(), seen
+        correct_sum += (logits.detach().argmax(-1) == labels).sum()
+        if _on_step is not None:
+            _on_step(epoch, step, loss.detach())
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct_sum.item() / seen:.1f}%",
+                            img_s=f"{seen * run.world / (time.perf_counter() - t0):.1f}")
+            bar.update(1)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    elapsed = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    timed, timed_s = (seen - seen1, t0 + elapsed - t1) if seen > seen1 else (seen, elapsed)
+    totals = torch.tensor([loss_sum.item(), float(seen), float(correct_sum.item()), float(timed)], dtype=torch.float64)
+    if run.world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(totals)
+    return dict(train_loss=totals[0].item() / totals[1].item(), train_acc=100 * totals[2].item() / totals[1].item(),
+                lr=lr, images_per_s=totals[3].item() / timed_s, epoch_time_s=elapsed)
+
+
+def validate(run: Run) -> float | None:
+    """Validate: top-1 (%) on the --val-split, on rank 0 alone (the others return None), so the logged
+    accuracy is exactly what lspt-eval reports for the saved file."""
+    if run.rank != 0:
+        return None
+    return evaluate(run.encoder, run.val_loader, run.device, run.amp)[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------------------
+def _save_tuned(run: Run, name: str, epoch: int, acc: float) -> None:
+    record = {TRAIN_RECORD: dict(run.record, epoch=epoch, val_acc=acc)}
+    _atomic_write(run.out / name, lambda p: run.encoder.save_tuned(p, metadata=record))
+
+
+def save_epoch(run: Run, epoch: int, stats: dict, val_acc: float | None) -> None:
+    """Save after epoch `epoch` (counted from 1), on rank 0: the log row (log.jsonl), last.safetensors,
+    best.safetensors when val top-1 rose (strictly), curves.png and the epoch's line; every process then
+    holds rank 0's best epoch."""
+    if run.rank == 0:
+        row = dict(epoch=epoch, train_loss=stats["train_loss"], train_acc=stats["train_acc"], val_acc=val_acc,
+                   lr=stats["lr"], images_per_s=stats["images_per_s"], peak_memory_gb=_peak_memory_gb(run.device),
+                   epoch_time_s=stats["epoch_time_s"])
+        run.rows.append(row)
+        _atomic_write(run.out / "log.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in run.rows)))
+        _save_tuned(run, "last.safetensors", epoch, val_acc)
+        if val_acc > run.best_acc:
+            run.best_acc, run.best_epoch = val_acc, epoch
+            _save_tuned(run, "best.safetensors", epoch, val_acc)
+        _plot_curves(run.rows, run.out / "curves.png")
+        print(f"epoch {epoch}/{run.args.epochs}  train_loss {row['train_loss']:.4f}  "
+              f"train_acc {row['train_acc']:.1f}%  val_acc {val_acc:.2f}%  lr {row['lr']:.3g}  "
+              f"{row['images_per_s']:.1f} img/s  "
+              f"peak {row['peak_memory_gb']:.2f} GB", flush=True)
+    if run.world > 1:
+        import torch.distributed as dist
+        best = [run.best_acc, run.best_epoch]
+        dist.broadcast_object_list(best, src=0)
+        run.best_acc, run.best_epoch = best
+
+
+def save_state(run: Run, epoch: int) -> None:
+    """Save the resume state after epoch `epoch` (0: before the first) to resume.pt, atomically: tuned
+    parameters, optimizer, scheduler, grad scaler, the RNG states of every process, best so far."""
+    if run.world == 1:
+        rngs = [_rng_state()]
+    else:
+        import io
+
+        import torch.distributed as dist
+        buf = io.BytesIO()
+        torch.save(_rng_state(), buf)
+        # Bytes, not tensors: all_gather_object cannot unpickle tensors it gathered here.
+        packed = [None] * run.world
+        dist.all_gather_object(packed, buf.getvalue())
+        rngs = [torch.load(io.BytesIO(b), weights_only=True) for b in packed]
+    if run.rank != 0:
+        return
+    state = dict(epoch=epoch, identity=run.identity, settings=run.settings, best_acc=run.best_acc,
+                 best_epoch=run.best_epoch,
+                 tuned={n: t.detach().cpu().clone() for n, t in run.encoder.tuned_state_dict().items()},
+                 optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+                 scaler=run.scaler.state_dict(), rng=rngs)
+    _atomic_write(run.out / "resume.pt", lambda p: torch.save(state, p))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------------
+def _announce(run: Run) -> None:
+    """config.json (a new run) and the settings, data and start lines."""
+    args = run.args
+    if run.rank == 0 and not args.resume:
+        _atomic_write(run.out / "config.json", lambda p: p.write_text(json.dumps(run.settings, indent=2, default=str)))
+    run.say("lspt-train settings (defaults included):")
+    for k in sorted(run.settings):
+        run.say(f"  {k} = {run.settings[k]}")
+    run.say(run.spec.summary())
+    if args.checkpoint is None:
+        run.say(f"note: no --checkpoint: the backbone is randomly initialised (seed {args.seed})")
+    if args.resume:
+        run.say(f"resuming {run.out} after epoch {run.start_epoch} (best val {run.best_acc:.2f}% at epoch "
+                f"{run.best_epoch})")
+
+
+def train(args) -> int:
+    """lspt-train end to end: set-up, resume, then per epoch train_one_epoch, validate, save. Ctrl-C exits
+    with status 130, the state of the last completed epoch on disk."""
+    run = setup(args)
+    resume(run)
+    wrap_model(run)
+    _announce(run)
+    if not args.resume:
+        save_state(run, 0)
+    epoch = run.start_epoch
     try:
-        for epoch in range(start_epoch, args.epochs):
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            g = torch.Generator()
-            g.manual_seed(args.seed * 100003 + epoch)       # shuffling and worker seeds: a function of (seed, epoch)
-            loader = torch.utils.data.DataLoader(
-                train_ds, batch_size=per_rank, shuffle=sampler is None, sampler=sampler, generator=g,
-                num_workers=args.workers, pin_memory=device.type == "cuda",
-                drop_last=world > 1)                        # as the official loader with several GPUs
-            steps = len(loader) if args.limit_train_batches is None else min(len(loader), args.limit_train_batches)
-            lr = optimizer.param_groups[0]["lr"]
-            model.train()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            bar = None
-            if tty:
-                from tqdm import tqdm
-                bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
-            # Running sums stay on the device: no host sync per step.
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            correct_sum = torch.zeros((), dtype=torch.int64, device=device)
-            seen = 0
-            t0 = time.perf_counter()
-            t1, seen1 = t0, 0        # after the first step: throughput leaves out loader start-up and lazy init
-            for step, (images, labels) in enumerate(loader):
-                if step >= steps:
-                    break
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                with autocast_context(device, amp):
-                    logits = model(images)
-                loss = F.cross_entropy(logits.float(), labels)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the training loss is {loss.item()} at epoch {epoch + 1} step "
-                                             f"{step + 1}: lower --lr (the last good state is in {out})")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                n = labels.numel()
-                loss_sum += loss.detach().double() * n
-                seen += n
-                if step == 0:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    t1, seen1 = time.perf_counter(), seen
-                correct_sum += (logits.detach().argmax(-1) == labels).sum()
-                if _on_step is not None:
-                    _on_step(epoch, step, loss.detach())
-                if bar is not None:
-                    el = time.perf_counter() - t0
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct_sum.item() / seen:.1f}%",
-                                    img_s=f"{seen * world / el:.1f}")
-                    bar.update(1)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - t0
-            if bar is not None:
-                bar.close()
-            timed, timed_s = (seen - seen1, t0 + elapsed - t1) if seen > seen1 else (seen, elapsed)
-            totals = torch.tensor([loss_sum.item(), float(seen), float(correct_sum.item()), float(timed)],
-                                  dtype=torch.float64)
-            if world > 1:
-                import torch.distributed as dist
-                dist.all_reduce(totals)
-            train_loss, train_acc = totals[0].item() / totals[1].item(), 100 * totals[2].item() / totals[1].item()
-            images_per_s = totals[3].item() / timed_s
-            scheduler.step()
-            if rank == 0:
-                val_acc, _, _ = evaluate(encoder, val_loader, device, amp)
-                row = dict(epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc, val_acc=val_acc, lr=lr,
-                           images_per_s=images_per_s, peak_memory_gb=_peak_memory_gb(device),
-                           epoch_time_s=elapsed)
-                rows.append(row)
-                _atomic_write(out / "log.jsonl",
-                              lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
-                save_tuned("last.safetensors", epoch + 1, val_acc)
-                if val_acc > best_acc:
-                    best_acc, best_epoch = val_acc, epoch + 1
-                    save_tuned("best.safetensors", epoch + 1, val_acc)
-                _plot_curves(rows, out / "curves.png")
-                print(f"epoch {epoch + 1}/{args.epochs}  train_loss {train_loss:.4f}  train_acc {train_acc:.1f}%  "
-                      f"val_acc {val_acc:.2f}%  lr {lr:.3g}  {images_per_s:.1f} img/s  "
-                      f"peak {row['peak_memory_gb']:.2f} GB", flush=True)
-            if world > 1:
-                import torch.distributed as dist
-                objs = [best_acc, best_epoch]
-                dist.broadcast_object_list(objs, src=0)
-                best_acc, best_epoch = objs
-            save_state(epoch + 1)
+        for epoch in range(run.start_epoch, args.epochs):
+            stats = train_one_epoch(run, epoch)
+            run.scheduler.step()
+            save_epoch(run, epoch + 1, stats, validate(run))
+            save_state(run, epoch + 1)
     except KeyboardInterrupt:
-        if rank == 0:
-            print(f"\nlspt-train: interrupted in epoch {epoch + 1}; {out}/resume.pt holds the state after epoch "
-                  f"{_saved_epoch(out)}: continue with the same command and --resume", file=sys.stderr, flush=True)
+        if run.rank == 0:
+            print(f"\nlspt-train: interrupted in epoch {epoch + 1}; {run.out}/resume.pt holds the state after epoch "
+                  f"{_saved_epoch(run.out)}: continue with the same command and --resume", file=sys.stderr, flush=True)
         return 130
-    if world > 1:
-        _check_in_sync(encoder, world)
-    _say(rank, f"best val accuracy: {best_acc:.2f}% (epoch {best_epoch}) -> {out / 'best.safetensors'}")
+    if run.world > 1:
+        _check_in_sync(run.encoder, run.world)
+    run.say(f"best val accuracy: {run.best_acc:.2f}% (epoch {run.best_epoch}) -> {run.out / 'best.safetensors'}")
     return 0
 
 
@@ -571,7 +690,7 @@ def _saved_epoch(out: Path):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _run(args)
+        return train(args)
     except (ValueError, FloatingPointError) as exc:     # UsageError, DataError and the encoders' checks
         print(f"lspt-train: error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from synth_data import write_dataset
 
+from lspt_kernels import cli_helpers
 from lspt_kernels import evaluate as lspt_eval
 from lspt_kernels import train as lspt_train
 from lspt_kernels.encoders import METHODS
@@ -66,7 +67,7 @@ def test_lspt_learns_and_eval_reproduces_the_log(data, tmp_path, capsys):
     tensors = load_file(str(out / "best.safetensors"))
     assert set(tensors) == {"prompts", "lstm.weight_ih", "lstm.weight_hh", "lstm.bias_ih", "lstm.bias_hh",
                             "head.weight", "head.bias"}
-    encoder, cfg, meta = lspt_eval.rebuild_encoder(out / "best.safetensors")
+    encoder, cfg, meta = cli_helpers.rebuild_encoder(out / "best.safetensors")
     assert meta["epoch"] == best_epoch and cfg["method"] == "lspt"
     # lspt-eval on the best file: exactly the logged accuracy.
     assert lspt_eval.main(["--data", str(data), "--tuned", str(out / "best.safetensors")]) == 0
@@ -78,7 +79,7 @@ def test_lspt_learns_and_eval_reproduces_the_log(data, tmp_path, capsys):
 
 def _eval_float(data, path, split="val"):
     from lspt_kernels.data import ImageDataset, build_transform, load_dataset
-    encoder, cfg, meta = lspt_eval.rebuild_encoder(path)
+    encoder, cfg, meta = cli_helpers.rebuild_encoder(path)
     spec = load_dataset(data, classes=meta["classes"])
     ds = ImageDataset(spec.splits[split], build_transform(spec.layout, 32, meta["mean"], meta["std"], False))
     loader = torch.utils.data.DataLoader(ds, batch_size=meta["eval_batch_size"])
@@ -248,7 +249,7 @@ def test_unwritable_output(data, tmp_path, capsys):
 
 
 def test_amp_and_device_errors(data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(lspt_eval, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(cli_helpers, "cpu_supports_bf16", lambda: False)
     _fails(capsys, _args(data, tmp_path / "o", "--amp", "bf16"), "--amp bf16: this CPU has no native bf16")
     _fails(capsys, _args(data, tmp_path / "o", "--amp", "fp16"), "--amp fp16 needs a GPU")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -313,14 +314,14 @@ def test_vtab_and_fgvc_layouts_train_and_evaluate(tmp_path, capsys, layout):
 def test_backbone_checkpoint_is_used_and_recorded(data, tmp_path, capsys):
     """--checkpoint loads the backbone through from_timm; the tuned file records it, so lspt-eval rebuilds the
     same backbone; ImageNet normalisation is used with a checkpoint."""
-    from lspt_kernels.evaluate import build_backbone
+    from lspt_kernels.cli_helpers import build_backbone
     vit = build_backbone("vit_tiny_patch16_224", 32, dict(patch_size=8, embed_dim=32, depth=3, num_heads=2), seed=7)
     ckpt = tmp_path / "backbone.pth"
     torch.save({"model": vit.state_dict()}, ckpt)                     # MAE-style {'model': ...}
     out = tmp_path / "out"
     assert lspt_train.main(_args(data, out, "--checkpoint", str(ckpt), "--limit-train-batches", "2", epochs=1)) == 0
     assert "randomly initialised" not in capsys.readouterr().out
-    encoder, _, meta = lspt_eval.rebuild_encoder(out / "last.safetensors")
+    encoder, _, meta = cli_helpers.rebuild_encoder(out / "last.safetensors")
     assert meta["checkpoint"] == str(ckpt.resolve()) and meta["mean"] == [0.485, 0.456, 0.406]
     torch.testing.assert_close(encoder.vit.pos_embed, vit.pos_embed, rtol=0, atol=0)   # not the seed-42 init
     acc, _, _ = _eval_float(data, out / "last.safetensors")
@@ -328,14 +329,14 @@ def test_backbone_checkpoint_is_used_and_recorded(data, tmp_path, capsys):
 
 
 def test_bf16_autocast_on_a_cpu_that_has_it(data, tmp_path, capsys):
-    if not lspt_eval.cpu_supports_bf16():
+    if not cli_helpers.cpu_supports_bf16():
         pytest.skip("this CPU has no native bf16 (the refusal is tested in test_amp_and_device_errors)")
     out = tmp_path / "bf16"
     assert lspt_train.main(_args(data, out, "--amp", "bf16", "--prompt-dropout", "0", "--limit-train-batches", "2",
                                  epochs=2)) == 0
     rows = _log(out)
     assert all(math.isfinite(r["train_loss"]) for r in rows)
-    assert lspt_eval.rebuild_encoder(out / "last.safetensors")[2]["amp"] == "bf16"
+    assert cli_helpers.rebuild_encoder(out / "last.safetensors")[2]["amp"] == "bf16"
     assert lspt_eval.main(["--data", str(data), "--tuned", str(out / "last.safetensors")]) == 0
     assert f"top-1 {rows[-1]['val_acc']:.2f}%" in capsys.readouterr().out
 
@@ -368,7 +369,7 @@ def test_eval_bad_input(data, tmp_path, capsys):
     fails(["--data", str(data), "--tuned", tuned, "--split", "holdout"], "--split 'holdout'.*has no such split")
     fails(["--data", str(tmp_path / "nodata"), "--tuned", tuned], "no such directory")
     # A file from encoder.save_tuned alone names no backbone: --model is needed.
-    encoder, _, _ = lspt_eval.rebuild_encoder(tuned)
+    encoder, _, _ = cli_helpers.rebuild_encoder(tuned)
     encoder.save_tuned(tmp_path / "plain.safetensors")
     fails(["--data", str(data), "--tuned", str(tmp_path / "plain.safetensors")], "does not name its backbone.*--model")
 
