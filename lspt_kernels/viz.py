@@ -26,24 +26,29 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .cli_helpers import (
+    UsageError,
+    add_model_kwargs_option,
+    backbone_spec,
+    check_output_dir,
+    load_backbone,
+    load_tuned_encoder,
+    model_kwargs_from_args,
+    resolve_device,
+)
+from .data import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = ["KINDS", "SOURCES", "block_maps", "similarity_maps", "attention_maps", "summarize",
-           "load_image", "load_tuned_encoder", "draw_rows", "main"]
+           "load_image", "draw_rows", "build_parser", "main"]
 
 KINDS = ("similarity", "attention")
 SOURCES = ("cls", "prompts")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class VizError(Exception):
-    """A user-facing error of the CLI (printed as `lspt-viz: error: ...`, exit status 2)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,7 +209,7 @@ def summarize(kind: str, maps: Tensor) -> list[list[dict]]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Inputs: images and tuned files
+# Inputs: images
 # ------------------------------------------------------------------------------------------------
 def load_image(path, size, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[Tensor, Tensor]:
     """An image file -> ((3, H, W) tensor normalised with mean/std (default ImageNet's), (H, W, 3)
@@ -229,25 +234,6 @@ def load_image(path, size, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[Tensor
     mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (mean, std))
     x = (x - mean) / std
     return x, pixels
-
-
-def load_tuned_encoder(path, vit):
-    """Rebuild the encoder a `save_tuned` file was written from, around `vit`, and load it."""
-    from .checkpoints import read_tuned_metadata
-    from .encoders import build_encoder
-    config, _ = read_tuned_metadata(path)
-    method = config.pop("method")
-    dim, depth = config.get("embed_dim", vit.embed_dim), config.get("depth", len(vit.blocks))
-    if (dim, depth) != (vit.embed_dim, len(vit.blocks)):
-        raise ValueError(f"{path} was tuned on a different ViT (embed_dim={dim}, depth={depth}) than the one "
-                         f"given (embed_dim={vit.embed_dim}, depth={len(vit.blocks)}): pass the --model / "
-                         "--model-arg / --checkpoint it was trained with")
-    try:
-        encoder = build_encoder(method, vit, **config)
-    except TypeError as exc:
-        raise ValueError(f"{path}: its config {config} does not fit the {method!r} encoder: {exc}") from None
-    encoder.load_tuned(path)
-    return encoder
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,10 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. GaPT first, then LSPT)")
     p.add_argument("--model", default=None,
                    help="the timm VisionTransformer name the files were tuned on (default: the backbone "
-                        "that lspt-train recorded in the files; --model-arg/--img-size/--checkpoint/--seed "
+                        "that lspt-train recorded in the files; --model-kwargs/--img-size/--checkpoint/--seed "
                         "then default to it too)")
-    p.add_argument("--model-arg", "--model-kwargs", dest="model_arg", action="extend", nargs="+", default=[],
-                   metavar="KEY=VALUE", help="extra timm.create_model arguments (Python literals), e.g. depth=6")
+    add_model_kwargs_option(p, alias=True)
     p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
     p.add_argument("--checkpoint", default=None, metavar="BACKBONE",
                    help="backbone weights (MAE / MoCo v3 / plain state dict); without it the backbone is "
@@ -323,100 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="both", choices=("similarity", "attention", "both"))
     p.add_argument("--from", dest="source", default="cls", choices=SOURCES,
                    help="attention from the CLS token (default) or averaged over the prompt tokens")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     return p
 
 
-def _model_kwargs(items: list[str]) -> dict:
-    from .evaluate import UsageError, parse_model_kwargs
+def _backbone(spec: dict, device: torch.device):
+    """The ViT of the backbone spec on `device`, in eval mode; a note on stderr when it is a random init."""
+    vit = load_backbone(spec)
     try:
-        return parse_model_kwargs(items, "--model-arg")
-    except UsageError as exc:
-        raise VizError(str(exc)) from None
-
-
-def _train_metadata(path: Path) -> dict:
-    """The backbone lspt-train recorded in a tuned file ("lspt_train" metadata), or {}."""
-    from .checkpoints import read_tuned_metadata
-    try:
-        meta = read_tuned_metadata(path)[1].get("lspt_train", {})
-    except (FileNotFoundError, ValueError):
-        return {}          # load_tuned_encoder gives the file's real error
-    return meta if isinstance(meta, dict) else {}
-
-
-def _backbone_spec(args, tuned: list[Path]) -> dict:
-    """model, model_kwargs, img_size, seed, checkpoint, mean, std: the flags, else what lspt-train
-    recorded in the tuned files (which must then agree: all rows share one backbone)."""
-    metas = [_train_metadata(f) for f in tuned]
-    keys = ("model", "model_kwargs", "img_size", "seed", "checkpoint")
-    recorded = {tuple(json.dumps(m.get(k), sort_keys=True) for k in keys) for m in metas if m.get("model")}
-    if args.model is None:
-        if not all(m.get("model") for m in metas):
-            raise VizError("--model is needed: " + ", ".join(str(f) for f, m in zip(tuned, metas) if not m.get("model"))
-                           + " does not record its backbone (only files written by lspt-train do)")
-        if len(recorded) > 1:
-            raise VizError("the tuned files were trained on different backbones (" + "; ".join(
-                f"{f}: {', '.join(f'{k}={m.get(k)}' for k in keys)}" for f, m in zip(tuned, metas))
-                + "): one figure needs one backbone; run lspt-viz once per backbone")
-        meta = metas[0]
-        spec = dict(model=meta["model"], model_kwargs=dict(meta.get("model_kwargs") or {}),
-                    img_size=meta.get("img_size"), seed=meta.get("seed", 0), checkpoint=meta.get("checkpoint"),
-                    recorded=True)
-    else:
-        meta = metas[0] if len(recorded) == 1 and all(m.get("model") for m in metas) else {}
-        meta = meta if meta.get("model") == args.model else {}
-        spec = dict(model=args.model, model_kwargs={}, img_size=None, seed=meta.get("seed", 0), checkpoint=None,
-                    recorded=False)
-    spec["model_kwargs"].update(_model_kwargs(args.model_arg))
-    for key in ("img_size", "seed", "checkpoint"):
-        if getattr(args, key) is not None:
-            spec[key] = getattr(args, key)
-    # Normalise as training did when it is recorded (and the backbone is the recorded one).
-    spec["mean"] = tuple(meta["mean"]) if meta.get("mean") else IMAGENET_MEAN
-    spec["std"] = tuple(meta["std"]) if meta.get("std") else IMAGENET_STD
-    return spec
-
-
-def _build_vit(spec: dict, device: str):
-    import timm
-
-    from .checkpoints import load_backbone_checkpoint
-    from .encoders import _check_vit
-    kwargs = dict(pretrained=False, **spec["model_kwargs"], num_classes=0)
-    if spec["img_size"] is not None:
-        kwargs["img_size"] = spec["img_size"]
-    if not timm.is_model(spec["model"]):
-        raise VizError(f"--model: unknown timm model {spec['model']!r}")
-    torch.manual_seed(spec["seed"])          # as lspt-train builds its random backbone
-    try:
-        vit = timm.create_model(spec["model"], **kwargs)
-        _check_vit(vit)
         _check_blocks(vit)
-    except Exception as exc:
-        raise VizError(f"--model {spec['model']!r} with {kwargs}: {exc}") from None
-    if spec["checkpoint"] is not None:
-        try:
-            load_backbone_checkpoint(vit, spec["checkpoint"])
-        except (FileNotFoundError, ValueError) as exc:
-            raise VizError(f"--checkpoint: {exc}") from None
-    elif spec["recorded"]:
+    except TypeError as exc:
+        raise UsageError(f"--model {spec['model']!r}: {exc}") from None
+    if spec["checkpoint"] is None and spec["recorded"]:
         print(f"lspt-viz: note: the backbone is timm's random init under seed {spec['seed']}, as lspt-train "
               "recorded (no checkpoint)", file=sys.stderr)
-    else:
+    elif spec["checkpoint"] is None:
         print(f"lspt-viz: note: no --checkpoint, the backbone is timm's random init (seed {spec['seed']}); the "
               "maps mean something only if the tuned files were trained on this same backbone", file=sys.stderr)
     return vit.to(device).eval()
-
-
-def _check_output_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".lspt-viz-", delete=True):
-            pass
-    except OSError as exc:
-        raise VizError(f"--output: cannot write to {str(path)!r}: {exc.strerror or exc}") from None
-    return path
 
 
 def _image_names(paths: list[Path]) -> list[str]:
@@ -438,74 +347,57 @@ def _labels(methods: list[str], paths: list[Path]) -> list[str]:
     return [m if methods.count(m) == 1 else f"{m} ({p.stem})" for m, p in zip(methods, paths)]
 
 
-def _check_device(name: str) -> str:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise VizError(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VizError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
-    return name
-
-
-def _run(args) -> int:
-    kinds = KINDS if args.kind == "both" else (args.kind,)
-    _check_device(args.device)
-    out_dir = _check_output_dir(Path(args.output))
-    tuned = [Path(f) for f in args.tuned]
-    for f in tuned:
-        if not f.is_file():
-            raise VizError(f"--tuned: file not found: {f}")
-    spec = _backbone_spec(args, tuned)
-    vit = _build_vit(spec, args.device)
-    size = tuple(vit.patch_embed.img_size)
+def _load_images(paths: list[str], size, spec: dict) -> list[tuple[Tensor, Tensor]]:
     images = []
-    for f in args.image:
+    for f in paths:
         try:
             images.append(load_image(f, size, spec["mean"], spec["std"]))
         except (FileNotFoundError, ValueError) as exc:
-            raise VizError(f"--image: {exc}") from None
-    batch = torch.stack([x for x, _ in images]).to(args.device)
-    encoders = []
-    for f in tuned:
-        try:
-            encoders.append(load_tuned_encoder(f, vit).to(args.device))
-        except (FileNotFoundError, ValueError) as exc:
-            raise VizError(f"--tuned: {exc}") from None
-    methods = [e.method for e in encoders]
-    labels = _labels(methods, tuned)
-    if "similarity" in kinds and any(e.num_prompts == 0 for e in encoders):
-        skipped = [str(f) for f, e in zip(tuned, encoders) if e.num_prompts == 0]
-        print(f"lspt-viz: note: no similarity maps for {', '.join(skipped)} (no prompt tokens)",
-              file=sys.stderr)
-    if args.source == "prompts" and any(e.num_prompts == 0 for e in encoders):
-        raise VizError("--from prompts: " + ", ".join(str(f) for f, e in zip(tuned, encoders) if e.num_prompts == 0)
-                       + " has no prompt tokens; use --from cls")
+            raise UsageError(f"--image: {exc}") from None
+    return images
 
-    results = {}                                                      # (tuned index, kind) -> (B, L, h, w)
-    queries = {}
+
+def _check_prompts(args, kinds, tuned: list[Path], encoders: list) -> None:
+    """--from prompts needs prompts in every row; similarity rows are skipped (with a note) for the rest."""
+    without = [str(f) for f, e in zip(tuned, encoders) if e.num_prompts == 0]
+    if without and args.source == "prompts":
+        raise UsageError("--from prompts: " + ", ".join(without) + " has no prompt tokens; use --from cls")
+    if without and "similarity" in kinds:
+        print(f"lspt-viz: note: no similarity maps for {', '.join(without)} (no prompt tokens)", file=sys.stderr)
+
+
+def _all_maps(encoders: list, batch: Tensor, kinds, source: str) -> tuple[dict, dict]:
+    """({(tuned index, kind): (B, L, h, w) maps}, {tuned index: the attention queries' description})."""
+    results, queries = {}, {}
     for i, enc in enumerate(encoders):
         want = tuple(k for k in kinds if k == "attention" or enc.num_prompts > 0)
         if not want:
             continue
-        maps = block_maps(enc, batch, want, args.source)
+        maps = block_maps(enc, batch, want, source)
         queries[i] = maps.pop("queries", None)
         for kind in want:
             results[i, kind] = maps[kind]
+    return results, queries
 
+
+def _draw(args, kinds, images, labels, results, queries, out_dir: Path) -> list[Path]:
+    """One PNG per image and kind: a row per tuned file that has maps of that kind."""
     stems = _image_names([Path(f) for f in args.image])
     queries_text = next((q for q in queries.values() if q), "")
     written = []
     for b, (_, pixels) in enumerate(images):
-        stem = stems[b]
         for kind in kinds:
-            rows = [(labels[i], results[i, kind][b]) for i in range(len(encoders)) if (i, kind) in results]
+            rows = [(labels[i], results[i, kind][b]) for i in range(len(labels)) if (i, kind) in results]
             if not rows:
                 continue
             what = ("cosine similarity of the block's input prompts and each patch, mean over prompts"
                     if kind == "similarity" else f"attention to each patch from {queries_text}, mean over heads")
-            written.append(draw_rows(pixels, rows, out_dir / f"{stem}_{kind}.png", kind,
+            written.append(draw_rows(pixels, rows, out_dir / f"{stems[b]}_{kind}.png", kind,
                                      title=f"{_short_path(args.image[b])}: {what}"))
+    return written
+
+
+def _summary(args, spec, size, kinds, tuned, encoders, labels, results, queries) -> dict:
     summary = dict(model=spec["model"], model_kwargs=spec["model_kwargs"], img_size=list(size), seed=spec["seed"],
                    checkpoint=spec["checkpoint"], mean=list(spec["mean"]), std=list(spec["std"]), kinds=list(kinds),
                    attention_from=args.source, results=[])
@@ -517,6 +409,25 @@ def _run(args) -> int:
                 entry["attention_queries"] = queries[i]
             entry.update({kind: rows[b] for kind, rows in per_kind.items()})
             summary["results"].append(entry)
+    return summary
+
+
+def _run(args) -> int:
+    kinds = KINDS if args.kind == "both" else (args.kind,)
+    device = resolve_device(args.device)
+    out_dir = check_output_dir(args.output)
+    tuned = [Path(f) for f in args.tuned]
+    spec = backbone_spec(tuned, args.model, model_kwargs_from_args(args), args.img_size, args.checkpoint, args.seed)
+    vit = _backbone(spec, device)
+    size = tuple(vit.patch_embed.img_size)
+    images = _load_images(args.image, size, spec)
+    batch = torch.stack([x for x, _ in images]).to(device)
+    encoders = [load_tuned_encoder(f, vit).to(device) for f in tuned]
+    labels = _labels([e.method for e in encoders], tuned)
+    _check_prompts(args, kinds, tuned, encoders)
+    results, queries = _all_maps(encoders, batch, kinds, args.source)
+    written = _draw(args, kinds, images, labels, results, queries, out_dir)
+    summary = _summary(args, spec, size, kinds, tuned, encoders, labels, results, queries)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     for p in written:
         print(p)
@@ -528,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         return _run(args)
-    except VizError as exc:
+    except UsageError as exc:
         print(f"lspt-viz: error: {exc}", file=sys.stderr)
         return 2
 

@@ -13,14 +13,14 @@
 The names below are the public helpers the pytest-benchmark suites in bench/ use.
 """
 from .cli import DEFAULTS, main
-from .env import BenchError, child_command, device_name, environment, loadavg
+from .env import child_command, device_name, environment, loadavg
 from .measure import MemoryProbe, Timer, interleaved_rounds, per_round_ratios, summarize, sync, verdict
 from .methods import bench_methods, fused_backend, label, short_reason
 from .report import format_table, plot_rows, row_label, write_results
 from .runner import build_vit, make_encoder, make_step_fns, measure_isolated, measure_memory, time_interleaved
 from .targets import add_comparisons, evaluate_targets
 
-__all__ = ["main", "DEFAULTS", "BenchError", "child_command", "device_name", "environment", "loadavg",
+__all__ = ["main", "DEFAULTS", "child_command", "device_name", "environment", "loadavg",
            "MemoryProbe", "Timer", "interleaved_rounds", "per_round_ratios", "summarize", "sync", "verdict",
            "bench_methods", "fused_backend", "label", "short_reason", "format_table", "plot_rows", "row_label",
            "write_results", "build_vit", "make_encoder", "make_step_fns", "measure_isolated", "measure_memory",

@@ -19,15 +19,21 @@ row and the run goes on (status 1 at the end); Ctrl-C keeps what was measured (s
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from ..cli_helpers import (
+    UsageError,
+    add_model_kwargs_option,
+    build_backbone,
+    check_output_dir,
+    model_kwargs_from_args,
+    resolve_device,
+)
 from . import methods as M
-from .env import BenchError, environment, load_line, load_warning, loadavg, resolve_device
+from .env import environment, load_line, load_warning, loadavg
 from .report import format_table, row_label, write_results
 from .runner import measure_isolated, measure_memory, time_interleaved, worker
 from .targets import add_comparisons, evaluate_targets, format_targets, put_summary
@@ -42,7 +48,6 @@ DEFAULTS = {
     "cpu": dict(batch_size="4", num_prompts="10", dtype="fp32", repeats=5, warmup=1),
     "cuda": dict(batch_size="64", num_prompts="10,100", dtype="fp32,bf16", repeats=10, warmup=3),
 }
-SUBCOMMANDS = ("step", "gpu-suite")
 
 
 def parse_list(text: str, kind, name: str) -> list:
@@ -54,61 +59,20 @@ def parse_list(text: str, kind, name: str) -> list:
         try:
             out.append(kind(part))
         except ValueError:
-            raise BenchError(f"--{name}: {part!r} is not a valid {kind.__name__}") from None
+            raise UsageError(f"--{name}: {part!r} is not a valid {kind.__name__}") from None
     if not out:
-        raise BenchError(f"--{name}: give at least one value")
+        raise UsageError(f"--{name}: give at least one value")
     return out
 
 
-def parse_model_args(items: list[str]) -> dict:
-    """["depth=2", "global_pool=avg"] -> {"depth": 2, "global_pool": "avg"} (Python literals, else str)."""
-    from ..evaluate import UsageError, parse_model_kwargs
-    try:
-        return parse_model_kwargs(items, "--model-arg")
-    except UsageError as exc:
-        raise BenchError(str(exc)) from None
-
-
 def check_model(name: str, img_size: int | None = None, model_kwargs: dict | None = None) -> dict:
-    """Raise BenchError for an unknown or non-ViT timm model; return its shape facts."""
-    import timm
-    import torch
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise BenchError(f"unknown timm model {name!r}{hint} (list ViTs with "
-                         "python -c \"import timm; print(timm.list_models('vit_*'))\")")
-    kwargs = dict(pretrained=False, **(model_kwargs or {}), num_classes=0)
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    try:
-        with torch.device("meta"):
-            vit = timm.create_model(name, **kwargs)
-    except Exception as exc:
-        raise BenchError(f"cannot build timm model {name!r}"
-                         f"{'' if not model_kwargs and img_size is None else f' with {kwargs}'}: "
-                         f"{type(exc).__name__}: {exc}") from None
-    from timm.models.vision_transformer import VisionTransformer
-    if not isinstance(vit, VisionTransformer):
-        raise BenchError(f"{name!r} is a {type(vit).__module__}.{type(vit).__name__}, not a timm "
-                         "VisionTransformer: prompt tuning here needs a ViT (e.g. "
-                         "vit_base_patch16_224, vit_small_patch16_224, deit_base_patch16_224)")
+    """The shape facts of a timm ViT (built on the meta device: no memory, no time); a UsageError for an
+    unknown or non-ViT model."""
+    vit = build_backbone(name, img_size, model_kwargs, device="meta")
     img = vit.patch_embed.img_size
     return dict(num_patches=vit.patch_embed.num_patches, prefix=vit.num_prefix_tokens,
                 embed_dim=vit.embed_dim, depth=len(vit.blocks),
                 img_size=img[0] if isinstance(img, (tuple, list)) else img)
-
-
-def check_output_dir(path: Path) -> Path:
-    """Create the output directory and make sure a file can be written there (else BenchError)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".lspt-bench-", delete=True):
-            pass
-    except OSError as exc:
-        raise BenchError(f"cannot write to output directory {str(path)!r}: "
-                         f"{exc.strerror or exc} (choose another with --output DIR)") from None
-    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,8 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-steps", type=int, default=1,
                    help="train steps over which peak memory is taken, after the warm-up (default: %(default)s)")
     p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra keyword for timm.create_model, repeatable (e.g. depth=2, reg_tokens=4)")
+    add_model_kwargs_option(p, alias=True)
     p.add_argument("--num-classes", type=int, default=200, help="classes of the linear head (default: %(default)s)")
     p.add_argument("--grad-checkpointing", nargs="?", const="on", default="off", choices=("off", "on", "both"),
                    help="run the encoders with gradient checkpointing (encoder.set_grad_checkpointing): "
@@ -162,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (torch.set_num_threads; default: torch's, one per core)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random backbone, prompts, images and labels (default: %(default)s)")
-    # Timing is always interleaved now; the old opt-in flag is accepted so existing scripts still run.
+    # Timing is always interleaved; --interleave is accepted (and ignored) so scripts that pass it still run.
     p.add_argument("--interleave", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -180,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(args_list)
     try:
         return run(args, args_list)
-    except BenchError as exc:
+    except UsageError as exc:
         print(f"lspt-bench: error: {exc}", file=sys.stderr)
         return 2
 
@@ -201,39 +164,29 @@ def _check_args(args, device: str) -> dict:
         if bad:
             allowed = {"dtype": f"one of {', '.join(DTYPES)}", "methods": f"one of {', '.join(known)}"}.get(
                 name, "an int >= 1")
-            raise BenchError(f"--{name}: {', '.join(map(str, bad))} not allowed: each must be {allowed}")
+            raise UsageError(f"--{name}: {', '.join(map(str, bad))} not allowed: each must be {allowed}")
     methods = list(dict.fromkeys(methods))
     if repeats < 1 or warmup < 1:
-        raise BenchError("--repeats and --warmup must be >= 1 (the first run of a compiled model compiles it)")
+        raise UsageError("--repeats and --warmup must be >= 1 (the first run of a compiled model compiles it)")
     if args.mem_steps < 1:
-        raise BenchError("--mem-steps must be >= 1")
+        raise UsageError("--mem-steps must be >= 1")
     if args.num_classes < 1:
-        raise BenchError("--num-classes must be >= 1")
+        raise UsageError("--num-classes must be >= 1")
     if args.threads is not None and args.threads < 1:
-        raise BenchError("--threads must be >= 1")
+        raise UsageError("--threads must be >= 1")
     if args.compile_mode == "reduce-overhead" and not device.startswith("cuda"):
-        raise BenchError("--compile-mode reduce-overhead uses CUDA graphs and needs a GPU (--device cuda)")
+        raise UsageError("--compile-mode reduce-overhead uses CUDA graphs and needs a GPU (--device cuda)")
     ckpt = {"off": [False], "on": [True], "both": [False, True]}[args.grad_checkpointing]
     return dict(batch_sizes=batch_sizes, prompts=prompts, dtypes=dtypes, repeats=repeats, warmup=warmup,
                 methods=methods, ckpt=ckpt)
 
 
-def run(args, argv: list[str]) -> int:
-    t_start = time.perf_counter()
-    load_start = loadavg()
-    import torch
-    device = resolve_device(args.device)
-    a = _check_args(args, device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model_kwargs = parse_model_args(args.model_arg)
-    shape = check_model(args.model, args.img_size, model_kwargs)
-    outdir = check_output_dir(Path(args.output))
+def _meta(args, argv: list[str], a: dict, device: str, shape: dict, model_kwargs: dict, isolated: bool) -> dict:
+    """The run's record (bench.json's "meta"): the machine, the command and every setting."""
     backend, note = M.fused_backend(device)
     is_cuda = device.startswith("cuda")
-    isolated = not is_cuda and not args.in_process
     meta = environment(device, argv)
-    meta.update(loadavg_start=load_start, model=args.model, model_kwargs=model_kwargs,
+    meta.update(model=args.model, model_kwargs=model_kwargs,
                 img_size=args.img_size or shape["img_size"], depth=shape["depth"], embed_dim=shape["embed_dim"],
                 batch_sizes=a["batch_sizes"], num_prompts=a["prompts"], dtypes=a["dtypes"], methods=a["methods"],
                 repeats=a["repeats"], warmup=a["warmup"], mem_steps=args.mem_steps, fused_backend=backend,
@@ -246,72 +199,48 @@ def run(args, argv: list[str]) -> int:
                 memory=("torch.cuda.max_memory_allocated over the measured train step(s) (reset first)" if is_cuda
                         else "peak RSS (VmHWM, reset after warm-up) during the measured train step(s) minus the "
                              "process's RSS before the ViT was built (after imports and backend load)"))
-    print(f"lspt-bench: {args.model} ({meta['img_size']} px) on {meta['device_name']}; torch {meta['torch']}, "
-          f"timm {meta['timm']}, triton {meta['triton']}; fused backend: {backend}"
-          + (f" ({note})" if note else ""), flush=True)
-    print(f"lspt-bench: {load_line(load_start, 'at start')}", flush=True)
-    if note:
-        print(f"lspt-bench: warning: {note}; the 'fused' rows run the reference step", file=sys.stderr, flush=True)
+    return meta
 
-    settings = [(b, n, d, c) for c in a["ckpt"] for d in a["dtypes"] for n in a["prompts"] for b in a["batch_sizes"]]
-    methods = a["methods"]
-    total = len(settings) * (len(methods) + 1)
-    rows: list[dict] = []
-    interrupted = False
-    step = 0
 
-    def save():
-        add_comparisons(rows)
-        try:                                       # keep what is measured so far on disk
-            write_results(rows, meta, outdir, plot=False)
-        except OSError as exc:
-            print(f"lspt-bench: warning: cannot write results to {outdir}: {exc}", file=sys.stderr)
+def _measure_setting(spec: dict, methods: list[str], meta: dict, isolated: bool, rows: list[dict], counter: dict,
+                     save) -> None:
+    """One setting: the memory pass of every method (a row each, appended to `rows` as it is measured),
+    then the interleaved timing pass over the methods that ran."""
+    where = f"B{spec['batch_size']}, Np {spec['num_prompts']}, {spec['dtype']}" + (
+        ", grad checkpointing" if spec["grad_checkpointing"] else "")
+    group = []
+    for m in methods:
+        counter["step"] += 1
+        t0 = time.perf_counter()
+        row = measure_isolated(m, spec) if isolated else measure_memory(m, spec)
+        row.update(repeats=spec["repeats"], warmup=spec["warmup"], device_name=meta["device_name"],
+                   memory_wall_s=time.perf_counter() - t0)
+        rows.append(row)
+        group.append(row)
+        print(_progress(counter["step"], counter["total"], row, where), flush=True)
+        save()
+    ok = [r["method"] for r in group if r.get("status") == "ok"]
+    counter["step"] += 1
+    if not ok:
+        return
+    t0 = time.perf_counter()
+    head = f"[{counter['step']}/{counter['total']}]"
+    print(f"{head} timing {len(ok)} methods ({where}) in {spec['repeats']} interleaved rounds ...", flush=True)
+    found = time_interleaved(ok, spec, progress=lambda text: print(f"    {text}", flush=True))
+    for r in group:
+        t = found.get(r["method"], {})
+        if t.get("timing_error"):
+            r.update(status="error", error=f"timing: {t['timing_error']}", timing_error=t["timing_error"])
+        for kind in ("train", "infer"):
+            if t.get(kind):
+                put_summary(r, f"{kind}_s", t[kind])
+                r[f"{kind}_s_all"] = t[f"{kind}_s_all"]
+    print(f"{head} timed [{time.perf_counter() - t0:.1f} s]", flush=True)
+    save()
 
-    try:
-        for b, n, d, c in settings:
-            spec = dict(model=args.model, model_kwargs=model_kwargs, img_size=args.img_size, batch_size=b,
-                        num_prompts=n, dtype=d, device=device, repeats=a["repeats"], warmup=a["warmup"],
-                        mem_steps=args.mem_steps, num_classes=args.num_classes, seed=args.seed,
-                        fused_backend=backend, fused_note=note, compile_backend=args.compile_backend,
-                        compile_mode=args.compile_mode, threads=args.threads, grad_checkpointing=c)
-            where = f"B{b}, Np {n}, {d}" + (", grad checkpointing" if c else "")
-            group = []
-            for m in methods:
-                step += 1
-                t0 = time.perf_counter()
-                row = measure_isolated(m, spec) if isolated else measure_memory(m, spec)
-                row.update(repeats=a["repeats"], warmup=a["warmup"], device_name=meta["device_name"],
-                           memory_wall_s=time.perf_counter() - t0)
-                rows.append(row)
-                group.append(row)
-                print(_progress(step, total, row, where), flush=True)
-                save()
-            ok = [r["method"] for r in group if r.get("status") == "ok"]
-            step += 1
-            if ok:
-                t0 = time.perf_counter()
-                print(f"[{step}/{total}] timing {len(ok)} methods ({where}) in {a['repeats']} interleaved rounds ...",
-                      flush=True)
-                found = time_interleaved(ok, spec, progress=lambda text: print(f"    {text}", flush=True))
-                for r in group:
-                    t = found.get(r["method"], {})
-                    if t.get("timing_error"):
-                        r.update(status="error", error=f"timing: {t['timing_error']}", timing_error=t["timing_error"])
-                    for kind in ("train", "infer"):
-                        if t.get(kind):
-                            put_summary(r, f"{kind}_s", t[kind])
-                            r[f"{kind}_s_all"] = t[f"{kind}_s_all"]
-                print(f"[{step}/{total}] timed [{time.perf_counter() - t0:.1f} s]", flush=True)
-                save()
-    except KeyboardInterrupt:
-        interrupted = True
-        meta["interrupted"] = f"after {step} of {total} steps"
-        print(f"\nlspt-bench: interrupted after {step} of {total} steps; keeping what was measured",
-              file=sys.stderr, flush=True)
-    add_comparisons(rows)
-    meta["wall_s"] = time.perf_counter() - t_start
-    meta["loadavg_end"] = loadavg()
-    meta["load_warning"] = load_warning(load_start, meta["loadavg_end"])
+
+def _report(rows: list[dict], meta: dict, outdir: Path, plot: bool, interrupted: bool) -> int:
+    """The table, the targets and the files at the end of a run; the exit status."""
     print()
     print(format_table(rows, meta), end="")
     targets = evaluate_targets(rows)
@@ -319,7 +248,7 @@ def run(args, argv: list[str]) -> int:
         print("Targets (met / missed / inconclusive: the ratio's quartiles straddle the limit):")
         print(format_targets(targets), end="")
     try:
-        paths = write_results(rows, meta, outdir, plot=not args.no_plot)
+        paths = write_results(rows, meta, outdir, plot=plot)
         print("wrote " + ", ".join(str(p) for p in paths))
     except Exception as exc:
         print(f"lspt-bench: error: cannot write the results to {outdir}: {type(exc).__name__}: {exc}; "
@@ -338,6 +267,62 @@ def run(args, argv: list[str]) -> int:
               + " - reported in the rows above; the other rows are complete", file=sys.stderr)
         return 1
     return 0
+
+
+def run(args, argv: list[str]) -> int:
+    """The `lspt-bench` run of parsed arguments: checks, then every setting (memory pass, timing pass), the
+    files rewritten after every step; the exit status (0, 1 when a method failed, 130 on Ctrl-C)."""
+    t_start = time.perf_counter()
+    load_start = loadavg()
+    import torch
+    device = str(resolve_device(args.device))
+    a = _check_args(args, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_kwargs = model_kwargs_from_args(args)
+    shape = check_model(args.model, args.img_size, model_kwargs)
+    outdir = check_output_dir(args.output)
+    isolated = not device.startswith("cuda") and not args.in_process
+    meta = _meta(args, argv, a, device, shape, model_kwargs, isolated)
+    meta["loadavg_start"] = load_start
+    backend, note = meta["fused_backend"], meta["fused_note"]
+    print(f"lspt-bench: {args.model} ({meta['img_size']} px) on {meta['device_name']}; torch {meta['torch']}, "
+          f"timm {meta['timm']}, triton {meta['triton']}; fused backend: {backend}"
+          + (f" ({note})" if note else ""), flush=True)
+    print(f"lspt-bench: {load_line(load_start, 'at start')}", flush=True)
+    if note:
+        print(f"lspt-bench: warning: {note}; the 'fused' rows run the reference step", file=sys.stderr, flush=True)
+
+    settings = [(b, n, d, c) for c in a["ckpt"] for d in a["dtypes"] for n in a["prompts"] for b in a["batch_sizes"]]
+    counter = dict(step=0, total=len(settings) * (len(a["methods"]) + 1))
+    rows: list[dict] = []
+
+    def save():
+        add_comparisons(rows)
+        try:                                       # keep what is measured so far on disk
+            write_results(rows, meta, outdir, plot=False)
+        except OSError as exc:
+            print(f"lspt-bench: warning: cannot write results to {outdir}: {exc}", file=sys.stderr)
+
+    interrupted = False
+    try:
+        for b, n, d, c in settings:
+            spec = dict(model=args.model, model_kwargs=model_kwargs, img_size=args.img_size, batch_size=b,
+                        num_prompts=n, dtype=d, device=device, repeats=a["repeats"], warmup=a["warmup"],
+                        mem_steps=args.mem_steps, num_classes=args.num_classes, seed=args.seed,
+                        fused_backend=backend, fused_note=note, compile_backend=args.compile_backend,
+                        compile_mode=args.compile_mode, threads=args.threads, grad_checkpointing=c)
+            _measure_setting(spec, a["methods"], meta, isolated, rows, counter, save)
+    except KeyboardInterrupt:
+        interrupted = True
+        meta["interrupted"] = f"after {counter['step']} of {counter['total']} steps"
+        print(f"\nlspt-bench: interrupted after {counter['step']} of {counter['total']} steps; keeping what was "
+              "measured", file=sys.stderr, flush=True)
+    add_comparisons(rows)
+    meta["wall_s"] = time.perf_counter() - t_start
+    meta["loadavg_end"] = loadavg()
+    meta["load_warning"] = load_warning(load_start, meta["loadavg_end"])
+    return _report(rows, meta, outdir, not args.no_plot, interrupted)
 
 
 def _progress(i: int, total: int, r: dict, where: str) -> str:

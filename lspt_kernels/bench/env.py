@@ -10,10 +10,6 @@ import time
 from pathlib import Path
 
 
-class BenchError(Exception):
-    """A bad input: the message is printed as is and the command exits with status 2."""
-
-
 def device_name(device: str) -> str:
     import torch
     if str(device).startswith("cuda"):
@@ -28,24 +24,6 @@ def device_name(device: str) -> str:
     except OSError:
         pass
     return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
-def resolve_device(name: str) -> str:
-    """"auto" | "cpu" | "cuda" | "cuda:N" -> a device string torch accepts (else BenchError)."""
-    import torch
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BenchError(f"--device {name}: no CUDA device is visible to torch ({torch.__version__}, "
-                             f"CUDA build {torch.version.cuda}); use --device cpu")
-        idx = name.split(":", 1)[1] if ":" in name else "0"
-        if not idx.isdigit() or int(idx) >= torch.cuda.device_count():
-            raise BenchError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
-        return f"cuda:{idx}"
-    if name != "cpu":
-        raise BenchError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    return "cpu"
 
 
 def command_line(argv: list[str] | None, sub: str = "") -> str:

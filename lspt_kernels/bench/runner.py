@@ -21,20 +21,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ..cli_helpers import build_backbone
 from . import methods as M
 from .env import child_command
 from .measure import MemoryProbe, Timer, interleaved_rounds, short_error, summarize
 
 
 def build_vit(spec: dict):
-    """A fresh random timm ViT (seeded) without a classifier head."""
-    import timm
-    import torch
-    torch.manual_seed(spec.get("seed", 0))
-    kwargs = dict(pretrained=False, **spec.get("model_kwargs", {}), num_classes=0)
-    if spec.get("img_size") is not None:
-        kwargs["img_size"] = spec["img_size"]
-    return timm.create_model(spec["model"], **kwargs)
+    """A fresh random timm ViT of a bench spec (seeded) without a classifier head."""
+    return build_backbone(spec["model"], spec.get("img_size"), spec.get("model_kwargs", {}), spec.get("seed", 0))
 
 
 def make_encoder(method: str, spec: dict, vit=None):
