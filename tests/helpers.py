@@ -10,3 +10,58 @@ def make_vit(embed_dim=32, depth=3, heads=2, img=32, patch=8, reg_tokens=0, glob
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=img,
                              patch_size=patch, embed_dim=embed_dim, depth=depth, num_heads=heads,
                              reg_tokens=reg_tokens, global_pool=global_pool, class_token=class_token, **kw)
+
+
+def vit_images(vit, batch=2):
+    """A fixed batch of random images of the ViT's size."""
+    size = vit.patch_embed.img_size
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(1))
+
+
+def noisy_vit(seed=5, **kw):
+    """make_vit(**kw) with every parameter drawn from N(0, 1) under `seed`: weights no init shares, so
+    a load that left any of them untouched shows."""
+    vit = make_vit(**kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return vit
+
+
+def zeroed_vit(**kw):
+    """make_vit(**kw) with every parameter zero (a load target that shows what was loaded)."""
+    vit = make_vit(**kw)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.zero_()
+    return vit
+
+
+def same_backbone(a, b) -> bool:
+    """Whether two ViTs hold the same weights (their classifier heads aside)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa if not k.startswith("head."))
+
+
+def assert_parity(enc, ref, images, atol=1e-5, rtol=1e-5):
+    """Logits and the gradient of every trainable parameter of an encoder and its python/ reference,
+    same upstream gradient."""
+    missing, unexpected = ref.load_state_dict(enc.tuned_state_dict(), strict=False)
+    assert not unexpected
+    assert all(k.startswith("vit.") for k in missing), missing
+    with torch.no_grad():  # temperatures and gates away from their init so their gradients matter
+        for name, p in enc.named_parameters():
+            if name in ("temperatures", "gate_logits"):
+                p.add_(torch.linspace(-0.3, 0.3, p.numel()))
+        ref.load_state_dict(enc.tuned_state_dict(), strict=False)
+    out, expected = enc(images), ref(images)
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+    upstream = torch.randn_like(out)
+    names = [n for n, p in enc.named_parameters() if p.requires_grad]
+    ref_params = dict(ref.named_parameters())
+    grads = torch.autograd.grad(out, [dict(enc.named_parameters())[n] for n in names], upstream)
+    ref_grads = torch.autograd.grad(expected, [ref_params[n] for n in names], upstream)
+    for n, g, rg in zip(names, grads, ref_grads):
+        assert rg.abs().max() > 0, f"reference gradient of {n} is zero: the comparison would be empty"
+        torch.testing.assert_close(g, rg, atol=atol, rtol=rtol, msg=lambda m: f"{n}: {m}")

@@ -2,8 +2,8 @@
 restatement, its init, and its place in the method table."""
 import pytest
 import torch
-from helpers import make_vit
-from test_encoders import _images, assert_parity
+from helpers import assert_parity, make_vit
+from helpers import vit_images as _images
 
 import lspt_reference as R
 from lspt_kernels import AdapterEncoder, LinearProbe

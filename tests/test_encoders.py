@@ -2,7 +2,8 @@
 import pytest
 import torch
 import torch.nn as nn
-from helpers import make_vit
+from helpers import assert_parity, make_vit
+from helpers import vit_images as _images  # test_fused_encoder imports NP, NC, _images and assert_parity from here
 
 import lspt_reference as R
 from lspt_kernels import AdapterEncoder, GaPTEncoder, LinearProbe, LSPTEncoder, VPTEncoder
@@ -37,33 +38,6 @@ def _pair(method, vit, **kw):
         # gate_init 1 so the gates (sigmoid(-1) ~ 0.27) carry real weight in the comparison
         return GaPTEncoder(vit, NP, NC, gate_init=1.0), R.ReferenceGaPT(vit, NP, NC, gate_init=1.0)
     return LSPTEncoder(vit, NP, NC, backend="reference", **kw), R.ReferenceLSPT(vit, NP, NC, **kw)
-
-
-def _images(vit, batch=2):
-    size = vit.patch_embed.img_size
-    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(1))
-
-
-def assert_parity(enc, ref, images, atol=1e-5, rtol=1e-5):
-    """Logits and the gradient of every trainable parameter, same upstream gradient."""
-    missing, unexpected = ref.load_state_dict(enc.tuned_state_dict(), strict=False)
-    assert not unexpected
-    assert all(k.startswith("vit.") for k in missing), missing
-    with torch.no_grad():  # temperatures and gates away from their init so their gradients matter
-        for name, p in enc.named_parameters():
-            if name in ("temperatures", "gate_logits"):
-                p.add_(torch.linspace(-0.3, 0.3, p.numel()))
-        ref.load_state_dict(enc.tuned_state_dict(), strict=False)
-    out, expected = enc(images), ref(images)
-    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
-    upstream = torch.randn_like(out)
-    names = [n for n, p in enc.named_parameters() if p.requires_grad]
-    ref_params = dict(ref.named_parameters())
-    grads = torch.autograd.grad(out, [dict(enc.named_parameters())[n] for n in names], upstream)
-    ref_grads = torch.autograd.grad(expected, [ref_params[n] for n in names], upstream)
-    for n, g, rg in zip(names, grads, ref_grads):
-        assert rg.abs().max() > 0, f"reference gradient of {n} is zero: the comparison would be empty"
-        torch.testing.assert_close(g, rg, atol=atol, rtol=rtol, msg=lambda m: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("method", ["linear", "vpt-shallow", "vpt-deep", "gapt", "lspt"])
@@ -174,18 +148,25 @@ def test_drop_in_example_shapes():
 
 
 # --- bad input -----------------------------------------------------------------------------------
-def test_bad_images():
-    enc = LSPTEncoder(make_vit(), NP, NC, backend="reference")
-    with pytest.raises(ValueError, match=r"images must be \(32, 32\) pixels.*got \(2, 3, 48, 48\)"):
-        enc(torch.randn(2, 3, 48, 48))
-    with pytest.raises(ValueError, match=r"images must have 3 channels.*got \(2, 1, 32, 32\)"):
-        enc(torch.randn(2, 1, 32, 32))
-    with pytest.raises(ValueError, match=r"images must be a \(B, C, H, W\) tensor, got \(3, 32, 32\)"):
-        enc(torch.randn(3, 32, 32))
-    with pytest.raises(TypeError, match="images must be a floating-point tensor"):
-        enc(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="multiple of the patch size"):
-        LSPTEncoder(make_vit(dynamic_img_size=True), NP, NC)(torch.randn(1, 3, 30, 32))
+BAD_IMAGES = {        # case: (ViT options, image shape, dtype, error, message)
+    "size": (dict(), (2, 3, 48, 48), torch.float32, ValueError,
+             r"images must be \(32, 32\) pixels.*got \(2, 3, 48, 48\)"),
+    "channels": (dict(), (2, 1, 32, 32), torch.float32, ValueError,
+                 r"images must have 3 channels.*got \(2, 1, 32, 32\)"),
+    "rank": (dict(), (3, 32, 32), torch.float32, ValueError,
+             r"images must be a \(B, C, H, W\) tensor, got \(3, 32, 32\)"),
+    "uint8": (dict(), (2, 3, 32, 32), torch.uint8, TypeError, "images must be a floating-point tensor"),
+    "dynamic-size-not-a-multiple": (dict(dynamic_img_size=True), (1, 3, 30, 32), torch.float32, ValueError,
+                                    "multiple of the patch size"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGES))
+def test_bad_images(case):
+    vit_kw, shape, dtype, error, message = BAD_IMAGES[case]
+    enc = LSPTEncoder(make_vit(**vit_kw), NP, NC, backend="reference")
+    with pytest.raises(error, match=message):
+        enc(torch.randn(shape).to(dtype))
 
 
 @pytest.mark.parametrize("cls", [LSPTEncoder, GaPTEncoder, VPTEncoder, LinearProbe, AdapterEncoder])
@@ -201,20 +182,18 @@ def test_bad_num_prompts(cls, bad):
         cls(make_vit(), num_prompts=bad, num_classes=NC)
 
 
-def test_bad_options():
-    vit = make_vit()
-    with pytest.raises(ValueError, match="cspc must be one of"):
-        LSPTEncoder(vit, NP, NC, cspc="max")
-    with pytest.raises(ValueError, match="lpc must be one of"):
-        LSPTEncoder(vit, NP, NC, lpc="rnn")
-    with pytest.raises(ValueError, match="lstm_layers must be one of"):
-        LSPTEncoder(vit, NP, NC, lstm_layers=3)
-    with pytest.raises(ValueError, match="lstm_layers=2 needs lpc='lstm'"):
-        LSPTEncoder(vit, NP, NC, lpc="gru", lstm_layers=2)
-    with pytest.raises(ValueError, match="backend must be one of"):
-        LSPTEncoder(vit, NP, NC, backend="tpu")
-    with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
-        LSPTEncoder(vit, NP, 0)
+@pytest.mark.parametrize("options, message", [
+    (dict(cspc="max"), "cspc must be one of"),
+    (dict(lpc="rnn"), "lpc must be one of"),
+    (dict(lstm_layers=3), "lstm_layers must be one of"),
+    (dict(lpc="gru", lstm_layers=2), "lstm_layers=2 needs lpc='lstm'"),
+    (dict(backend="tpu"), "backend must be one of"),
+    (dict(num_classes=0), "num_classes must be an int >= 1"),
+], ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
+def test_bad_options(options, message):
+    options = dict(dict(num_prompts=NP, num_classes=NC), **options)
+    with pytest.raises(ValueError, match=message):
+        LSPTEncoder(make_vit(), **options)
 
 
 def test_reference_imports_nothing_from_the_package():
