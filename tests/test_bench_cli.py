@@ -12,7 +12,7 @@ import torch
 from lspt_kernels import bench as B
 from lspt_kernels.bench import runner
 
-TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--model-arg", "depth=2",
+TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwargs", "depth=2",
         "--batch-size", "1", "--repeats", "3", "--warmup", "1", "--num-prompts", "3", "--num-classes", "5"]
 
 
@@ -130,7 +130,9 @@ def test_a_killed_measuring_process_is_reported_as_oom(monkeypatch):
     (["--dtype", "int8"], "--dtype: int8 not allowed"),
     (["--batch-size", "0"], "--batch-size: 0 not allowed"),
     (["--batch-size", "four"], "--batch-size: 'four' is not a valid int"),
-    (["--model-arg", "depth"], "--model-arg expects KEY=VALUE"),
+    (["--model-kwargs", "depth"], "--model-kwargs expects KEY=VALUE"),
+    (["--model-arg", "depth"], "--model-arg expects KEY=VALUE"),          # the hidden alias names itself
+    (["--device", "tpu"], "--device: expected cpu, cuda or cuda:N, got 'tpu'"),
 ])
 def test_cli_bad_input(tmp_path, capsys, args, message):
     rc = B.main([*args, "--output", str(tmp_path / "out")])
@@ -180,7 +182,7 @@ def test_help_lists_the_options(capsys):
 
 
 def test_help_has_no_doubled_defaults_and_every_option_has_help(capsys):
-    """issue 13 item 11: '(default: ...)' once per option; --seed explained."""
+    """'(default: ...)' once per option, --seed explained, and the --model-arg alias hidden."""
     import re
     with pytest.raises(SystemExit):
         B.main(["--help"])
@@ -192,11 +194,12 @@ def test_help_has_no_doubled_defaults_and_every_option_has_help(capsys):
     seed = next(b for b in blocks if b.startswith("--seed"))
     assert "seed of the random" in seed
     assert "lspt-bench step" in text and "gpu-suite" in text
+    assert "--model-kwargs" in text and "--model-arg" not in text
 
 
 def test_methods_come_from_the_encoder_table(tmp_path, capsys, monkeypatch):
-    """A method added to lspt_kernels.encoders.METHODS (e.g. the fidelity branch's "adapter") is
-    benchmarked without a change here, built through build_encoder."""
+    """A method added to lspt_kernels.encoders.METHODS is benchmarked without a change here, built
+    through build_encoder."""
     from lspt_kernels import encoders
     built = []
 
@@ -229,13 +232,13 @@ def _decoy(tmp_path):
 
 
 def test_child_processes_ignore_a_package_in_the_working_directory(tmp_path, monkeypatch):
-    """issue 9 item 5: the workers import the parent's package, not ./lspt_kernels."""
+    """The workers import the parent's package, not ./lspt_kernels."""
     cwd, marker = _decoy(tmp_path)
     monkeypatch.chdir(cwd)
     proc = subprocess.run(B.child_command(["--help"]), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "usage: lspt-bench" in proc.stdout and not marker.exists()
-    # what the old worker command did: python -m from this directory runs the decoy
+    # why: python -m from this directory would run the decoy
     old = subprocess.run([sys.executable, "-m", "lspt_kernels.bench", "--help"], capture_output=True, text=True,
                          timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert old.returncode != 0 and marker.exists()
@@ -259,15 +262,16 @@ def test_cli_run_from_a_directory_with_a_decoy_package(tmp_path):
 
 def test_grad_checkpointing_option(tmp_path, capsys, monkeypatch):
     """--grad-checkpointing both: every setting with and without it, the encoder's
-    set_grad_checkpointing(True) called; the memory/time targets of issue 9 item 6 evaluated."""
+    set_grad_checkpointing(True) called; the gradient-checkpointing memory/time targets evaluated."""
     from lspt_kernels.encoders import PromptEncoder
     calls = []
-    if not callable(getattr(PromptEncoder, "set_grad_checkpointing", None)):
-        rc = B.main([*TINY, "--device", "cpu", "--grad-checkpointing", "--output", str(tmp_path / "x")])
-        assert rc == 2 and "--grad-checkpointing" in capsys.readouterr().err
-        # the plumbing, with a stand-in until the hardening branch's implementation is merged
-        monkeypatch.setattr(PromptEncoder, "set_grad_checkpointing",
-                            lambda self, enable=True: calls.append(enable), raising=False)
+    real = PromptEncoder.set_grad_checkpointing
+
+    def recording(self, enable=True, **kw):
+        calls.append(enable)
+        return real(self, enable, **kw)
+
+    monkeypatch.setattr(PromptEncoder, "set_grad_checkpointing", recording)
     out = tmp_path / "out"
     rc = B.main([*TINY, "--device", "cpu", "--in-process", "--grad-checkpointing", "both", "--no-plot",
                  "--methods", "gapt,lspt-fused", "--output", str(out)])
@@ -277,5 +281,4 @@ def test_grad_checkpointing_option(tmp_path, capsys, monkeypatch):
         ("gapt", False), ("lspt-fused", False), ("gapt", True), ("lspt-fused", True)]
     # the time target always (both have rounds); the memory one needs a non-zero tiny-model RSS figure
     assert any(t["target"].startswith("grad checkpointing: lspt-fused train time") for t in data["targets"])
-    if calls:
-        assert calls and all(calls)
+    assert calls and all(calls)

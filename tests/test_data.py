@@ -120,25 +120,38 @@ def test_imagefolder_without_images(tmp_path):
         load_dataset(tmp_path / "d")
 
 
-def test_vtab_label_out_of_range_and_unknown_class(datasets, tmp_path):
+def _relabel(file, line, label):
+    """Give line `line` (0-based, -1: the last) of a VTAB list the label `label`; the other lines kept."""
+    def edit(root):
+        lines = (root / file).read_text().splitlines()
+        lines[line] = lines[line].rsplit(" ", 1)[0] + " " + label
+        (root / file).write_text("\n".join(lines) + "\n")
+    return edit
+
+
+def _only_line(file, label):
+    """Make a VTAB list one line: the train list's first image with the label `label`."""
+    def edit(root):
+        first = (root / "train800.txt").read_text().splitlines()[0]
+        (root / file).write_text(first.rsplit(" ", 1)[0] + " " + label + "\n")
+    return edit
+
+
+VTAB_BAD_LABELS = {        # case: (the edit of the lists, the error's message, named with file and line)
+    "train-label-past-the-classes": (_relabel("train800.txt", -1, "7"), r"train800.txt:12: label 7 is out of range"),
+    "negative": (_only_line("val200.txt", "-1"), r"val200.txt:1: label -1 is out of range"),
+    "not-an-integer": (_only_line("val200.txt", "cat"), r"val200.txt:1: label must be an integer"),
+    "class-the-train-split-lacks": (_only_line("val200.txt", "4"),
+                                    r"val200.txt:1: label 4 is a class the train split lacks"),
+}
+
+
+@pytest.mark.parametrize("case", list(VTAB_BAD_LABELS))
+def test_vtab_bad_label_is_named_with_file_and_line(datasets, tmp_path, case):
+    edit, message = VTAB_BAD_LABELS[case]
     root = _copy(datasets, "vtab", tmp_path)
-    lines = (root / "train800.txt").read_text().splitlines()
-    # A train label past the number of train classes: named with file and line.
-    bad = lines[:-1] + [lines[-1].rsplit(" ", 1)[0] + " 7"]
-    (root / "train800.txt").write_text("\n".join(bad) + "\n")
-    with pytest.raises(DataError, match=r"train800.txt:12: label 7 is out of range"):
-        load_dataset(root)
-    (root / "train800.txt").write_text("\n".join(lines) + "\n")
-    # A negative or non-integer label.
-    (root / "val200.txt").write_text(lines[0].rsplit(" ", 1)[0] + " -1\n")
-    with pytest.raises(DataError, match=r"val200.txt:1: label -1 is out of range"):
-        load_dataset(root)
-    (root / "val200.txt").write_text(lines[0].rsplit(" ", 1)[0] + " cat\n")
-    with pytest.raises(DataError, match=r"val200.txt:1: label must be an integer"):
-        load_dataset(root)
-    # A val label the train split lacks.
-    (root / "val200.txt").write_text(lines[0].rsplit(" ", 1)[0] + " 4\n")
-    with pytest.raises(DataError, match=r"val200.txt:1: label 4 is a class the train split lacks"):
+    edit(root)
+    with pytest.raises(DataError, match=message):
         load_dataset(root)
 
 

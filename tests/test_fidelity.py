@@ -51,7 +51,7 @@ def test_temperature_gradient_flows_at_and_beyond_the_bounds():
     out_r, g_r = _grads(ref, images, names, upstream)
     torch.testing.assert_close(out, out_r, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g["temperatures"], g_r["temperatures"], atol=1e-5, rtol=1e-5)
-    # The old in-graph clamp cut these gradients to exactly zero at/beyond a bound.
+    # Why a projection: a clamp inside the graph cuts these gradients to exactly zero at/beyond a bound.
     t = torch.tensor([25.0, 10.0, 1e-4], requires_grad=True)
     t.clamp(0.01, 10.0).sum().backward()
     assert t.grad[0] == 0 and t.grad[2] == 0

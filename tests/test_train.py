@@ -1,10 +1,13 @@
-"""lspt-train / lspt-eval end to end on a synthetic dataset with a tiny random ViT (CPU): it learns, the
+"""lspt-train / lspt-eval on a synthetic dataset with a tiny random ViT (CPU): each stage of a run on its
+own (setup, resume, train_one_epoch, validate, save_epoch / save_state), then end to end: it learns, the
 fused and reference steps train alike, eval reproduces the log, resume is bit-exact, Ctrl-C exits 130 with
-a resumable state, DDP runs on 2 CPU processes, and every bad input of issue 11 is a clear error that loses
-nothing already saved."""
+a resumable state, DDP runs on 2 CPU processes, and every bad input is a clear error that loses nothing
+already saved."""
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +45,95 @@ def _files(out):
     return {p.name: p.read_bytes() for p in Path(out).iterdir() if p.is_file()}
 
 
+# --- the stages, each on its own ----------------------------------------------------------------------
+def _setup(data, out, *extra, **kw):
+    return lspt_train.setup(lspt_train.build_parser().parse_args(_args(data, out, *extra, **kw)))
+
+
+def test_setup_builds_the_run_and_writes_nothing(data, tmp_path):
+    run = _setup(data, tmp_path / "out", "--num-prompts", "4")
+    assert run.encoder.config()["num_prompts"] == 4 and run.encoder.config()["head_init"] == "official"
+    assert run.effective_lr == pytest.approx(2 * 8 / 256) and run.optimizer.param_groups[0]["lr"] == 0.0   # warm-up
+    assert run.identity["classes"] == run.record["classes"] == ["blue", "green", "red", "yellow"]
+    assert run.record["model_kwargs"] == dict(patch_size=8, embed_dim=32, depth=3, num_heads=2)
+    assert (len(run.train_ds), len(run.val_loader.dataset)) == (48, 24) and run.sampler is None
+    assert run.model is None and run.start_epoch == 0
+    assert list((tmp_path / "out").iterdir()) == []          # checked writable, nothing written yet
+
+
+def test_resume_stage_restores_the_saved_run(data, finished):
+    run = _setup(data, finished, "--limit-train-batches", "1", "--resume", epochs=1)
+    lspt_train.resume(run)
+    assert run.start_epoch == 1 and [r["epoch"] for r in run.rows] == [1]
+    saved = load_file(str(finished / "last.safetensors"))
+    for name, t in run.encoder.tuned_state_dict().items():
+        assert torch.equal(t, saved[name]), name
+    state = torch.load(finished / "resume.pt", weights_only=False)
+    assert torch.equal(torch.get_rng_state(), state["rng"][0]["torch"])
+    assert run.optimizer.state_dict()["state"].keys() == state["optimizer"]["state"].keys()
+
+
+def test_resume_stage_seeds_a_new_run(data, tmp_path):
+    run = _setup(data, tmp_path / "out", "--seed", "7")
+    lspt_train.resume(run)
+    assert torch.initial_seed() == 7 and run.start_epoch == 0 and run.rows == []
+
+
+def test_train_one_epoch_steps_and_reports(data, tmp_path, monkeypatch):
+    steps = []
+    monkeypatch.setattr(lspt_train, "_on_step", lambda epoch, step, loss: steps.append((epoch, step)))
+    run = _setup(data, tmp_path / "out", "--warmup-epochs", "0", "--limit-train-batches", "2")
+    lspt_train.resume(run)
+    lspt_train.wrap_model(run)
+    before = {n: t.clone() for n, t in run.encoder.tuned_state_dict().items()}
+    stats = lspt_train.train_one_epoch(run, 0)
+    assert steps == [(0, 0), (0, 1)]
+    assert set(stats) == {"train_loss", "train_acc", "lr", "images_per_s", "epoch_time_s"}
+    assert stats["lr"] == pytest.approx(2 * 8 / 256) and stats["images_per_s"] > 0
+    assert math.isfinite(stats["train_loss"]) and stats["train_loss"] > 0
+    assert 0 <= stats["train_acc"] <= 100 and run.encoder.training
+    changed = [n for n, t in run.encoder.tuned_state_dict().items() if not torch.equal(t, before[n])]
+    assert "head.weight" in changed and "prompts" in changed
+
+
+def test_validate_is_top1_on_the_val_split(data, tmp_path):
+    run = _setup(data, tmp_path / "out")
+    acc = lspt_train.validate(run)
+    assert acc == lspt_eval.evaluate(run.encoder, run.val_loader, run.device)[0]
+    assert acc * 24 / 100 == pytest.approx(round(acc * 24 / 100))     # a count out of the 24 val images
+    run.rank = 1
+    assert lspt_train.validate(run) is None                          # rank 0 alone evaluates
+
+
+def test_save_epoch_writes_log_and_tuned_files(data, tmp_path, capsys):
+    run = _setup(data, tmp_path / "out")
+    stats = dict(train_loss=1.5, train_acc=40.0, lr=0.01, images_per_s=100.0, epoch_time_s=1.0)
+    lspt_train.save_epoch(run, 1, stats, 50.0)
+    lspt_train.save_epoch(run, 2, stats, 25.0)          # lower: best stays at epoch 1
+    assert [(r["epoch"], r["val_acc"]) for r in _log(tmp_path / "out")] == [(1, 50.0), (2, 25.0)]
+    assert (run.best_acc, run.best_epoch) == (50.0, 1)
+    _, last = cli_helpers.train_record(tmp_path / "out" / "last.safetensors")
+    _, best = cli_helpers.train_record(tmp_path / "out" / "best.safetensors")
+    assert (last["epoch"], last["val_acc"], best["epoch"], best["val_acc"]) == (2, 25.0, 1, 50.0)
+    assert last["classes"] == run.spec.classes and last["mean"] == run.record["mean"]
+    assert (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "epoch 2/2  train_loss 1.5000" in capsys.readouterr().out
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "out").iterdir())
+
+
+def test_save_state_holds_what_resume_needs(data, tmp_path):
+    run = _setup(data, tmp_path / "out")
+    lspt_train.resume(run)
+    run.best_acc, run.best_epoch = 75.0, 3
+    lspt_train.save_state(run, 3)
+    state = torch.load(tmp_path / "out" / "resume.pt", weights_only=True)
+    assert (state["epoch"], state["best_acc"], state["best_epoch"]) == (3, 75.0, 3)
+    assert state["identity"] == run.identity and state["settings"]["effective_lr"] == run.effective_lr
+    assert set(state["tuned"]) == set(run.encoder.tuned_state_dict()) and len(state["rng"]) == 1
+    assert torch.equal(state["rng"][0]["torch"], torch.get_rng_state())
+
+
+# --- end to end ----------------------------------------------------------------------------------------
 def test_lspt_learns_and_eval_reproduces_the_log(data, tmp_path, capsys):
     out = tmp_path / "run"
     # lr 1 for 8 epochs: every seed tried (0, 1, 2, 42) ends at 100% val; a fixed seed here.
@@ -182,28 +274,47 @@ def _fails(capsys, argv, pattern):
     assert lspt_train.main(argv) == 2
     err = capsys.readouterr().err
     assert "lspt-train: error:" in err
-    import re
     assert re.search(pattern, err), err
     return err
 
 
-def test_bad_data_dirs(data, tmp_path, capsys):
-    _fails(capsys, _args(tmp_path / "missing", tmp_path / "o1"), "--data .*missing: no such directory")
+def _empty(tmp_path):
     (tmp_path / "empty").mkdir()
-    _fails(capsys, _args(tmp_path / "empty", tmp_path / "o2"), "--data .*empty is empty")
+    return tmp_path / "empty"
+
+
+def _odd(tmp_path):
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "notes.txt").write_text("x")
-    _fails(capsys, _args(tmp_path / "odd", tmp_path / "o3"), "matches none of the layouts")
-    vt = write_dataset(tmp_path / "vtab", "vtab", size=32, per_class=2)
-    (vt / "val200.txt").write_text("images/val_red_000.png 9\n")
-    _fails(capsys, _args(vt, tmp_path / "o4"), "val200.txt:1: label 9 is a class the train split lacks")
-    (vt / "val200.txt").write_text("images/val_red_000.png -3\n")
-    _fails(capsys, _args(vt, tmp_path / "o5"), "val200.txt:1: label -3 is out of range")
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))     # nothing created for bad data
+    return tmp_path / "odd"
+
+
+def _vtab_val(line):
+    def make(tmp_path):
+        vt = write_dataset(tmp_path / "vtab", "vtab", size=32, per_class=2)
+        (vt / "val200.txt").write_text(line)
+        return vt
+    return make
+
+
+BAD_DATA = {        # case: (makes the --data folder in tmp_path, the error's pattern)
+    "missing": (lambda tmp_path: tmp_path / "missing", "--data .*missing: no such directory"),
+    "empty": (_empty, "--data .*empty is empty"),
+    "no-layout": (_odd, "matches none of the layouts"),
+    "unknown-class": (_vtab_val("images/val_red_000.png 9\n"),
+                      "val200.txt:1: label 9 is a class the train split lacks"),
+    "negative-label": (_vtab_val("images/val_red_000.png -3\n"), "val200.txt:1: label -3 is out of range"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_dir_is_named_and_nothing_is_created(tmp_path, capsys, case):
+    make, pattern = BAD_DATA[case]
+    _fails(capsys, _args(make(tmp_path), tmp_path / "out"), pattern)
+    assert not (tmp_path / "out").exists()
 
 
 def test_unreadable_image_named_and_state_kept(data, tmp_path, capsys):
-    import shutil
     root = shutil.copytree(data, tmp_path / "data")
     bad = sorted((root / "train" / "green").iterdir())[0]
     bad.write_bytes(b"\x89PNG broken")
@@ -211,34 +322,61 @@ def test_unreadable_image_named_and_state_kept(data, tmp_path, capsys):
     assert torch.load(tmp_path / "out" / "resume.pt", weights_only=False)["epoch"] == 0   # resumable
 
 
-def test_output_dir_of_another_run_and_resume_mismatch(data, tmp_path, capsys):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    """The output directory of a finished one-epoch lspt run (left unchanged by the tests that use it)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
     assert lspt_train.main(_args(data, out, "--limit-train-batches", "1", epochs=1)) == 0
-    capsys.readouterr()
-    before = _files(out)
-    _fails(capsys, _args(data, out, method="gapt"), "already holds a run .* pass --resume")
-    _fails(capsys, _args(data, out, "--resume", method="gapt"), "different run; method: saved 'lspt', now 'gapt'")
+    return out
+
+
+def _other_model(argv):
     other = list(TINY)
     other[other.index("embed_dim=32")] = "embed_dim=48"
-    argv = _args(data, out, "--resume")
     argv[argv.index(TINY[0]):argv.index(TINY[0]) + len(TINY)] = other
-    _fails(capsys, argv, "different run; model_kwargs")
-    # A dataset with another number of classes.
+    return argv
+
+
+def _three_classes(data, tmp_path):
     fewer = write_dataset(tmp_path / "three", "imagefolder", size=32, per_class=2)
-    import shutil
     for split in ("train", "val", "test"):
         shutil.rmtree(fewer / split / "yellow")
-    _fails(capsys, _args(fewer, out, "--resume"), "different run; num_classes: saved 4, now 3")
+    return fewer
+
+
+OTHER_RUNS = {        # case: (the command line, given the data, the finished run's folder and tmp_path; pattern)
+    "new-run-over-a-run": (lambda data, out, tmp: _args(data, out, method="gapt"),
+                           "already holds a run .* pass --resume"),
+    "other-method": (lambda data, out, tmp: _args(data, out, "--resume", method="gapt"),
+                     "different run; method: saved 'lspt', now 'gapt'"),
+    "other-model-kwargs": (lambda data, out, tmp: _other_model(_args(data, out, "--resume")),
+                           "different run; model_kwargs"),
+    "other-classes": (lambda data, out, tmp: _args(_three_classes(data, tmp), out, "--resume"),
+                      "different run; num_classes: saved 4, now 3"),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHER_RUNS))
+def test_another_run_in_output_is_refused_and_kept(data, finished, tmp_path, capsys, case):
+    argv, pattern = OTHER_RUNS[case]
+    before = _files(finished)
+    _fails(capsys, argv(data, finished, tmp_path), pattern)
+    assert _files(finished) == before
+
+
+def test_resume_without_saved_state(data, tmp_path, capsys):
     _fails(capsys, _args(data, tmp_path / "fresh", "--resume"), "holds no resume state")
-    assert _files(out) == before
 
 
-def test_unwritable_output(data, tmp_path, capsys):
+@pytest.mark.parametrize("output, pattern", [("afile/out", "--output .*afile/out is not writable"),
+                                             ("afile", "--output .*afile exists and is not a directory")])
+def test_unwritable_output(data, tmp_path, capsys, output, pattern):
     (tmp_path / "afile").write_text("x")
-    _fails(capsys, _args(data, tmp_path / "afile" / "out"), "--output .*afile/out is not writable")
-    _fails(capsys, _args(data, tmp_path / "afile"), "--output .*afile exists and is not a directory")
-    if os.geteuid() == 0:
-        return      # root writes into a read-only directory; the NotADirectory case above covers the path
+    _fails(capsys, _args(data, tmp_path / output), pattern)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into a read-only directory")
+def test_read_only_output(data, tmp_path, capsys):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
@@ -248,10 +386,15 @@ def test_unwritable_output(data, tmp_path, capsys):
         ro.chmod(0o700)
 
 
-def test_amp_and_device_errors(data, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("amp, pattern", [("bf16", "--amp bf16: this CPU has no native bf16"),
+                                          ("fp16", "--amp fp16 needs a GPU")])
+def test_amp_errors(data, tmp_path, capsys, monkeypatch, amp, pattern):
     monkeypatch.setattr(cli_helpers, "cpu_supports_bf16", lambda: False)
-    _fails(capsys, _args(data, tmp_path / "o", "--amp", "bf16"), "--amp bf16: this CPU has no native bf16")
-    _fails(capsys, _args(data, tmp_path / "o", "--amp", "fp16"), "--amp fp16 needs a GPU")
+    _fails(capsys, _args(data, tmp_path / "o", "--amp", amp), pattern)
+    assert not (tmp_path / "o").exists()
+
+
+def test_device_without_a_gpu(data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     argv = _args(data, tmp_path / "o")
     argv[argv.index("--device") + 1] = "cuda"
@@ -259,16 +402,30 @@ def test_amp_and_device_errors(data, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
-def test_option_errors(data, tmp_path, capsys):
-    _fails(capsys, _args(data, tmp_path / "o", "--gate-init", "3"), "--gate-init applies to gapt only")
-    _fails(capsys, _args(data, tmp_path / "o", "--cspc", "median"), "cspc must be one of")
-    _fails(capsys, _args(data, tmp_path / "o", "--batch-size", "0"), "--batch-size must be >= 1")
-    _fails(capsys, _args(data, tmp_path / "o", "--checkpoint", str(tmp_path / "none.pth")),
-           "--checkpoint .*no such file")
-    _fails(capsys, _args(data, tmp_path / "o", "--val-split", "test2"), "split 'test2' not found")
-    argv = _args(data, tmp_path / "o")
+def _unknown_model(data, out):
+    argv = _args(data, out)
     argv[argv.index("vit_tiny_patch16_224")] = "vit_nonexistent_model"
-    _fails(capsys, argv, "--model 'vit_nonexistent_model'")
+    return argv
+
+
+BAD_OPTIONS = {        # case: (the command line, given the data, the output folder and tmp_path; pattern)
+    "option-of-another-method": (lambda data, out, tmp: _args(data, out, "--gate-init", "3"),
+                                 "--gate-init applies to gapt only"),
+    "bad-cspc": (lambda data, out, tmp: _args(data, out, "--cspc", "median"), "cspc must be one of"),
+    "zero-batch": (lambda data, out, tmp: _args(data, out, "--batch-size", "0"), "--batch-size must be >= 1"),
+    "missing-checkpoint": (lambda data, out, tmp: _args(data, out, "--checkpoint", str(tmp / "none.pth")),
+                           "--checkpoint .*no such file"),
+    "missing-split": (lambda data, out, tmp: _args(data, out, "--val-split", "test2"), "split 'test2' not found"),
+    "unknown-model": (lambda data, out, tmp: _unknown_model(data, out), "--model 'vit_nonexistent_model'"),
+    "model-kwargs-not-key-value": (lambda data, out, tmp: _args(data, out, "--model-kwargs", "depth"),
+                                   "--model-kwargs expects KEY=VALUE"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+def test_option_errors(data, tmp_path, capsys, case):
+    argv, pattern = BAD_OPTIONS[case]
+    _fails(capsys, argv(data, tmp_path / "o", tmp_path), pattern)
     assert not (tmp_path / "o").exists()
 
 
@@ -277,7 +434,6 @@ def test_help_lists_the_recipe_defaults(capsys):
         lspt_train.main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    import re
     flat = " ".join(text.split())
     for option, default in (("--prompt-dropout", "0.1"), ("--head-init", "official"), ("--momentum", "0.9"),
                             ("--weight-decay", "0.0"), ("--epochs", "100"), ("--warmup-epochs", "10"),
@@ -353,35 +509,45 @@ def test_resume_with_more_epochs_follows_the_new_schedule(data, tmp_path, capsys
     assert rows[2]["lr"] > 0
 
 
-def test_eval_bad_input(data, tmp_path, capsys):
-    def fails(argv, pattern):
-        import re
-        assert lspt_eval.main(argv) == 2
-        err = capsys.readouterr().err
-        assert "lspt-eval: error:" in err and re.search(pattern, err), err
-    fails(["--data", str(data), "--tuned", str(tmp_path / "none.safetensors")],
-          "--tuned .*none.safetensors: no such file")
+def _junk_file(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
-    fails(["--data", str(data), "--tuned", str(tmp_path / "junk.safetensors")], "is not a safetensors file")
-    out = tmp_path / "run"
-    assert lspt_train.main(_args(data, out, "--limit-train-batches", "1", method="linear", epochs=1)) == 0
-    tuned = str(out / "last.safetensors")
-    fails(["--data", str(data), "--tuned", tuned, "--split", "holdout"], "--split 'holdout'.*has no such split")
-    fails(["--data", str(tmp_path / "nodata"), "--tuned", tuned], "no such directory")
-    # A file from encoder.save_tuned alone names no backbone: --model is needed.
+    return ["--tuned", str(tmp_path / "junk.safetensors")]
+
+
+def _plain_file(tmp_path, tuned):
+    """A file from encoder.save_tuned alone: it names no backbone."""
     encoder, _, _ = cli_helpers.rebuild_encoder(tuned)
     encoder.save_tuned(tmp_path / "plain.safetensors")
-    fails(["--data", str(data), "--tuned", str(tmp_path / "plain.safetensors")], "does not name its backbone.*--model")
+    return ["--tuned", str(tmp_path / "plain.safetensors")]
+
+
+BAD_EVAL = {        # case: (arguments after --data, given tmp_path and the finished run's tuned file; pattern)
+    "missing-file": (lambda tmp, tuned: ["--tuned", str(tmp / "none.safetensors")],
+                     "--tuned .*none.safetensors: no such file"),
+    "not-safetensors": (lambda tmp, tuned: _junk_file(tmp), "is not a safetensors file"),
+    "missing-split": (lambda tmp, tuned: ["--tuned", tuned, "--split", "holdout"],
+                      "--split 'holdout'.*has no such split"),
+    "no-backbone-named": (lambda tmp, tuned: _plain_file(tmp, tuned), "does not name its backbone.*--model"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_EVAL))
+def test_eval_bad_input(data, finished, tmp_path, capsys, case):
+    argv, pattern = BAD_EVAL[case]
+    assert lspt_eval.main(["--data", str(data), *argv(tmp_path, str(finished / "last.safetensors"))]) == 2
+    err = capsys.readouterr().err
+    assert "lspt-eval: error:" in err and re.search(pattern, err), err
+
+
+def test_eval_missing_data_dir(finished, tmp_path, capsys):
+    assert lspt_eval.main(["--data", str(tmp_path / "nodata"), "--tuned", str(finished / "last.safetensors")]) == 2
+    assert "no such directory" in capsys.readouterr().err
 
 
 def test_grad_checkpointing_flag(data, tmp_path, capsys):
     """--grad-checkpointing trains to the same parameters as without it (recomputation changes memory, not
-    results); with encoders that lack set_grad_checkpointing the flag is a clear error."""
-    from lspt_kernels.encoders import PromptEncoder
+    results)."""
     argv = lambda out, *x: _args(data, out, "--limit-train-batches", "2", *x, epochs=2)  # noqa: E731
-    if not hasattr(PromptEncoder, "set_grad_checkpointing"):
-        _fails(capsys, argv(tmp_path / "gc", "--grad-checkpointing"), "no set_grad_checkpointing")
-        return
     assert lspt_train.main(argv(tmp_path / "plain")) == 0
     assert lspt_train.main(argv(tmp_path / "gc", "--grad-checkpointing")) == 0
     a, b = load_file(str(tmp_path / "plain" / "last.safetensors")), load_file(str(tmp_path / "gc" / "last.safetensors"))

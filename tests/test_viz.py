@@ -17,10 +17,9 @@ from lspt_kernels.cli_helpers import load_tuned_encoder
 from lspt_kernels.encoders import build_encoder
 
 NP = 3
-# The CLI builds this ViT as `--model vit_tiny_patch16_224 --img-size 32 --model-arg ...` (conftest's make_vit).
-TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--model-arg", "patch_size=8",
-             "--model-arg", "embed_dim=32", "--model-arg", "depth=3", "--model-arg", "num_heads=2",
-             "--model-arg", "reg_tokens=0", "--model-arg", "global_pool='token'", "--model-arg", "class_token=True"]
+# The CLI builds this ViT (helpers.make_vit) as `--model vit_tiny_patch16_224 --img-size 32 --model-kwargs ...`.
+TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwargs", "patch_size=8", "embed_dim=32",
+             "depth=3", "num_heads=2", "reg_tokens=0", "global_pool='token'", "class_token=True"]
 
 
 def _sharpen(vit):
@@ -233,7 +232,7 @@ def _write_image(path, size, seed):
 
 @pytest.fixture
 def tuned_files(tmp_path):
-    vit = make_vit()                                  # the CLI's --model / --model-arg / --seed 0 backbone
+    vit = make_vit()                                  # the CLI's --model / --model-kwargs / --seed 0 backbone
     files = []
     for method in ("gapt", "lspt"):
         torch.manual_seed(1)
@@ -270,11 +269,12 @@ def test_cli_writes_pngs_and_summary_for_two_tuned_files_and_two_images(tmp_path
     for kind in viz.KINDS:        # batch 2 in the CLI, 1 here: equal up to float rounding
         assert r[kind] == [pytest.approx(d, rel=1e-5, abs=1e-7) for d in viz.summarize(kind, maps[kind])[0]]
 
-    # --kind attention --from prompts: only attention PNGs, from the prompt tokens; lspt-train's
-    # spelling of the model arguments (--model-kwargs K=V K=V) works too.
+    # --kind attention --from prompts: only attention PNGs, from the prompt tokens; the spelling lspt-viz
+    # used to have for the model arguments (--model-arg K=V, repeated) still works.
     out2 = tmp_path / "out2"
     argv2 = [a for f in tuned_files for a in ("--tuned", str(f))] + TINY_ARGS[:4] + \
-        ["--model-kwargs", "patch_size=8", "embed_dim=32", "depth=3", "num_heads=2"] + \
+        ["--model-arg", "patch_size=8", "--model-arg", "embed_dim=32", "--model-arg", "depth=3", "--model-arg",
+         "num_heads=2"] + \
         [a for f in imgs for a in ("--image", str(f))] + ["--output", str(out2)]
     assert viz.main(argv2 + ["--kind", "attention", "--from", "prompts"]) == 0
     assert sorted(p.name for p in out2.glob("*.png")) == ["cat_attention.png", "dog_attention.png"]
@@ -283,10 +283,8 @@ def test_cli_writes_pngs_and_summary_for_two_tuned_files_and_two_images(tmp_path
 
 
 def _save_as_lspt_train(enc, path, meta):
-    """A tuned file as lspt-train writes it: save_tuned's tensors and metadata plus "lspt_train"."""
-    from safetensors.torch import save_file
-    save_file({n: t.contiguous() for n, t in enc.tuned_state_dict().items()}, str(path),
-              metadata={"lspt_kernels": json.dumps(enc.config()), "lspt_train": json.dumps(meta)})
+    """A tuned file as lspt-train writes it: save_tuned with its record of the backbone and data."""
+    enc.save_tuned(path, metadata={"lspt_train": meta})
     return path
 
 
@@ -326,54 +324,76 @@ def _run_cli(argv, capsys):
     return rc, capsys.readouterr().err
 
 
-def test_cli_bad_input(tmp_path, tuned_files, capsys):
-    img = _write_image(tmp_path / "ok.png", (32, 32), 0)
-    base = ["--tuned", str(tuned_files[0])] + TINY_ARGS + ["--output", str(tmp_path / "o")]
-
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"not an image at all")
-    rc, err = _run_cli(base + ["--image", str(bad)], capsys)
-    assert rc == 2 and "cannot read image" in err and "broken.png" in err
-
-    rc, err = _run_cli(base + ["--image", str(tmp_path / "missing.png")], capsys)
-    assert rc == 2 and "image file not found" in err and "missing.png" in err
-
-    # A tuned file of another model (embed_dim 24, depth 4).
+def _file_of_another_vit(tmp_path):
     other = tmp_path / "other.safetensors"
     build_encoder("lspt", make_vit(embed_dim=24, depth=4, heads=3), num_prompts=NP, num_classes=5).save_tuned(other)
-    rc, err = _run_cli(["--tuned", str(other)] + base[2:] + ["--image", str(img)], capsys)
-    assert rc == 2 and "other.safetensors was tuned on a different ViT (embed_dim=24, depth=4)" in err
-    assert "(embed_dim=32, depth=3)" in err
+    return other
 
-    rc, err = _run_cli(["--tuned", str(tmp_path / "nope.safetensors")] + base[2:] + ["--image", str(img)], capsys)
-    assert rc == 2 and re.search(r"--tuned \S*nope.safetensors: no such file", err)
 
+def _safetensors_without_metadata(tmp_path):
     from safetensors.torch import save_file
-    plain = tmp_path / "plain.safetensors"
-    save_file({"prompts": torch.zeros(3, NP, 32)}, str(plain))
-    rc, err = _run_cli(["--tuned", str(plain)] + base[2:] + ["--image", str(img)], capsys)
-    assert rc == 2 and "it was not written by save_tuned" in err
+    save_file({"prompts": torch.zeros(3, NP, 32)}, str(tmp_path / "plain.safetensors"))
+    return tmp_path / "plain.safetensors"
 
-    blocker = tmp_path / "a_file"
-    blocker.write_text("x")
-    rc, err = _run_cli(base[:-1] + [str(blocker / "sub"), "--image", str(img)], capsys)
-    assert rc == 2 and re.search(r"--output \S*a_file/sub is not writable", err)
 
-    rc, err = _run_cli(base + ["--image", str(img), "--device", "gpu0"], capsys)
-    assert rc == 2 and "--device: expected cpu, cuda or cuda:N, got 'gpu0'" in err
+def _blocked_output(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    return tmp_path / "a_file" / "sub"
 
-    rc, err = _run_cli(["--tuned", str(tuned_files[0]), "--model", "vit_nonexistent", "--image", str(img),
-                        "--output", str(tmp_path / "o")], capsys)
-    assert rc == 2 and "--model 'vit_nonexistent': unknown timm model" in err
 
-    probe = tmp_path / "linear.safetensors"
-    build_encoder("linear", make_vit(), num_classes=5).save_tuned(probe)
-    rc, err = _run_cli(["--tuned", str(probe)] + base[2:] + ["--image", str(img), "--from", "prompts"], capsys)
-    assert rc == 2 and "linear.safetensors has no prompt tokens" in err
-    # A linear probe with the default kinds: attention only, and a note that similarity is skipped.
-    rc, err = _run_cli(["--tuned", str(probe)] + base[2:] + ["--image", str(img)], capsys)
-    assert rc == 0 and "no similarity maps" in err
+def _linear_probe_file(tmp_path):
+    build_encoder("linear", make_vit(), num_classes=5).save_tuned(tmp_path / "linear.safetensors")
+    return tmp_path / "linear.safetensors"
+
+
+def _broken_image(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    return tmp_path / "broken.png"
+
+
+BAD_CLI = {        # case: changes to the good command line (given tmp_path) -> the error's pattern
+    "broken-image": (lambda tmp: dict(image=_broken_image(tmp)), r"cannot read image .*broken.png"),
+    "missing-image": (lambda tmp: dict(image=tmp / "missing.png"), r"image file not found: .*missing.png"),
+    "tuned-on-another-vit": (lambda tmp: dict(tuned=_file_of_another_vit(tmp)),
+                             r"other.safetensors was tuned on a different ViT \(embed_dim=24, depth=4\) than the one "
+                             r"given \(embed_dim=32, depth=3\)"),
+    "missing-tuned": (lambda tmp: dict(tuned=tmp / "nope.safetensors"), r"--tuned \S*nope.safetensors: no such file"),
+    "not-from-save-tuned": (lambda tmp: dict(tuned=_safetensors_without_metadata(tmp)),
+                            "it was not written by save_tuned"),
+    "output-not-writable": (lambda tmp: dict(output=_blocked_output(tmp)), r"--output \S*a_file/sub is not writable"),
+    "unknown-device": (lambda tmp: dict(extra=["--device", "gpu0"]),
+                       r"--device: expected cpu, cuda or cuda:N, got 'gpu0'"),
+    "unknown-model": (lambda tmp: dict(model=["--model", "vit_nonexistent"]),
+                      "--model 'vit_nonexistent': unknown timm model"),
+    "prompts-of-a-linear-probe": (lambda tmp: dict(tuned=_linear_probe_file(tmp), extra=["--from", "prompts"]),
+                                  "linear.safetensors has no prompt tokens; use --from cls"),
+}
+
+
+def _argv(tmp_path, tuned, image, output=None, model=None, extra=()):
+    return ["--tuned", str(tuned), *(TINY_ARGS if model is None else model), "--image", str(image),
+            "--output", str(output or tmp_path / "o"), *extra]
+
+
+@pytest.mark.parametrize("case", list(BAD_CLI))
+def test_cli_bad_input(tmp_path, tuned_files, capsys, case):
+    change, pattern = BAD_CLI[case]
+    args = dict(tuned=tuned_files[0], image=_write_image(tmp_path / "ok.png", (32, 32), 0))
+    args.update(change(tmp_path))
+    rc, err = _run_cli(_argv(tmp_path, **args), capsys)
+    assert rc == 2 and "lspt-viz: error: " in err and re.search(pattern, err), err
+
+
+def test_cli_linear_probe_gets_attention_maps_only(tmp_path, capsys):
+    img = _write_image(tmp_path / "ok.png", (32, 32), 0)
+    rc, err = _run_cli(_argv(tmp_path, _linear_probe_file(tmp_path), img), capsys)
+    assert rc == 0 and "no similarity maps" in err and "linear.safetensors" in err
     assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == ["ok_attention.png"]
+
+
+def test_model_arg_is_a_hidden_alias():
+    text = viz.build_parser().format_help()
+    assert "--model-kwargs" in text and "--model-arg " not in text and "--model-arg\n" not in text
 
 
 def test_python_dash_m_runs():
