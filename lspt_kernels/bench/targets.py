@@ -103,7 +103,8 @@ def _spread_text(s: dict | None, pct: bool = False) -> str:
 
 
 def evaluate_targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets, per setting, from the rows (verdicts met / missed / inconclusive)."""
+    """The project's targets (README, "Benchmarks"), per setting, from the rows (verdicts met / missed /
+    inconclusive)."""
     out = []
     groups = group_by_setting(rows)
     for setting, g in groups.items():
