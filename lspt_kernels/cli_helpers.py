@@ -115,12 +115,12 @@ def autocast_context(device: torch.device, amp: str):
 # ------------------------------------------------------------------------------------------------
 # --model-kwargs KEY=VALUE ...
 # ------------------------------------------------------------------------------------------------
-def add_model_kwargs_option(parser, alias: bool = False, help_suffix: str = "") -> None:
+def add_model_kwargs_option(parser, alias: bool = False) -> None:
     """--model-kwargs KEY=VALUE ... (repeatable). alias=True also accepts the hidden spelling
     --model-arg, which lspt-viz and lspt-bench used; errors name the spelling that was typed."""
     parser.add_argument("--model-kwargs", action="extend", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra timm.create_model arguments (Python literals, else strings), e.g. "
-                             "drop_path_rate=0.1 patch_size=8" + help_suffix)
+                             "drop_path_rate=0.1 patch_size=8")
     if alias:
         parser.add_argument("--model-arg", action="extend", nargs="+", default=[], help=argparse.SUPPRESS)
 
