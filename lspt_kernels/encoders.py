@@ -312,7 +312,7 @@ class PromptEncoder(nn.Module):
 
     def forward_features(self, images: Tensor) -> Tensor:
         self.check_images(images)
-        x = self.embed(images)                                             # (B, k + N, D)
+        x = self.embed(images)                                              # (B, k + N, D)
         first = self._first_prompts()
         if first is not None:
             k = self.num_prefix_tokens
