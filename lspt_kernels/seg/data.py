@@ -382,7 +382,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The uint8 RGB image (H, W, 3) and its prepared label map (H, W), both checked."""
         image_path, label_path = self.samples[index]
-        image = np.asarray(open_image(image_path))
+        image = np.array(open_image(image_path))
         raw = read_label_map(label_path)
         if raw.shape != image.shape[:2]:
             raise DataError(f"{label_path} is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image {image_path} is "
