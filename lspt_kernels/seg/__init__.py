@@ -9,9 +9,9 @@ A.1 protocol on ADE20K). docs/segmentation.md gives the protocol and where each 
     engine     SGD with 10x heads, poly schedule, train_step, evaluate
 """
 from .data import (
+    EvalTransform,
     IterationSampler,
     SegmentationDataset,
-    TestTransform,
     TrainTransform,
     detect_segmentation_layout,
     load_segmentation_dataset,
@@ -25,4 +25,4 @@ from .model import SegmentationModel, default_feature_blocks, load_segmentation_
 __all__ = ["SegmentationModel", "load_segmentation_model", "default_feature_blocks", "PUPHead", "AuxHead",
            "InferenceConfig", "MS_RATIOS", "inference", "slide_inference", "IoUAccumulator",
            "detect_segmentation_layout", "load_segmentation_dataset", "SegmentationDataset", "TrainTransform",
-           "TestTransform", "IterationSampler", "build_optimizer", "poly_lr", "train_step", "evaluate"]
+           "EvalTransform", "IterationSampler", "build_optimizer", "poly_lr", "train_step", "evaluate"]

@@ -30,7 +30,7 @@ from .inference import as_pair, rescale_size
 
 __all__ = ["ADE20K_CLASSES", "SEG_LAYOUTS", "SegmentationSpec", "detect_segmentation_layout",
            "load_segmentation_dataset", "open_image", "read_label_map", "prepare_label", "TrainTransform",
-           "TestTransform", "SegmentationDataset", "IterationSampler", "photometric_distortion"]
+           "EvalTransform", "SegmentationDataset", "IterationSampler", "photometric_distortion"]
 
 SEG_LAYOUTS = ("ade20k", "generic")
 ADE20K_SPLITS = {"train": "training", "val": "validation"}
@@ -53,8 +53,8 @@ ADE20K_CLASSES = (
     "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
     "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
     "glass", "clock", "flag")
-# PIL modes that hold one class index per pixel ("P": the palette index, not its colour).
-LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B")
+# PIL modes that hold one class index per pixel ("P": the palette index, not its colour; "1": 0 / 1).
+LABEL_MODES = ("L", "P", "1", "I", "I;16", "I;16L", "I;16B")
 
 
 # --- reading files ------------------------------------------------------------------------------------
@@ -98,10 +98,10 @@ def prepare_label(raw: np.ndarray, num_classes: int, reduce_zero_label: bool, ig
     bad = ((label < 0) | (label >= num_classes)) & (label != ignore_index)
     if bad.any():
         values = np.unique(raw[bad])[:5].tolist()
-        raise DataError(f"{where}: label values {values} are not classes: with {num_classes} classes"
-                        f"{' and reduce_zero_label (file value k is class k - 1)' if reduce_zero_label else ''} "
-                        f"the values must be in [{int(reduce_zero_label)}, {num_classes + int(reduce_zero_label)}) "
-                        f"or the ignore_index {ignore_index}")
+        allowed = (f"in [1, {num_classes}] (file value k is class k - 1 under reduce_zero_label; 0 is ignored)"
+                   if reduce_zero_label else f"in [0, {num_classes})")
+        raise DataError(f"{where}: label values {values} are not classes: with {num_classes} classes the values "
+                        f"must be {allowed} or the ignore_index {ignore_index}")
     return label
 
 
@@ -345,7 +345,7 @@ class TrainTransform:
         return torch.nn.functional.pad(x, (0, cw - w, 0, ch - h)), padded
 
 
-class TestTransform:
+class EvalTransform:
     """The test pipeline's part before inference: the image normalised at its own size, the label as is."""
 
     def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
