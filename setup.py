@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 
@@ -69,7 +69,7 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lspt_kernels", "lspt_kernels.bench", "lspt_reference"],
+    packages=find_packages(include=["lspt_kernels", "lspt_kernels.*"]) + ["lspt_reference"],
     package_dir={"lspt_kernels": "lspt_kernels", "lspt_reference": "python/lspt_reference"},
     install_requires=["torch>=2.4", "timm>=1.0", "triton; platform_system == 'Linux'", "ninja", "pybind11",
                       "safetensors", "numpy", "matplotlib", "torchvision", "tqdm", "Pillow"],

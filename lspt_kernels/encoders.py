@@ -23,7 +23,7 @@ from .ops import autocast_enabled, check_fused_inputs, fused_step, gate_bias_row
 
 __all__ = ["PromptEncoder", "LinearProbe", "VPTEncoder", "GaPTEncoder", "LSPTEncoder", "AdapterEncoder",
            "METHODS", "METHODS_WITHOUT_PROMPTS", "build_encoder", "from_timm", "check_vit", "HEAD_INITS", "POOLS",
-           "TRAINING_ONLY_OPTIONS"]
+           "TRAINING_ONLY_OPTIONS", "take_indices"]
 
 # "torch": nn.Linear's own init. "official": GaPT's head (kaiming-normal fan_out weight, bias
 # -log((1 - 0.01) / 0.01)), which LSPT's training setup follows.
@@ -116,6 +116,26 @@ def prompt_init_bound(vit) -> float:
     patch = vit.patch_embed.patch_size
     patch = patch[0] if isinstance(patch, (tuple, list)) else patch
     return math.sqrt(6.0 / float(3 * patch * patch + vit.embed_dim))
+
+
+def take_indices(depth: int, indices) -> list[int]:
+    """timm's `feature_take_indices` rule, with errors that name the argument: None -> every block; an
+    int n -> the last n blocks; a list or tuple -> those 0-based blocks, negatives counting from the end.
+    Returns the absolute indices in the order given."""
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if indices is None:
+        return list(range(depth))
+    if is_int(indices):
+        if not 0 < indices <= depth:
+            raise ValueError(f"indices={indices} (the last n blocks) must be in [1, {depth}] for a {depth}-block ViT")
+        return list(range(depth - indices, depth))
+    if not isinstance(indices, (list, tuple)) or not indices or not all(is_int(i) for i in indices):
+        raise ValueError(f"indices must be None, an int (the last n blocks) or a non-empty list of block "
+                         f"indices, got {indices!r}")
+    bad = [i for i in indices if not -depth <= i < depth]
+    if bad:
+        raise ValueError(f"indices {bad} are out of range for a {depth}-block ViT (0-based, -{depth} to {depth - 1})")
+    return [i % depth for i in indices]
 
 
 class PromptEncoder(nn.Module):
@@ -310,7 +330,13 @@ class PromptEncoder(nn.Module):
         k = self.num_prefix_tokens
         return x[:, k:k + self.num_prompts]
 
-    def forward_features(self, images: Tensor) -> Tensor:
+    def _run_blocks(self, images: Tensor, take: frozenset[int] = frozenset(),
+                    stop: int | None = None) -> tuple[Tensor, list[Tensor]]:
+        """The one block loop (forward_features and forward_intermediates both run it): the token
+        buffer, then blocks 0..stop (all when None), each followed by the method's step unless it is
+        the model's last block. Returns the last block's tokens (B, T, D) and, in block order, the
+        patch tokens (B, N, D) after every block l in `take` (read once the step has written the
+        prompt slot: the patches are the block's own, and no later in-place write touches their base)."""
         self.check_images(images)
         x = self.embed(images)                                              # (B, k + N, D)
         first = self._first_prompts()
@@ -322,14 +348,48 @@ class PromptEncoder(nn.Module):
         checkpointed = self.depth if self.checkpoint_blocks is None else self.checkpoint_blocks
         if not (self.grad_checkpointing and torch.is_grad_enabled()):
             checkpointed = 0
-        for l, block in enumerate(self.vit.blocks):
+        start, taken = self.num_prefix_tokens + self.num_prompts, []
+        blocks = self.vit.blocks if stop is None else self.vit.blocks[:stop + 1]
+        for l, block in enumerate(blocks):
             if l < checkpointed:
                 x, state = self._checkpointed_block(l, block, x, state)
-                continue
-            x_in, x = x, self._run_block(l, block, x)
-            if l < self.depth - 1:
-                self._after_block(l, x_in, x, state)
-        return self._pool(x)
+            else:
+                x_in, x = x, self._run_block(l, block, x)
+                if l < self.depth - 1:
+                    self._after_block(l, x_in, x, state)
+            if l in take:
+                taken.append(x[:, start:])
+        return x, taken
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """(B, D) features: the pooling (`pool`) of the last block's tokens."""
+        return self._pool(self._run_blocks(images)[0])
+
+    def forward_intermediates(self, images: Tensor, indices: int | list[int] | tuple[int, ...] | None = None, *,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """Dense features of the blocks `indices`, with the meaning of timm's
+        `VisionTransformer.forward_intermediates`: an int n takes the last n blocks, a list takes those
+        0-based blocks (negatives count from the end), None takes all; they come back in block order.
+
+        Each intermediate holds the PATCH tokens only (the prefix and prompt tokens are dropped), as
+        (B, D, H/p, W/p) for output_fmt "NCHW" or (B, N, D) for "NLC"; norm=True applies the ViT's
+        final `norm` to them, as timm does. The blocks run in the same loop as `forward_features`
+        (every method's step after every block but the last, gradient checkpointing included);
+        stop_early=True runs no block after the last one taken. Returns the list when
+        intermediates_only, else (features, list) with features what `forward_features` returns ((B, D),
+        the pooling of the last block run)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = take_indices(self.depth, indices)
+        last = max(take)
+        x, taken = self._run_blocks(images, frozenset(take), last if stop_early else None)
+        if norm:
+            taken = [self.vit.norm(t) for t in taken]
+        if output_fmt == "NCHW":
+            B, H, W = images.shape[0], *self.vit.patch_embed.dynamic_feat_size(images.shape[-2:])
+            taken = [t.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for t in taken]
+        return taken if intermediates_only else (self._pool(x), taken)
 
     def _pool(self, x: Tensor) -> Tensor:
         """(B, T, D) last block output -> (B, D) features, as `self.pool` says (POOLS)."""
@@ -425,9 +485,9 @@ class GaPTEncoder(PromptEncoder):
         torch.compile(fullgraph=True)."""
         self.temperatures.data.clamp_(*self.TEMPERATURE_RANGE)
 
-    def forward_features(self, images: Tensor) -> Tensor:
+    def _run_blocks(self, images, take=frozenset(), stop=None):
         self.project_temperatures()
-        return super().forward_features(images)
+        return super()._run_blocks(images, take, stop)
 
     def _first_prompts(self):
         return self.prompts
