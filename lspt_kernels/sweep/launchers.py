@@ -248,8 +248,9 @@ class SubmititLauncher:
         return _JobHandle(job)
 
     def wait(self, handles: list, timeout: float) -> None:
-        # submitit's done() polls the cluster (rate-limited by its own watcher): a few seconds between looks.
-        time.sleep(max(timeout, 2.0))
+        # On a cluster, done() reads the scheduler's state (which submitit's watcher rate-limits itself); a
+        # second between looks is plenty.
+        time.sleep(max(timeout, 1.0))
 
     def interrupt(self) -> str:
         if self.cluster == "local":

@@ -232,11 +232,14 @@ def _plot(data: dict, path: Path) -> None:
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(cols))]
         cells = [data["rows"][m][c] for c in cols]
         ys = [c["mean"] if c["mean"] is not None else 0.0 for c in cells]
-        err = [c.get("std") or 0.0 for c in cells]
-        bars = ax.bar(xs, ys, width, yerr=err, capsize=2, label=m)
+        bars = ax.bar(xs, ys, width, label=m)
+        spread = [(x, y, c["std"]) for x, y, c in zip(xs, ys, cells) if c.get("std") is not None]
+        if spread:
+            sx, sy, se = zip(*spread)
+            ax.errorbar(sx, sy, yerr=se, fmt="none", ecolor="black", capsize=2, linewidth=1)
         paper = [(x, c["paper"]) for x, c in zip(xs, cells) if c.get("paper") is not None]
         if paper:
-            ax.scatter(*zip(*paper), marker="_", s=200, color=bars.patches[0].get_facecolor(), edgecolors="black",
+            ax.scatter(*zip(*paper), marker="D", s=22, color=bars.patches[0].get_facecolor(), edgecolors="black",
                        zorder=3, label=f"{m} (paper)")
     ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
     ax.set_ylabel("top-1 (%)")
