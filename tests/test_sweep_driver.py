@@ -3,6 +3,7 @@ interrupted ones after Ctrl-C, never runs one twice at once, retries a failure o
 import io
 import json
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -206,6 +207,7 @@ def test_sweep_output_is_plain_lines_when_not_a_terminal(data, tmp_path, fake, c
 def test_jobs_must_be_positive(data, tmp_path, fake, capsys, jobs):
     assert main(sweep_args(data, tmp_path / "s", "--jobs", jobs, *EPOCHS)) == 2
     assert "--jobs must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
 
 def test_dry_run_writes_nothing(data, tmp_path, fake, capsys):
@@ -213,3 +215,11 @@ def test_dry_run_writes_nothing(data, tmp_path, fake, capsys):
     printed = capsys.readouterr().out
     assert "8 runs; final" in printed and "dry run: nothing was written" in printed
     assert not Path(tmp_path / "s").exists()
+
+
+def test_a_run_stopped_from_outside_counts_as_a_failure(data, tmp_path, fake, capsys):
+    """Exit 130 without the sweep's own Ctrl-C (someone signalled lspt-train): retried once, then reported."""
+    fake.setenv(TRAINER_ENV, f"{sys.executable} -c 'import sys; sys.exit(130)'")
+    assert main(sweep_args(data, tmp_path / "s", *EPOCHS, tasks="dtd", methods="gapt", lr_grid="1", seeds="42")) == 1
+    err = capsys.readouterr().err
+    assert "lspt-train was stopped from outside the sweep (exit 130)" in err and "again (exit 130)" in err

@@ -62,11 +62,13 @@ def test_real_sweep_interrupted_and_rerun_equals_an_uninterrupted_one(data, tmp_
     assert len(folders) == 16
     resumed = 0
     for folder in folders:
-        attempts = _attempts(folder)
-        assert [a["resume"] for a in attempts] == [False] + [True] * (len(attempts) - 1), folder
-        resumed += len(attempts) > 1
+        # lspt-train prints "epoch k/E ..." once an epoch is trained: over every attempt, each epoch once.
+        printed_epochs = [line.split()[1] for line in (folder / state.LOG).read_text().splitlines()
+                          if line.startswith("epoch ")]
+        assert printed_epochs == [f"{k}/{EPOCHS}" for k in range(1, EPOCHS + 1)], folder
         assert [r["epoch"] for r in state.read_log(folder)] == list(range(1, EPOCHS + 1))
-    assert resumed >= 1
+        resumed += any(a["resume"] for a in _attempts(folder))
+    assert resumed >= 1                                 # some run was stopped mid-way and continued
     whole = start_cli(sweep_args(data, tmp_path / "whole", "--jobs", "2", *train))
     printed, _ = whole.communicate(timeout=900)
     assert whole.returncode == 0, printed[-3000:]

@@ -93,6 +93,7 @@ def test_method_options_go_to_that_methods_runs_only(vtab_root, tmp_path):
                                              "lspt:cspc=kmeans"]),
     (dict(train_args=("--num-prompts", "5"), methods="lspt,linear"), ["--num-prompts", "linear has no prompts"]),
     (dict(checkpoint="/no/such/file.pth"), ["--checkpoint /no/such/file.pth", "no such file"]),
+    (dict(checkpoint=__file__), ["--checkpoint", "not a PyTorch checkpoint"]),
 ])
 def test_bad_input_is_refused_before_anything_runs(vtab_root, tmp_path, kwargs, words):
     with pytest.raises(UsageError) as err:
@@ -183,3 +184,12 @@ def test_plan_json_holds_the_identity(vtab_root, tmp_path):
     saved = json.loads((tmp_path / "s" / "plan.json").read_text())
     assert saved["identity"]["methods"] == ["lspt", "gapt"] and saved["identity"]["train_args"] == ["--epochs", "3"]
     assert saved["identity"]["protocol"]["lrs"] == [0.5, 2.0] and saved["epochs"] == 3
+
+
+def test_workload_counts_the_images_every_run_trains_and_evaluates(vtab_root, tmp_path):
+    plan = _plan(vtab_root, tmp_path / "s")             # 2 methods, 2 tasks, 2 x 2 grid points, 2 seeds, 3 epochs
+    sizes = plan.tasks[0].sizes
+    assert sizes == {"train": 16, "val": 12, "trainval": 28, "test": 12}
+    per_task_train = 4 * 3 * 16 + 2 * 3 * 28
+    per_task_eval = 4 * 3 * 12 + 2 * 3 * 12
+    assert plan.workload() == (2 * 2 * per_task_train, 2 * 2 * per_task_eval)

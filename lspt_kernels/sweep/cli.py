@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import signal
 import sys
 from pathlib import Path
@@ -72,8 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _launcher(args, plan, ns_device):
     from .launchers import LocalLauncher, SubmititLauncher, visible_gpus
-    if args.jobs is not None and args.jobs < 1:
-        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
     if args.launcher == "local":
         gpus = visible_gpus(ns_device)
         jobs = args.jobs or max(1, len(gpus))
@@ -102,6 +101,8 @@ def _describe(plan) -> list[str]:
              f"  grid: lr {', '.join(map(format_number, pr.lrs))} x wd {', '.join(map(format_number, pr.wds))}, seed "
              f"{pr.seeds[0]}: {grid} runs; final: the chosen lr / wd x seeds {', '.join(map(str, pr.seeds))}: "
              f"{final} runs; {plan.epochs} epochs each",
+             "  workload: {:,} training images, {:,} evaluated (the scored split after every epoch); time = "
+             "training / (train img/s) + evaluated / (eval img/s)".format(*plan.workload()),
              f"  {plan.paper_note}"]
     runs = [r for t, m in plan.cells() for r in plan.grid_runs(t, m)]
     finished = sum(state.marker(r.folder) is not None for r in runs)
@@ -117,12 +118,17 @@ def _run(args, train_args: list[str]) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UsageError("--tasks: give at least one task")
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
     plan = build_plan(args.output, args.data_root, tasks, args.methods, args.model, args.checkpoint, args.protocol,
                       args.lr_grid, args.wd_grid, args.seeds, train_args)
     if args.dry_run:
         print("\n".join(_describe(plan)))
         print("dry run: nothing was written")
         return 0
+    if args.launcher == "submitit" and importlib.util.find_spec("submitit") is None:
+        raise UsageError("--launcher submitit needs submitit: pip install 'lspt-kernels[sweep]' (or pip install "
+                         "submitit)")
     claim_folder(plan)
     launcher, jobs, note = _launcher(args, plan, plan.device)
     print("\n".join(_describe(plan)) + f"\n  running {note}; state in {plan.root}", flush=True)

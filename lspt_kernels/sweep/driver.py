@@ -176,7 +176,9 @@ class _Sweep:
             self.enqueue(run)
         elif status == "busy":
             self.elsewhere[run.run_id] = run
-        elif status == "failed":
+        elif status in ("failed", "interrupted"):       # interrupted by someone else than this sweep's Ctrl-C
+            if status == "interrupted":
+                out = dict(out, tail=[f"lspt-train was stopped from outside the sweep (exit {out.get('rc')})"])
             self.failures[run.run_id] += 1
             tail = "\n".join("    " + line for line in out.get("tail", [])[-12:])
             if self.failures[run.run_id] <= RETRIES:

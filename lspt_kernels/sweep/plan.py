@@ -76,6 +76,7 @@ class TaskSpec:
     layout: str                   # lspt_kernels.data layout
     benchmark: str | None         # "vtab" | "fgvc" | None
     group: str | None             # VTAB group
+    sizes: dict = field(default_factory=dict)     # split -> images listed
 
 
 @dataclass(frozen=True)
@@ -189,13 +190,14 @@ def resolve_tasks(data_root, names: list[str], protocol: Protocol) -> list[TaskS
                 f"--tasks {name} ({folder}, layout {spec.layout}): the {protocol.name} protocol needs the splits "
                 f"{', '.join(f'{s} ({files.get(s, s)})' for s in _needed_splits(protocol, spec.layout))}; "
                 f"missing: {', '.join(f'{s} ({files.get(s, s)})' for s in missing)}")
-        out.append(TaskSpec(std.name, str(folder), spec.layout, std.benchmark, std.group))
+        out.append(TaskSpec(std.name, str(folder), spec.layout, std.benchmark, std.group,
+                            {k: len(v) for k, v in spec.splits.items()}))
     return out
 
 
 def detect_backbone(checkpoint: str | None) -> str | None:
-    """"mae" | "mocov3" | "other" from the checkpoint file's format (memory-mapped; weights are not read);
-    None without a checkpoint."""
+    """"mae" | "mocov3" | "other" from the checkpoint file's format (memory-mapped: the weights are not read);
+    None without a checkpoint. A file torch cannot load is refused here, not in every run."""
     if checkpoint is None:
         return None
     import torch
@@ -203,11 +205,12 @@ def detect_backbone(checkpoint: str | None) -> str | None:
     from ..checkpoints import is_mae_checkpoint
     try:
         obj = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:           # legacy (non-zip) files cannot be memory-mapped; a broken file is lspt-train's error
+    except Exception:           # legacy (non-zip) files cannot be memory-mapped
         try:
             obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception:
-            return "other"
+        except Exception as exc:
+            raise UsageError(f"--checkpoint {checkpoint}: not a PyTorch checkpoint (torch.load with weights_only=True "
+                             f"failed: {type(exc).__name__})") from None
     if not isinstance(obj, dict):
         return "other"
     if is_mae_checkpoint(obj):
@@ -322,6 +325,18 @@ class Plan:
     def final_runs(self, task: TaskSpec, method: MethodSpec, lr: float, wd: float) -> list[RunSpec]:
         return [self._run("final", task, method, lr, wd, s) for s in self.protocol.seeds]
 
+    def workload(self) -> tuple[int, int]:
+        """(training images, evaluation images) the whole sweep processes: every run trains its train split and
+        evaluates its scored split once per epoch (--limit-train-batches not counted)."""
+        train = evaluated = 0
+        runs = {"select": len(self.protocol.lrs) * len(self.protocol.wds), "final": len(self.protocol.seeds)}
+        for task in self.tasks:
+            for stage, (tr, ev) in self.protocol.split_pairs(task.layout).items():
+                n = runs[stage] * self.epochs * len(self.methods)
+                train += n * task.sizes.get(tr, 0)
+                evaluated += n * task.sizes.get(ev, 0)
+        return train, evaluated
+
     def size(self) -> tuple[int, int]:
         """(grid runs, final runs) in the whole sweep."""
         cells = len(self.tasks) * len(self.methods)
@@ -330,14 +345,14 @@ class Plan:
 
 def _paper_backbone(model: str, backbone: str | None, ns) -> tuple[str | None, str]:
     if backbone not in ("mae", "mocov3"):
-        return None, ("the paper's numbers are not shown: they are for MAE / MoCo v3 checkpoints "
+        return None, ("The paper's numbers are not shown: they are for MAE / MoCo v3 checkpoints "
                       f"(this sweep's --checkpoint: {backbone or 'none, a random backbone'})")
     if model != "vit_base_patch16_224" or ns.img_size not in (None, 224) or ns.model_kwargs:
-        return None, ("the paper's numbers are not shown: they are for vit_base_patch16_224 at 224 px without "
+        return None, ("The paper's numbers are not shown: they are for vit_base_patch16_224 at 224 px without "
                       f"--model-kwargs (this sweep: {model}, img size {ns.img_size or 'default'}, model kwargs "
                       f"{ns.model_kwargs or 'none'})")
     from .paper import BACKBONES
-    return backbone, f"paper: LSPT paper tables 1-3, {BACKBONES[backbone]} pre-trained ViT-B/16"
+    return backbone, f"The LSPT paper's tables 1-3, {BACKBONES[backbone]} pre-trained ViT-B/16"
 
 
 def build_plan(output, data_root, tasks: list[str], methods: str, model: str, checkpoint: str | None,

@@ -157,25 +157,27 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _markdown(data: dict) -> str:
     cols = [c["name"] for c in data["columns"]]
     pr = data["protocol"]
+    grid = (f"lr {', '.join(map(format_number, pr['lrs']))} x wd {', '.join(map(format_number, pr['wds']))}, grid "
+            f"seed {pr['seeds'][0]}, final seeds {', '.join(map(str, pr['seeds']))}")
     out = [f"# lspt-sweep report: {data['sweep']}", "",
-           f"Protocol {pr['name']}: lr {[float(x) for x in pr['lrs']]} x wd {pr['wds']}, grid seed {pr['seeds'][0]}, "
-           f"final seeds {pr['seeds']}; {data['epochs']} epochs; model {data['model']}, checkpoint "
+           f"Protocol {pr['name']}: {grid}; {data['epochs']} epochs; model {data['model']}, checkpoint "
            f"{data['checkpoint'] or 'none (random backbone)'}"
            + (f" ({BACKBONES.get(data['backbone'], data['backbone'])})" if data["backbone"] else "") + ".",
            f"Options passed to every run: {' '.join(data['train_args']) or 'none'}.", "",
            "## Top-1 (%) on the final scored split, last epoch: mean ± std over seeds", "",
            _table(["method", *cols], [[m, *(cell_text(row[c]) for c in cols)] for m, row in data["rows"].items()])]
     paper_cols = [c for c in cols if any(row[c].get("paper") is not None for row in data["rows"].values())]
-    out += ["", f"## Side by side with the paper: ours / paper (difference); {data['paper_note']}", ""]
+    out += ["", "## Side by side with the paper: ours / paper (difference)", "", data["paper_note"] + "."]
     if paper_cols:
+        out += [""]
         out.append(_table(["method", *paper_cols], [[m, *(cell_text(row[c], True) if row[c].get("paper") is not None
                                                           else "—" for c in paper_cols)]
                                                     for m, row in data["rows"].items()]))
         sources = sorted({row[c]["paper_source"] for row in data["rows"].values() for c in paper_cols
                           if row[c].get("paper_source")})
         out += ["", "Sources: " + "; ".join(sources) + "."]
-    else:
-        out.append("No column matches the paper's tables (complete benchmark means or FGVC tasks, with a matching "
+    elif data["paper_backbone"] is not None:
+        out.append("\nNo column matches the paper's tables (complete benchmark means or FGVC tasks, with a matching "
                    "backbone and method).")
     task_cols = [c["name"] for c in data["columns"] if c["kind"] == "task"]
     out += ["", "## Chosen lr / weight decay (last-epoch top-1 on the selection split)", "",
