@@ -13,7 +13,7 @@ from sweep_helpers import FAKE_TRAINER, invocations, make_root, run_folders, sna
 
 from lspt_kernels.sweep import state
 from lspt_kernels.sweep.cli import main
-from lspt_kernels.sweep.driver import StatusLine
+from lspt_kernels.sweep.driver import Progress, StatusLine
 from lspt_kernels.sweep.plan import TRAINER_ENV, build_plan, claim_folder
 
 EPOCHS = ["--", "--epochs", "3"]
@@ -189,11 +189,10 @@ def test_status_line_updates_in_place_on_a_terminal():
 
 
 def test_progress_line_counts_and_eta():
-    from lspt_kernels.sweep.driver import _Progress
-    p = _Progress(total=10, done={"a", "b", "c", "d"}, diverged=1, failed={"x": {}}, walls=[60.0, 120.0])
+    p = Progress(total=10, done={"a", "b", "c", "d"}, diverged=1, failed={"x": {}}, walls=[60.0, 120.0])
     assert p.line(running=2, elsewhere=1, jobs=2) == ("sweep: 4/10 done (1 diverged), 2 running (+1 elsewhere), "
                                                       "1 failed, 2 left, ETA 3m00s")
-    assert _Progress(total=3).line(0, 0, 1).endswith("3 left, ETA -")
+    assert Progress(total=3).line(0, 0, 1).endswith("3 left, ETA -")
 
 
 def test_sweep_output_is_plain_lines_when_not_a_terminal(data, tmp_path, fake, capsys):

@@ -17,7 +17,7 @@ from . import state
 from .plan import Plan, RunSpec, format_number
 from .selection import cell_selection
 
-__all__ = ["StatusLine", "run_sweep", "RETRIES"]
+__all__ = ["StatusLine", "Progress", "run_sweep", "RETRIES"]
 
 RETRIES = 1               # a failed run is tried again this many times per invocation
 
@@ -68,7 +68,8 @@ def _duration(seconds: float) -> str:
 
 
 @dataclass
-class _Progress:
+class Progress:
+    """The counts the status line shows."""
     total: int
     done: set = field(default_factory=set)
     diverged: int = 0
@@ -107,7 +108,7 @@ class _Sweep:
         self.plan, self.launcher, self.jobs, self.status = plan, launcher, jobs, status
         self.grid = {(t.name, m.label): (t, m, plan.grid_runs(t, m)) for t, m in plan.cells()}
         self.finals: dict = {}
-        self.progress = _Progress(sum(plan.size()))
+        self.progress = Progress(sum(plan.size()))
         self.queue: deque[RunSpec] = deque()
         self.inflight: dict[str, tuple] = {}
         self.elsewhere: dict[str, RunSpec] = {}

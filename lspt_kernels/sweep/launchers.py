@@ -21,7 +21,7 @@ from ..evaluate import UsageError
 from .plan import RunSpec
 from .state import LOG, RunLock, clear_partial, log_tail, marker, read_log, write_marker
 
-__all__ = ["execute_run", "LocalLauncher", "SubmititLauncher", "TrainJob", "visible_gpus", "ATTEMPTS",
+__all__ = ["execute_run", "LocalLauncher", "SubmititLauncher", "TrainJob", "visible_gpus", "child_env", "ATTEMPTS",
            "DIVERGED_MESSAGE"]
 
 ATTEMPTS = "sweep.attempts.jsonl"
@@ -34,7 +34,7 @@ def _package_root() -> str:
     return str(Path(lspt_kernels.__file__).resolve().parent.parent)
 
 
-def _child_env(extra: dict | None) -> dict:
+def child_env(extra: dict | None) -> dict:
     """This environment, with this process's lspt_kernels first on the path: the run's working directory is
     its own folder, so `python -m` cannot pick up another checkout from where the sweep was started."""
     env = dict(os.environ, **(extra or {}))
@@ -76,7 +76,7 @@ def execute_run(spec: RunSpec, env: dict | None = None, on_start=None, stop: thr
             log.flush()
             # Its own session: a Ctrl-C on the terminal reaches the sweep only, which then stops each run once.
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=folder,
-                                    env=_child_env(env), pass_fds=(lock.fd,), start_new_session=True)
+                                    env=child_env(env), pass_fds=(lock.fd,), start_new_session=True)
             if on_start is not None:
                 on_start(proc)
             rc = proc.wait()
@@ -150,7 +150,8 @@ class LocalLauncher:
         else:
             time.sleep(timeout)
 
-    def _env(self, slot: int) -> dict:
+    def env_for(self, slot: int) -> dict:
+        """The environment variables of a run in this slot: its GPU, or its share of the CPU threads."""
         if self.gpus:
             return {"CUDA_VISIBLE_DEVICES": self.gpus[slot % len(self.gpus)]}
         if self.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
@@ -169,7 +170,7 @@ class LocalLauncher:
         with self.lock:
             slot = self.free.pop(0)
         try:
-            return execute_run(spec, self._env(slot), lambda p: self._started(spec.run_id, p), self.stop)
+            return execute_run(spec, self.env_for(slot), lambda p: self._started(spec.run_id, p), self.stop)
         finally:
             with self.lock:
                 self.procs.pop(spec.run_id, None)
@@ -237,8 +238,8 @@ class SubmititLauncher:
         self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
         try:
             self.executor.update_parameters(**params)
-        except (TypeError, ValueError, AssertionError) as exc:
-            raise UsageError(f"--submitit-param: {exc}") from None
+        except (TypeError, ValueError, AssertionError, NameError) as exc:     # submitit's ways of saying "unknown"
+            raise UsageError(f"--submitit-param: {' '.join(str(exc).split())}") from None
         self.cluster = self.executor.cluster
         self.jobs: list = []
 
