@@ -53,6 +53,6 @@ def test_runs_import_this_package_first(monkeypatch):
 
 def test_submitit_parameters_are_checked(tmp_path):
     pytest.importorskip("submitit", reason="submitit is not installed (pip install 'lspt-kernels[sweep]')")
-    from lspt_kernels.evaluate import UsageError
+    from lspt_kernels.cli_helpers import UsageError
     with pytest.raises(UsageError, match="--submitit-param"):
         launchers.SubmititLauncher(tmp_path / "submitit", {"no_such_parameter": 1}, cluster="local")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sweep_helpers import FAKE_TRAINER, make_root, sweep_args
 
-from lspt_kernels.evaluate import UsageError
+from lspt_kernels.cli_helpers import UsageError
 from lspt_kernels.sweep import plan as P
 from lspt_kernels.sweep.cli import main
 

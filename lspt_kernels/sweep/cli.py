@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from ..evaluate import UsageError
+from ..cli_helpers import UsageError
 from .protocols import TASK_SETS, preset_help
 
 __all__ = ["main", "build_parser"]
@@ -80,7 +80,7 @@ def _launcher(args, plan, ns_device):
         if gpus and jobs > len(gpus):
             note += f" ({jobs} jobs share {len(gpus)} GPU(s))"
         return LocalLauncher(jobs, gpus), jobs, note
-    from ..evaluate import parse_model_kwargs
+    from ..cli_helpers import parse_model_kwargs
     params = dict(timeout_min=args.timeout_min, gpus_per_node=args.gpus_per_job, cpus_per_task=args.cpus_per_job,
                   nodes=1, tasks_per_node=1, name="lspt-sweep")
     if args.partition:

@@ -17,7 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
 
-from ..evaluate import UsageError
+from ..cli_helpers import UsageError
 from .plan import RunSpec
 from .state import LOG, RunLock, clear_partial, log_tail, marker, read_log, write_marker
 

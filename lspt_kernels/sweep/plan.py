@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..evaluate import UsageError
+from ..cli_helpers import UsageError
 from .protocols import PRESETS, TASK_SETS, Protocol, standard_task
 
 __all__ = ["MethodSpec", "TaskSpec", "RunSpec", "Plan", "parse_methods", "parse_grid", "resolve_tasks",
@@ -237,6 +237,7 @@ def check_train_args(train_args: list[str], methods: list[MethodSpec]):
     sweep sets and method options a listed method does not take are errors now, not failed runs later.
     Returns the parsed namespace of the first method (epochs, device, ...)."""
     from .. import train
+    from ..encoders import METHODS_WITHOUT_PROMPTS
     parser = train.build_parser()
     where = ["the lspt-train options after -- (" + (shlex.join(train_args) or "none") + ")"]
 
@@ -265,7 +266,7 @@ def check_train_args(train_args: list[str], methods: list[MethodSpec]):
                 raise UsageError(f"--{opt.replace('_', '-')} ({source}) applies to {', '.join(takers)} only, not "
                                  f"{m.method}: give it per method, e.g. --methods {takers[0]}:"
                                  f"{opt.replace('_', '-')}={getattr(ns, opt)}")
-        if m.method in train.NO_PROMPTS and ns.num_prompts is not None:
+        if m.method in METHODS_WITHOUT_PROMPTS and ns.num_prompts is not None:
             raise UsageError(f"--num-prompts: {m.method} has no prompts; give it per method, e.g. --methods "
                              f"lspt:num-prompts={ns.num_prompts}")
         if first is None:
