@@ -9,6 +9,7 @@ no torch: a run costs a few milliseconds.
 
 Environment knobs (a substring of --output selects the runs):
     FAKE_EPOCH_S=0.2          sleep per epoch
+    FAKE_SLOW=substr          a matching run sleeps 2 s per epoch (a run still training when the test looks)
     FAKE_FAIL_ONCE=substr     the first attempt of a matching run exits 1 after printing some lines
     FAKE_FAIL_ALWAYS=substr   every attempt of a matching run exits 1
     FAKE_DIVERGE=substr       a matching run stops at epoch 1 with lspt-train's non-finite-loss error (exit 2)
@@ -72,9 +73,11 @@ def main() -> int:
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] if start else []
     record["start_epoch"] = start
     pattern = os.environ.get("FAKE_DIVERGE")
+    slow = os.environ.get("FAKE_SLOW")
+    epoch_s = 2.0 if slow and slow in str(out) else float(os.environ.get("FAKE_EPOCH_S", "0"))
     try:
         for epoch in range(start + 1, args.epochs + 1):
-            time.sleep(float(os.environ.get("FAKE_EPOCH_S", "0")))
+            time.sleep(epoch_s)
             if pattern and pattern in str(out):
                 print(f"lspt-train: error: the training loss is nan at epoch {epoch} step 1: lower --lr (the last "
                       f"good state is in {out})", file=sys.stderr)

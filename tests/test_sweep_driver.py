@@ -115,16 +115,18 @@ def _wait(predicate, timeout=60.0):
         time.sleep(0.05)
 
 
+SLOW_RUN = "caltech101/gapt/grid/lr2_wd0_seed42"      # 2 s per epoch: surely mid-way when the test stops the sweep
+
+
 def _mid_sweep(out):
-    """Some runs finished, and some run in the middle of its epochs."""
+    """Some runs finished, and the slow run in the middle of its epochs."""
     done = list(out.glob("runs/*/*/*/*/" + state.DONE))
-    started = [p.parent for p in out.glob("runs/*/*/*/*/log.jsonl") if not (p.parent / state.DONE).exists()]
-    return len(done) >= 3 and any(len(state.read_log(f)) >= 1 for f in started)
+    return len(done) >= 3 and len(state.read_log(out / "runs" / SLOW_RUN)) >= 1
 
 
 def test_ctrl_c_then_the_same_command_completes_without_training_anything_twice(data, tmp_path):
     args = sweep_args(data, tmp_path / "cut", "--jobs", "2", "--", "--epochs", "4")
-    proc = start_cli(args, LSPT_SWEEP_TRAINER=FAKE_TRAINER, FAKE_EPOCH_S="0.15")
+    proc = start_cli(args, LSPT_SWEEP_TRAINER=FAKE_TRAINER, FAKE_EPOCH_S="0.15", FAKE_SLOW=SLOW_RUN)
     try:
         _wait(lambda: _mid_sweep(tmp_path / "cut"))
         proc.send_signal(signal.SIGINT)
@@ -135,7 +137,7 @@ def test_ctrl_c_then_the_same_command_completes_without_training_anything_twice(
     assert "interrupted: stopping" in printed and "run the same command again" in printed
     finished = [p.parent for p in (tmp_path / "cut").glob("runs/*/*/*/*/" + state.DONE)]
     interrupted = [f for f in run_folders(tmp_path / "cut") if (f / "resume.pt").exists() and f not in finished]
-    assert finished and interrupted
+    assert finished and tmp_path / "cut" / "runs" / SLOW_RUN in interrupted
     before = snapshot(finished)
     again = start_cli(args, LSPT_SWEEP_TRAINER=FAKE_TRAINER)
     printed, _ = again.communicate(timeout=120)
