@@ -143,7 +143,7 @@ def test_backbone_spec_from_the_record_and_the_flags(tmp_path):
     _tuned(tmp_path / "a.st", _record())
     spec = C.backbone_spec([tmp_path / "a.st"])
     assert spec == dict(model="vit_tiny_patch16_224", model_kwargs=TINY_KW, img_size=32, seed=7, checkpoint=None,
-                        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), recorded=True)
+                        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), recorded=True, record=_record())
     spec = C.backbone_spec([tmp_path / "a.st"], model_kwargs=dict(drop_path_rate=0.1), img_size=48, seed=1)
     assert spec["model_kwargs"] == dict(TINY_KW, drop_path_rate=0.1) and (spec["img_size"], spec["seed"]) == (48, 1)
 
@@ -153,7 +153,7 @@ def test_a_record_applies_to_its_own_model_only(tmp_path):
     assert C.backbone_spec([tmp_path / "a.st"], model="vit_tiny_patch16_224")["model_kwargs"] == TINY_KW
     other = C.backbone_spec([tmp_path / "a.st"], model="vit_small_patch16_224")
     assert other == dict(model="vit_small_patch16_224", model_kwargs={}, img_size=None, seed=0, checkpoint=None,
-                         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), recorded=False)
+                         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), recorded=False, record=_record())
 
 
 def test_backbone_spec_errors(tmp_path):
