@@ -293,7 +293,7 @@ def build_backbone(model: str, img_size: int | None = None, model_kwargs: dict |
                          "VisionTransformer: prompt tuning here needs a ViT (e.g. vit_base_patch16_224, "
                          "vit_small_patch16_224, deit_base_patch16_224)") from None
     pe = vit.patch_embed
-    if pe.grid_size is not None and min(pe.grid_size) < 1:
+    if getattr(pe, "grid_size", None) is not None and min(pe.grid_size) < 1:
         # timm builds such a model; its first forward would fail inside the convolution.
         size = img_size if img_size is not None else tuple(pe.img_size)
         raise UsageError(f"--img-size {size}: smaller than the {tuple(pe.patch_size)} patch of --model {model!r}, so "

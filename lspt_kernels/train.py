@@ -745,9 +745,9 @@ def _check_finite(run: Run, epoch: int) -> None:
     model's argmax never becomes a "best" accuracy."""
     bad = [n for n, t in run.encoder.tuned_state_dict().items() if not bool(torch.isfinite(t).all())]
     if bad:
-        raise FloatingPointError(f"the tuned parameters {bad[:5]} hold NaN or inf after epoch {epoch}; nothing of "
-                                 f"that epoch was saved: lower --lr (the state after epoch {epoch - 1} is in "
-                                 f"{run.out / 'resume.pt'})")
+        raise FloatingPointError(f"the run diverged: the tuned parameters {bad[:5]} hold NaN or inf after epoch "
+                                 f"{epoch}; nothing of that epoch was saved: lower --lr (the state after epoch "
+                                 f"{epoch - 1} is in {run.out / 'resume.pt'})")
 
 
 def _run_epochs(run: Run) -> int:

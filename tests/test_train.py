@@ -674,7 +674,8 @@ def test_non_finite_parameters_are_never_saved(data, tmp_path, capsys, monkeypat
     monkeypatch.setattr(lspt_train, "train_one_epoch", diverging)
     out = tmp_path / "out"
     _fails(capsys, _args(data, out, "--limit-train-batches", "1", epochs=1),
-           r"the tuned parameters \['head.weight'\] hold NaN or inf after epoch 1; nothing of that epoch was saved")
+           r"the run diverged: the tuned parameters \['head.weight'\] hold NaN or inf after epoch 1; nothing of "
+           "that epoch was saved")
     assert not (out / "best.safetensors").exists() and not (out / "last.safetensors").exists()
     assert torch.load(out / "resume.pt", weights_only=True)["epoch"] == 0
 
