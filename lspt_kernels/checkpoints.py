@@ -247,10 +247,14 @@ def save_tuned_file(encoder: nn.Module, path, metadata: dict | None = None) -> N
     """Write `encoder.tuned_state_dict()` (not the backbone) to a safetensors file, with
     `encoder.config()` as its "lspt_kernels" metadata and each entry of `metadata` (name -> a
     JSON-serialisable value, e.g. lspt-train's record of its backbone and data) JSON-encoded under
-    its name. `path`: str or os.PathLike, '~' expanded; its directory must exist."""
-    from safetensors.torch import save_file
+    its name. `path`: str or os.PathLike, '~' expanded; its directory must exist. The file is written by
+    Python (not safetensors' own writer), so a failed write (a full disk) is the OSError of that write."""
+    from safetensors.torch import save
 
     path = as_path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a directory; give a file name (e.g. "
+                                f"{path / 'tuned.safetensors'})")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
     extra = dict(metadata or {})
@@ -259,7 +263,9 @@ def save_tuned_file(encoder: nn.Module, path, metadata: dict | None = None) -> N
     entries = {CONFIG_KEY: json.dumps(encoder.config())}
     entries.update({str(k): json.dumps(v) for k, v in extra.items()})
     tensors = {n: t.contiguous().cpu() for n, t in encoder.tuned_state_dict().items()}
-    save_file(tensors, str(path), metadata=entries)
+    data = save(tensors, metadata=entries)
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def load_tuned_file(encoder: nn.Module, path, training_only=()) -> None:

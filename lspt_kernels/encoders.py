@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -186,6 +187,19 @@ class PromptEncoder(nn.Module):
     def _init_prompts(self, shape) -> nn.Parameter:
         v = prompt_init_bound(self.vit)
         return nn.Parameter(torch.empty(shape).uniform_(-v, v))
+
+    def _follow_backbone(self) -> None:
+        """The last step of every encoder's __init__: its own parameters and modules go to the backbone's
+        device and dtype (a `.double()`, GPU or meta ViT). They are created in fp32 on the CPU first, so a
+        seed gives the same initial values wherever the backbone is."""
+        w = self.vit.patch_embed.proj.weight
+        where = dict(device=w.device, dtype=w.dtype)
+        for module in self.children():
+            if module is not self.vit:
+                module.to(**where)
+        for name, p in list(self.named_parameters(recurse=False)):
+            if (p.device, p.dtype) != (w.device, w.dtype):
+                setattr(self, name, nn.Parameter(p.detach().to(**where), requires_grad=p.requires_grad))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters an optimizer should see (the backbone's are frozen)."""
@@ -411,6 +425,7 @@ class LinearProbe(PromptEncoder):
 
     def __init__(self, vit: nn.Module, num_classes: int, head_init: str = "torch", pool: str = "model"):
         super().__init__(vit, 0, num_classes, head_init=head_init, pool=pool)
+        self._follow_backbone()
 
 
 def _check_num_prompts(num_prompts) -> None:
@@ -430,6 +445,7 @@ class VPTEncoder(PromptEncoder):
         self._config["deep"] = deep
         D = self.embed_dim
         self.prompts = self._init_prompts((self.depth, num_prompts, D) if deep else (num_prompts, D))
+        self._follow_backbone()
 
     def _first_prompts(self):
         return self.prompts[0] if self.deep else self.prompts
@@ -470,6 +486,9 @@ class GaPTEncoder(PromptEncoder):
     def __init__(self, vit: nn.Module, num_prompts: int = 10, num_classes: int = 1000, gate_init: float = 5.0,
                  prompt_dropout: float = 0.0, head_init: str = "torch", pool: str = "model"):
         _check_num_prompts(num_prompts)
+        if isinstance(gate_init, bool) or not isinstance(gate_init, numbers.Real) or not math.isfinite(gate_init):
+            raise ValueError(f"gate_init must be a finite number (the initial gate logit is -gate_init), got "
+                             f"{gate_init!r}")
         _check_depth(vit, "GaPT", "its gates mix the prompts between consecutive blocks")
         super().__init__(vit, num_prompts, num_classes, prompt_dropout, head_init, pool)
         _check_block_layout(vit, "GaPT's temperatures")
@@ -477,6 +496,7 @@ class GaPTEncoder(PromptEncoder):
         self.prompts = self._init_prompts((num_prompts, self.embed_dim))
         self.gate_logits = nn.Parameter(torch.full((self.depth - 1,), -float(gate_init)))
         self.temperatures = nn.Parameter(torch.ones(self.depth))
+        self._follow_backbone()
 
     def project_temperatures(self) -> None:
         """Clamp the temperature parameter itself into TEMPERATURE_RANGE. Through `.data`, as the
@@ -583,11 +603,21 @@ class LSPTEncoder(PromptEncoder):
                 D, vit.blocks[0].attn.num_heads, dim_feedforward=2 * D, dropout=0.0, activation="gelu",
                 batch_first=True, norm_first=True)
             self.transformer = make() if shared_lstm else nn.ModuleList(make() for _ in range(L - 1))
+        self._follow_backbone()
 
     @property
     def fused(self) -> bool:
         """Whether the step runs as the fused `lspt_step` op (the default configuration)."""
         return self.cspc == "mean" and self.lpc == "lstm" and self.lstm_layers == 1
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        from .ops import ALIASES
+        if torch.jit.is_tracing() and self.fused and ALIASES.get(self.backend, self.backend) != "eager":
+            # What the op saves for backward follows the grad mode, so traces taken with and without grad
+            # differ and torch.jit.trace's check fails with a message that does not say why.
+            raise RuntimeError("torch.jit.trace does not support LSPT's fused step: use torch.export or "
+                               "torch.compile (both supported), or build the encoder with backend='eager' to trace it")
+        return super().forward_features(images)
 
     def _first_prompts(self):
         return self.prompts[0]
@@ -750,6 +780,7 @@ class AdapterEncoder(PromptEncoder):
             return copy.deepcopy(a) if isinstance(a, nn.Module) else nn.GELU()
 
         self.adapters = nn.ModuleList(Adapter(self.embed_dim, hidden, act(b), adapter_init) for b in vit.blocks)
+        self._follow_backbone()
 
     def _run_block(self, l, block, x):
         x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))

@@ -15,8 +15,25 @@ import sys
 
 import torch
 
-from .cli_helpers import UsageError, autocast_context, check_amp, rebuild_encoder, resolve_device
-from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, ImageDataset, build_transform, load_dataset
+from .cli_helpers import (
+    UsageError,
+    autocast_context,
+    check_amp,
+    check_number,
+    error_message,
+    rebuild_encoder,
+    resolve_device,
+)
+from .data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataError,
+    ImageDataset,
+    build_transform,
+    detect_layout,
+    load_dataset,
+    split_names,
+)
 
 __all__ = ["evaluate", "build_parser", "main"]
 
@@ -55,22 +72,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warn(message: str) -> None:
+    print(f"lspt-eval: warning: {message}", file=sys.stderr, flush=True)
+
+
 def _run(args) -> str:
     """The evaluation of a parsed command line; returns the result line."""
+    for option, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                               ("--img-size", args.img_size, 1)):
+        if value is not None:
+            check_number(option, value, ge=low)
     device = resolve_device(args.device)
-    encoder, config, record = rebuild_encoder(args.tuned, args.model, args.img_size, args.checkpoint)
+    encoder, config, record = rebuild_encoder(args.tuned, args.model, args.img_size, args.checkpoint, warn=_warn)
     amp = check_amp(args.amp or record.get("amp", "none"), device)
-    spec = load_dataset(args.data, args.layout or record.get("layout"), classes=record.get("classes"))
-    if args.split not in spec.splits:
-        raise UsageError(f"--split {args.split!r}: {args.data} has no such split (has {sorted(spec.splits)})")
+    layout = args.layout or record.get("layout") or detect_layout(args.data)
+    available = split_names(args.data, layout)
+    if args.split not in available:
+        raise UsageError(f"--split {args.split!r}: {args.data} has no such split (has {sorted(available)})")
+    # Only the split evaluated is read: another split's problems (an extra class, a missing file) are not ours.
+    spec = load_dataset(args.data, layout, classes=record.get("classes"), splits=[args.split])
     if spec.num_classes != config["num_classes"]:
         raise UsageError(f"--data {args.data} has {spec.num_classes} classes, the tuned file {config['num_classes']}")
     img_size = encoder.vit.patch_embed.img_size[0]
     transform = build_transform(spec.layout, img_size, record.get("mean", IMAGENET_MEAN),
                                 record.get("std", IMAGENET_STD), train=False)
     batch = args.batch_size or record.get("eval_batch_size", 64)
-    if batch < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch}")
     loader = torch.utils.data.DataLoader(ImageDataset(spec.splits[args.split], transform), batch_size=batch,
                                          shuffle=False, num_workers=args.workers)
     acc, correct, total = evaluate(encoder.to(device), loader, device, amp)
@@ -82,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         line = _run(args)
     except (UsageError, DataError, FileNotFoundError, ValueError) as exc:
-        print(f"lspt-eval: error: {exc}", file=sys.stderr)
+        print(f"lspt-eval: error: {error_message(exc)}", file=sys.stderr)
         return 2
     print(line)
     return 0

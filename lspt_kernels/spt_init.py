@@ -92,7 +92,11 @@ def _candidate_banks(encoder, images_or_loader, layers: list[int], how: str, see
     for batch in _batches(images_or_loader):
         if seen >= num_images:
             break
-        batch = batch[:num_images - seen].to(device=weight.device, dtype=weight.dtype)
+        if batch.dim() >= 1 and batch.shape[0] == 0:
+            continue                                                  # an empty batch adds nothing
+        # The encoder's own rule (check_images, then embed's cast), not a cast first: integer images are
+        # refused here as in forward, not taken as 0..255 values.
+        batch = batch[:num_images - seen].to(device=weight.device)
         encoder.check_images(batch)
         seen += batch.shape[0]
         ph, pw = vit.patch_embed.patch_size

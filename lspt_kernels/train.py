@@ -21,6 +21,8 @@ bit-for-bit where an uninterrupted run ends.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import math
 import os
@@ -37,13 +39,18 @@ import torch.nn.functional as F
 
 from .cli_helpers import (
     TRAIN_RECORD,
+    OutputLock,
     UsageError,
     add_model_kwargs_option,
     autocast_context,
+    backbone_fingerprint,
     build_backbone,
     check_amp,
+    check_number,
     check_output_dir,
+    error_message,
     model_kwargs_from_args,
+    parse_bool,
     resolve_device,
 )
 from .data import IMAGENET_MEAN, IMAGENET_STD, DatasetSpec, ImageDataset, build_transform, load_dataset
@@ -67,8 +74,15 @@ METHOD_OPTIONS = {
     "reduction_factor": (("adapter",), "reduction_factor"),
     "adapter_init": (("adapter",), "adapter_init"),
 }
-# What makes a saved run the same run: a --resume that differs in any of these is refused.
-IDENTITY = ("method", "model", "img_size", "model_kwargs", "checkpoint", "num_classes", "classes", "encoder")
+# What makes a saved run the same run: a --resume that differs in any of these is refused. backbone_seed is
+# the seed of a random backbone (None with --checkpoint), backbone_sha256 the fingerprint of its weights.
+IDENTITY = ("method", "model", "img_size", "model_kwargs", "checkpoint", "backbone_seed", "backbone_sha256",
+            "num_classes", "classes", "encoder")
+# What a resume.pt holds (save_state); a file without one of them is not a state this tool wrote.
+STATE_KEYS = ("epoch", "identity", "settings", "best_acc", "best_epoch", "tuned", "optimizer", "scheduler", "scaler",
+              "rng")
+# The files of a run in its output folder: a new run refuses a folder holding any of them.
+RUN_FILES = ("config.json", "resume.pt", "log.jsonl", "last.safetensors", "best.safetensors")
 # Settings a --resume may change (with a warning that the result will differ from an uninterrupted run).
 RESUMABLE_CHANGES = ("epochs", "warmup_epochs", "batch_size", "lr", "seed", "momentum", "weight_decay",
                      "prompt_dropout", "world_size", "amp", "limit_train_batches")
@@ -116,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cspc", default=None, help="lspt: mean | kmeans | none")
     m.add_argument("--lpc", default=None, help="lspt: lstm | gru | transformer | none")
     m.add_argument("--lstm-layers", type=int, default=None, help="lspt: 1 | 2")
-    m.add_argument("--shared-lstm", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
-                   help="lspt: true | false")
+    m.add_argument("--shared-lstm", type=parse_bool, default=None, metavar="BOOL",
+                   help="lspt: true | false (also 1/0, yes/no)")
     m.add_argument("--kmeans-steps", type=int, default=None, help="lspt: Lloyd steps for cspc=kmeans")
     m.add_argument("--backend", default=None, help="lspt: the fused step's backend (auto | cpu | triton | cuda "
                    "| eager/reference)")
@@ -189,10 +203,26 @@ class Run:
 # small helpers
 # ---------------------------------------------------------------------------------------------------
 def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename: a crash or Ctrl-C never leaves a half-written file behind."""
+    """write(tmp_path) then rename: a crash, Ctrl-C or a full disk never leaves a half-written file behind,
+    nor the temporary one; `path` keeps its last complete version. A full disk is an OSError that says so."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(exc.errno, f"no space left on the device writing {path} (its previous version, if any, is "
+                                     "kept): free some space, then continue with --resume") from None
+        raise
+
+
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file, so a failed write is the OSError of that write (with its errno),
+    not a RuntimeError of torch's zip writer."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _rng_state() -> dict:
@@ -258,21 +288,22 @@ def _encoder_options(args) -> dict:
             raise UsageError(f"--{opt.replace('_', '-')} applies to {', '.join(methods)} only, not --method "
                              f"{args.method}")
         kw[key] = value
-    if not 0.0 <= args.prompt_dropout < 1.0:
-        raise UsageError(f"--prompt-dropout must be in [0, 1), got {args.prompt_dropout}")
     return kw
 
 
 def _check_numbers(args) -> None:
-    for name, low in (("epochs", 1), ("batch_size", 1), ("warmup_epochs", 0), ("workers", 0)):
-        if getattr(args, name) < low:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise UsageError(f"--lr must be > 0, got {args.lr}")
-    if args.weight_decay < 0:
-        raise UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if args.limit_train_batches is not None and args.limit_train_batches < 1:
-        raise UsageError(f"--limit-train-batches must be >= 1, got {args.limit_train_batches}")
+    """Every numeric option finite and in its range (NaN and inf pass argparse's float), and a warm-up that
+    ends before the run does."""
+    bounds = dict(epochs=dict(ge=1), batch_size=dict(ge=1), warmup_epochs=dict(ge=0), workers=dict(ge=0),
+                  lr=dict(gt=0), momentum=dict(ge=0, lt=1), weight_decay=dict(ge=0), prompt_dropout=dict(ge=0, lt=1),
+                  seed=dict(ge=0, lt=2**31), limit_train_batches=dict(ge=1), img_size=dict(ge=1), gate_init={})
+    for name, bound in bounds.items():
+        if getattr(args, name) is not None:
+            check_number(f"--{name.replace('_', '-')}", getattr(args, name), **bound)
+    if args.warmup_epochs >= args.epochs:
+        raise UsageError(f"--warmup-epochs {args.warmup_epochs} must be less than --epochs {args.epochs}: the warm-up "
+                         f"starts at lr 0 and reaches --lr only after {args.warmup_epochs} epoch(s), so this run would "
+                         f"never train at the lr asked for (e.g. --warmup-epochs {args.epochs // 10})")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
 
@@ -281,9 +312,10 @@ def _check_output(out: Path, resume: bool) -> None:
     """Refuse to overwrite another run, and find an unwritable directory before any work is done."""
     if resume and not (out / "resume.pt").is_file():
         raise UsageError(f"--resume: {out} holds no resume state (resume.pt); start the run without --resume")
-    if not resume and out.is_dir() and any((out / f).exists() for f in ("config.json", "resume.pt", "log.jsonl")):
-        raise UsageError(f"--output {out} already holds a run (config.json / resume.pt): pass --resume to continue "
-                         "it, or choose another --output (nothing there was changed)")
+    found = [f for f in RUN_FILES if (out / f).exists()] if out.is_dir() else []
+    if not resume and found:
+        raise UsageError(f"--output {out} already holds a run ({', '.join(found)}): pass --resume to continue it, or "
+                         "choose another --output (nothing there was changed)")
     check_output_dir(out)
 
 
@@ -335,16 +367,31 @@ def _records(args, encoder, spec: DatasetSpec, model_kwargs: dict, amp: str, dev
     mean, std = _normalisation(encoder.vit, args.checkpoint)
     identity = dict(method=args.method, model=args.model, img_size=img_size, model_kwargs=model_kwargs,
                     checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
-                    num_classes=spec.num_classes, classes=spec.classes, encoder=encoder.config())
+                    backbone_seed=None if args.checkpoint else args.seed,
+                    backbone_sha256=backbone_fingerprint(encoder.vit), num_classes=spec.num_classes,
+                    classes=spec.classes, encoder=encoder.config())
     settings = dict(vars(args), img_size=img_size, layout=spec.layout, amp=amp, device=str(device),
                     world_size=world, effective_lr=args.lr * args.batch_size / 256, mean=list(mean), std=list(std),
                     num_classes=spec.num_classes, model_kwargs=model_kwargs, encoder=encoder.config(),
                     trainable_params=encoder.parameter_report()["trainable"],
                     versions=dict(torch=str(torch.__version__), timm=str(__import__("timm").__version__)))
     record = dict(model=args.model, img_size=img_size, model_kwargs=model_kwargs, seed=args.seed,
-                  checkpoint=identity["checkpoint"], classes=spec.classes, layout=spec.layout,
-                  mean=list(mean), std=list(std), eval_batch_size=args.batch_size // world, amp=amp)
+                  checkpoint=identity["checkpoint"], backbone_sha256=identity["backbone_sha256"], classes=spec.classes,
+                  layout=spec.layout, mean=list(mean), std=list(std), eval_batch_size=args.batch_size // world, amp=amp)
     return identity, settings, record
+
+
+def _check_batches(batch_size: int, images: int, world: int) -> None:
+    """Every process gets at least one full batch per epoch. With several processes the loader drops an
+    incomplete batch (as the official one), and DistributedSampler gives each process ceil(images / world)."""
+    if images < world:
+        raise UsageError(f"the train split has {images} image(s), fewer than the {world} processes: use fewer "
+                         "processes (--nproc_per_node) or more data")
+    per_process, share = batch_size // world, -(-images // world)
+    if world > 1 and share < per_process:
+        raise UsageError(f"--batch-size {batch_size} over {world} processes is {per_process} images per process and "
+                         f"step, but the {images} train images give each process {share}: no full batch (incomplete "
+                         f"batches are dropped with several processes); use --batch-size <= {world * share}")
 
 
 def _data(args, spec: DatasetSpec, record: dict, rank: int, world: int, device):
@@ -377,6 +424,7 @@ def setup(args) -> Run:
         if split not in spec.splits:
             raise UsageError(f"split {split!r} not found in {args.data} (layout {spec.layout}; has "
                              f"{sorted(spec.splits)})")
+    _check_batches(args.batch_size, len(spec.splits[args.train_split]), world)
     encoder = _build_encoder(args, spec.num_classes, model_kwargs, enc_kwargs).to(device)
     out = Path(args.output)
     if rank == 0:
@@ -397,10 +445,11 @@ def setup(args) -> Run:
 # resume
 # ---------------------------------------------------------------------------------------------------
 def _check_same_run(run: Run, state: dict) -> None:
-    """Refuse another run's state; warn about changed hyper-parameters."""
+    """Refuse another run's state; warn about changed hyper-parameters. An entry the saved identity lacks
+    (a state written before it was recorded) is not compared."""
     saved = state["identity"]
     diff = [f"{k}: saved {saved.get(k)!r}, now {run.identity[k]!r}" for k in IDENTITY
-            if saved.get(k) != run.identity[k]]
+            if k in saved and saved[k] != run.identity[k]]
     if diff:
         raise UsageError(f"--resume: {run.out} holds a different run; " + "; ".join(diff[:4]) +
                          " (use the saved settings, or another --output)")
@@ -423,10 +472,74 @@ def _continue_schedule(run: Run, epoch: int) -> None:
     run.scheduler._last_lr = [g["lr"] for g in run.optimizer.param_groups]
 
 
+def _damaged(path: Path, what: str) -> UsageError:
+    return UsageError(f"--resume: {path} {what}: the file is damaged (a copy cut short, a full disk, an edit?); "
+                      "restore it, or start the run again in another --output")
+
+
+def _load_state(path: Path) -> dict:
+    """resume.pt as save_state wrote it, or one error naming the file and what to do."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling, zip, EOF and OS errors all mean "cannot be read"
+        raise _damaged(path, f"cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        have = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise _damaged(path, f"is not a resume state of lspt-train (expected the entries {list(STATE_KEYS)}, got "
+                             f"{have})")
+    types = dict(identity=dict, settings=dict, tuned=dict, rng=list, epoch=int, best_epoch=int, best_acc=(int, float))
+    wrong = [k for k, t in types.items() if not isinstance(state[k], t)]
+    if wrong:
+        raise _damaged(path, f"holds entries of the wrong type: {wrong}")
+    return state
+
+
+def _restore(run: Run, state: dict, path: Path) -> None:
+    """The saved tuned parameters, optimizer, scheduler, grad scaler and RNG streams into the run's own."""
+    params = dict(run.encoder.named_parameters())
+    own = {n: tuple(params[n].shape) for n in run.encoder.tuned_state_dict()}
+    saved = {n: tuple(t.shape) if isinstance(t, torch.Tensor) else None for n, t in state["tuned"].items()}
+    if saved != own:
+        raise _damaged(path, f"holds tuned tensors {saved} where this run has {own}")
+    try:
+        with torch.no_grad():
+            for n, t in state["tuned"].items():
+                params[n].copy_(t)
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.scaler.load_state_dict(state["scaler"])
+        rngs = state["rng"]
+        if len(rngs) == run.world:
+            _set_rng_state(rngs[run.rank])
+        else:
+            run.say(f"lspt-train: warning: saved with {len(rngs)} processes, resumed with {run.world}: RNG streams "
+                    "are reseeded", file=sys.stderr)
+            torch.manual_seed(run.args.seed + 1000 * run.rank + state["epoch"])
+    except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as exc:
+        raise _damaged(path, f"has an optimizer, scheduler, scaler or RNG state that does not fit ({exc})") from None
+
+
+def _read_log(path: Path, upto: int) -> list[dict]:
+    """The rows of log.jsonl up to epoch `upto`; a damaged line is an error naming the file and line."""
+    rows = []
+    for n, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            row = exc.msg
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+            raise UsageError(f"--resume: {path}:{n} is not a log row ({str(row)[:60]}; got {line[:40]!r}): delete that "
+                             "line (that epoch's row is then missing from the log), or the whole file")
+        rows.append(row)
+    return [r for r in rows if r["epoch"] <= upto]
+
+
 def resume(run: Run) -> None:
     """Resume: with --resume, restore the tuned parameters, optimizer, scheduler, grad scaler, RNG streams,
-    best epoch and log of the run saved in --output (refusing another run's state); without it, seed this
-    process's own RNG streams (prompt dropout, augmentation)."""
+    best epoch and log of the run saved in --output (refusing another run's state, and a damaged one);
+    without it, seed this process's own RNG streams (prompt dropout, augmentation)."""
     args = run.args
     if not args.resume:
         # Each process its own dropout / augmentation stream; the same one on every run with this seed.
@@ -434,28 +547,15 @@ def resume(run: Run) -> None:
         np.random.seed(args.seed + run.rank)
         random.seed(args.seed + run.rank)
         return
-    state = torch.load(run.out / "resume.pt", map_location="cpu", weights_only=True)
+    path = run.out / "resume.pt"
+    state = _load_state(path)
     _check_same_run(run, state)
-    with torch.no_grad():
-        params = dict(run.encoder.named_parameters())
-        for n, t in state["tuned"].items():
-            params[n].copy_(t)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
+    _restore(run, state, path)
     _continue_schedule(run, state["epoch"])
     run.start_epoch, run.best_acc, run.best_epoch = state["epoch"], state["best_acc"], state["best_epoch"]
-    rngs = state["rng"]
-    if len(rngs) == run.world:
-        _set_rng_state(rngs[run.rank])
-    else:
-        run.say(f"lspt-train: warning: saved with {len(rngs)} processes, resumed with {run.world}: RNG streams "
-                "are reseeded", file=sys.stderr)
-        torch.manual_seed(args.seed + 1000 * run.rank + run.start_epoch)
     log = run.out / "log.jsonl"
     if log.is_file():
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        run.rows = [r for r in rows if r["epoch"] <= run.start_epoch]
+        run.rows = _read_log(log, run.start_epoch)
 
 
 def wrap_model(run: Run) -> None:
@@ -617,7 +717,7 @@ def save_state(run: Run, epoch: int) -> None:
                  tuned={n: t.detach().cpu().clone() for n, t in run.encoder.tuned_state_dict().items()},
                  optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
                  scaler=run.scaler.state_dict(), rng=rngs)
-    _atomic_write(run.out / "resume.pt", lambda p: torch.save(state, p))
+    _atomic_write(run.out / "resume.pt", lambda p: _torch_save(state, p))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -639,19 +739,24 @@ def _announce(run: Run) -> None:
                 f"{run.best_epoch})")
 
 
-def train(args) -> int:
-    """lspt-train end to end: set-up, resume, then per epoch train_one_epoch, validate, save. Ctrl-C exits
-    with status 130, the state of the last completed epoch on disk."""
-    run = setup(args)
-    resume(run)
-    wrap_model(run)
-    _announce(run)
-    if not args.resume:
-        save_state(run, 0)
+def _check_finite(run: Run, epoch: int) -> None:
+    """After an epoch's updates, before anything of it is saved: tuned parameters with NaN or inf (an lr or
+    momentum that made the run diverge within the epoch) stop the run, so no file ever holds them and a NaN
+    model's argmax never becomes a "best" accuracy."""
+    bad = [n for n, t in run.encoder.tuned_state_dict().items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise FloatingPointError(f"the run diverged: the tuned parameters {bad[:5]} hold NaN or inf after epoch "
+                                 f"{epoch}; nothing of that epoch was saved: lower --lr (the state after epoch "
+                                 f"{epoch - 1} is in {run.out / 'resume.pt'})")
+
+
+def _run_epochs(run: Run) -> int:
+    """The epochs from run.start_epoch; Ctrl-C returns 130 with the last completed epoch's state on disk."""
     epoch = run.start_epoch
     try:
-        for epoch in range(run.start_epoch, args.epochs):
+        for epoch in range(run.start_epoch, run.args.epochs):
             stats = train_one_epoch(run, epoch)
+            _check_finite(run, epoch + 1)
             run.scheduler.step()
             save_epoch(run, epoch + 1, stats, validate(run))
             save_state(run, epoch + 1)
@@ -660,8 +765,26 @@ def train(args) -> int:
             print(f"\nlspt-train: interrupted in epoch {epoch + 1}; {run.out}/resume.pt holds the state after epoch "
                   f"{_saved_epoch(run.out)}: continue with the same command and --resume", file=sys.stderr, flush=True)
         return 130
-    if run.world > 1:
-        _check_in_sync(run.encoder, run.world)
+    return 0
+
+
+def train(args) -> int:
+    """lspt-train end to end: set-up, then, with --output locked by rank 0 for the life of the run (a second
+    run on it is refused), resume and per epoch train_one_epoch, validate, save. Ctrl-C exits with status
+    130, the state of the last completed epoch on disk."""
+    run = setup(args)
+    with OutputLock(run.out) if run.rank == 0 else contextlib.nullcontext():
+        if run.rank == 0:
+            _check_output(run.out, args.resume)     # again, now that no other run can write there
+        resume(run)
+        wrap_model(run)
+        _announce(run)
+        if not args.resume:
+            save_state(run, 0)
+        if _run_epochs(run) == 130:
+            return 130
+        if run.world > 1:
+            _check_in_sync(run.encoder, run.world)
     run.say(f"best val accuracy: {run.best_acc:.2f}% (epoch {run.best_epoch}) -> {run.out / 'best.safetensors'}")
     return 0
 
@@ -692,8 +815,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return train(args)
     except (ValueError, FloatingPointError) as exc:     # UsageError, DataError and the encoders' checks
-        print(f"lspt-train: error: {exc}", file=sys.stderr, flush=True)
+        print(f"lspt-train: error: {error_message(exc)}", file=sys.stderr, flush=True)
         return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"lspt-train: error: {exc.strerror}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             import torch.distributed as dist

@@ -35,14 +35,16 @@ from torch import Tensor
 from .cli_helpers import (
     UsageError,
     add_model_kwargs_option,
+    backbone_mismatch,
     backbone_spec,
+    check_number,
     check_output_dir,
     load_backbone,
     load_tuned_encoder,
     model_kwargs_from_args,
     resolve_device,
 )
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from .data import IMAGENET_MEAN, IMAGENET_STD, open_image
 
 __all__ = ["KINDS", "SOURCES", "block_maps", "similarity_maps", "attention_maps", "summarize",
            "load_image", "draw_rows", "build_parser", "main"]
@@ -213,18 +215,15 @@ def summarize(kind: str, maps: Tensor) -> list[list[dict]]:
 # ------------------------------------------------------------------------------------------------
 def load_image(path, size, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[Tensor, Tensor]:
     """An image file -> ((3, H, W) tensor normalised with mean/std (default ImageNet's), (H, W, 3)
-    uint8 for drawing): the shorter side resized (bicubic) to cover `size` (int or (H, W)), then
-    centre-cropped, as evaluation transforms do."""
-    from PIL import Image, UnidentifiedImageError
+    uint8 for drawing): opened as training opens images (`data.open_image`: 16-bit images scaled, not
+    clipped), the shorter side resized (bicubic) to cover `size` (int or (H, W)), then centre-cropped,
+    as evaluation transforms do. A file that cannot be read is a ValueError (DataError) naming it."""
+    from PIL import Image
     H, W = (size, size) if isinstance(size, int) else tuple(size)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
+    im = open_image(path)
     scale = max(H / im.height, W / im.width)
     im = im.resize((max(W, round(im.width * scale)), max(H, round(im.height * scale))), Image.BICUBIC)
     left, top = (im.width - W) // 2, (im.height - H) // 2
@@ -313,15 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _backbone(spec: dict, device: torch.device):
-    """The ViT of the backbone spec on `device`, in eval mode; a note on stderr when it is a random init."""
+    """The ViT of the backbone spec on `device`, in eval mode; a note on stderr when it is a random init,
+    a warning when it is not the backbone lspt-train recorded in the files."""
     vit = load_backbone(spec)
     try:
         _check_blocks(vit)
     except TypeError as exc:
         raise UsageError(f"--model {spec['model']!r}: {exc}") from None
+    mismatch = backbone_mismatch(spec, vit)
+    if mismatch:
+        print(f"lspt-viz: warning: {mismatch}; the maps are not those of the tuned model", file=sys.stderr)
     if spec["checkpoint"] is None and spec["recorded"]:
-        print(f"lspt-viz: note: the backbone is timm's random init under seed {spec['seed']}, as lspt-train "
-              "recorded (no checkpoint)", file=sys.stderr)
+        as_recorded = spec["seed"] == spec["record"].get("seed", 0)
+        print(f"lspt-viz: note: the backbone is timm's random init under seed {spec['seed']}"
+              + (", as lspt-train recorded (no checkpoint)" if as_recorded else
+                 f" (--seed; lspt-train recorded {spec['record'].get('seed', 0)})"), file=sys.stderr)
     elif spec["checkpoint"] is None:
         print(f"lspt-viz: note: no --checkpoint, the backbone is timm's random init (seed {spec['seed']}); the "
               "maps mean something only if the tuned files were trained on this same backbone", file=sys.stderr)
@@ -413,6 +418,9 @@ def _summary(args, spec, size, kinds, tuned, encoders, labels, results, queries)
 
 
 def _run(args) -> int:
+    for option, value in (("--img-size", args.img_size), ("--seed", args.seed)):
+        if value is not None:
+            check_number(option, value, ge=1 if option == "--img-size" else 0)
     kinds = KINDS if args.kind == "both" else (args.kind,)
     device = resolve_device(args.device)
     out_dir = check_output_dir(args.output)

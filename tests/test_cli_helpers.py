@@ -1,6 +1,10 @@
 """lspt_kernels.cli_helpers, what lspt-train, lspt-eval, lspt-viz and lspt-bench share: --device, --output,
 --amp, --model-kwargs, the backbone builder, and the backbone and encoder of a tuned file."""
 import argparse
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -143,7 +147,7 @@ def test_backbone_spec_from_the_record_and_the_flags(tmp_path):
     _tuned(tmp_path / "a.st", _record())
     spec = C.backbone_spec([tmp_path / "a.st"])
     assert spec == dict(model="vit_tiny_patch16_224", model_kwargs=TINY_KW, img_size=32, seed=7, checkpoint=None,
-                        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), recorded=True)
+                        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), recorded=True, record=_record())
     spec = C.backbone_spec([tmp_path / "a.st"], model_kwargs=dict(drop_path_rate=0.1), img_size=48, seed=1)
     assert spec["model_kwargs"] == dict(TINY_KW, drop_path_rate=0.1) and (spec["img_size"], spec["seed"]) == (48, 1)
 
@@ -153,7 +157,7 @@ def test_a_record_applies_to_its_own_model_only(tmp_path):
     assert C.backbone_spec([tmp_path / "a.st"], model="vit_tiny_patch16_224")["model_kwargs"] == TINY_KW
     other = C.backbone_spec([tmp_path / "a.st"], model="vit_small_patch16_224")
     assert other == dict(model="vit_small_patch16_224", model_kwargs={}, img_size=None, seed=0, checkpoint=None,
-                         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), recorded=False)
+                         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), recorded=False, record=_record())
 
 
 def test_backbone_spec_errors(tmp_path):
@@ -198,3 +202,169 @@ def test_load_tuned_encoder_refuses_a_file_of_another_vit(tmp_path):
     with pytest.raises(C.UsageError, match=r"--tuned .*a.st was tuned on a different ViT \(embed_dim=24, depth=4\) "
                                            r"than the one given \(embed_dim=32, depth=3\)"):
         C.load_tuned_encoder(tmp_path / "a.st", make_vit())
+
+
+# --- numbers and booleans ----------------------------------------------------------------------------
+@pytest.mark.parametrize("value, bounds, message", [
+    (float("nan"), dict(gt=0), r"--x must be a finite number > 0, got nan"),
+    (float("inf"), dict(gt=0), r"--x must be a finite number > 0, got inf"),
+    (float("-inf"), {}, r"--x must be a finite number, got -inf"),
+    (-0.5, dict(ge=0, lt=1), r"--x must be a finite number >= 0 and < 1, got -0.5"),
+    (1.0, dict(ge=0, lt=1), r"--x must be a finite number >= 0 and < 1, got 1.0"),
+    (0, dict(ge=1), r"--x must be >= 1, got 0"),
+    (True, dict(ge=0), r"--x must be a finite number >= 0, got True"),
+])
+def test_numbers_out_of_range_or_not_finite_are_refused(value, bounds, message):
+    with pytest.raises(C.UsageError, match=message):
+        C.check_number("--x", value, **bounds)
+
+
+@pytest.mark.parametrize("value, bounds", [(0.5, dict(ge=0, lt=1)), (1e-9, dict(gt=0)), (3, dict(ge=1)), (-2.0, {})])
+def test_numbers_in_range_pass(value, bounds):
+    C.check_number("--x", value, **bounds)
+
+
+@pytest.mark.parametrize("word, value", [("true", True), ("False", False), ("1", True), ("0", False), ("YES", True),
+                                         ("no", False), (" true ", True)])
+def test_boolean_words(word, value):
+    assert C.parse_bool(word) is value
+
+
+@pytest.mark.parametrize("word", ["maybe", "", "2", "t", "off"])
+def test_other_words_are_not_booleans(word):
+    parser = argparse.ArgumentParser(prog="tool")
+    parser.add_argument("--flag", type=C.parse_bool)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--flag", word])
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"expected true or false \(or 1/0, yes/no\), got {word!r}"):
+        C.parse_bool(word)
+
+
+# --- the output folder's lock --------------------------------------------------------------------------
+def test_output_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
+    with C.OutputLock(tmp_path):
+        holder = (tmp_path / C.LOCK_FILE).read_text()
+        assert f"pid {os.getpid()} on " in holder
+        with pytest.raises(C.UsageError, match=rf"--output {tmp_path} is in use by another run \(pid {os.getpid()} "
+                                               r"on .*\): wait until it ends, or choose another --output"):
+            with C.OutputLock(tmp_path):
+                pass
+    assert (tmp_path / C.LOCK_FILE).read_text() == ""                # emptied, the folder as the run found it
+    with C.OutputLock(tmp_path):                                      # released: the next run takes it
+        pass
+
+
+def test_output_lock_of_another_process(tmp_path):
+    code = ("import sys; from lspt_kernels.cli_helpers import OutputLock\n"
+            f"with OutputLock({str(tmp_path)!r}):\n    print('held', flush=True); sys.stdin.read()")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with pytest.raises(C.UsageError, match=rf"in use by another run \(pid {child.pid} on "):
+            with C.OutputLock(tmp_path):
+                pass
+    finally:
+        child.communicate("", timeout=60)
+    with C.OutputLock(tmp_path):                                      # the holder is gone: free again
+        pass
+
+
+# --- error messages ------------------------------------------------------------------------------------
+class _Broken(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        from lspt_kernels.data import DataError
+        raise DataError(f"cannot read image /data/{i}.png: truncated")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_error_message_of_a_loader_is_one_line_with_or_without_workers(workers):
+    loader = torch.utils.data.DataLoader(_Broken(), num_workers=workers)
+    with pytest.raises(ValueError) as caught:
+        next(iter(loader))
+    assert C.error_message(caught.value) == "cannot read image /data/0.png: truncated"
+
+
+def test_error_message_of_other_errors_is_their_text():
+    assert C.error_message(ValueError("a\nb")) == "a\nb"
+
+
+# --- the backbone's fingerprint and image size ---------------------------------------------------------
+def test_backbone_fingerprint_tells_weights_apart():
+    a, b = (C.build_backbone("vit_tiny_patch16_224", 32, TINY_KW, seed=3) for _ in range(2))
+    assert C.backbone_fingerprint(a) == C.backbone_fingerprint(b)
+    assert C.backbone_fingerprint(a) != C.backbone_fingerprint(C.build_backbone("vit_tiny_patch16_224", 32, TINY_KW, 4))
+    with torch.no_grad():
+        b.blocks[1].mlp.fc2.bias[5] += 1e-6
+    assert C.backbone_fingerprint(a) != C.backbone_fingerprint(b)
+    assert C.backbone_fingerprint(C.build_backbone("vit_tiny_patch16_224", device="meta")) is None
+
+
+def test_image_smaller_than_a_patch_is_refused():
+    with pytest.raises(C.UsageError, match=r"--img-size 4: smaller than the \(8, 8\) patch of --model "
+                                           r"'vit_tiny_patch16_224', so an image holds no patch"):
+        C.build_backbone("vit_tiny_patch16_224", 4, TINY_KW)
+
+
+# --- a tuned file's record: damaged entries, another backbone --------------------------------------------
+DAMAGED_RECORDS = {        # case: (the record's change, the error's pattern)
+    "classes-not-a-list": (dict(classes=5), r"entry 'classes' must be a non-empty list of class names, got 5"),
+    "batch-as-text": (dict(eval_batch_size="64"), r"entry 'eval_batch_size' must be an int >= 1, got \"64\""),
+    "img-size-as-text": (dict(img_size="32"), r"entry 'img_size' must be an int >= 1 \(or null\), got \"32\""),
+    "mean-not-numbers": (dict(mean="x"), r"entry 'mean' must be a list of numbers, got \"x\""),
+    "zero-std": (dict(std=[0, 1, 1]), r"entry 'std' must be a list of numbers > 0"),
+    "unknown-entry": (dict(colour="red"), r"has entries this version does not know: \['colour'\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_RECORDS))
+def test_damaged_record_is_refused_naming_the_entry(tmp_path, case):
+    change, pattern = DAMAGED_RECORDS[case]
+    _tuned(tmp_path / "a.st", _record(**change))
+    with pytest.raises(C.UsageError, match=rf"--tuned \S*a.st: its 'lspt_train' metadata {pattern}"):
+        C.train_record(tmp_path / "a.st")
+
+
+def test_record_that_is_not_an_object_is_damaged_not_missing(tmp_path):
+    enc = _tuned(tmp_path / "a.st")
+    enc.save_tuned(tmp_path / "a.st", metadata={C.TRAIN_RECORD: '{"model": "vit_tiny_patch16_224", "img_si'})
+    with pytest.raises(C.UsageError, match=r"its 'lspt_train' metadata is damaged: expected a JSON object"):
+        C.backbone_spec([tmp_path / "a.st"])
+
+
+def _recorded_with_fingerprint(tmp_path, seed=7):
+    vit = C.build_backbone("vit_tiny_patch16_224", 32, TINY_KW, seed=seed)
+    _tuned(tmp_path / "a.st", _record(seed=seed, backbone_sha256=C.backbone_fingerprint(vit)), vit=vit)
+    return tmp_path / "a.st", vit
+
+
+def test_the_recorded_backbone_is_no_mismatch(tmp_path):
+    path, vit = _recorded_with_fingerprint(tmp_path)
+    spec = C.backbone_spec([path])
+    assert C.backbone_mismatch(spec, C.load_backbone(spec)) is None
+    torch.save({"model": vit.state_dict()}, tmp_path / "copy.pth")      # the same weights from a file
+    spec = C.backbone_spec([path], checkpoint=str(tmp_path / "copy.pth"))
+    assert C.backbone_mismatch(spec, C.load_backbone(spec)) is None
+
+
+def test_another_backbone_is_named_with_both_values(tmp_path):
+    path, _ = _recorded_with_fingerprint(tmp_path)
+    spec = C.backbone_spec([path], seed=8)
+    message = C.backbone_mismatch(spec, C.load_backbone(spec))
+    assert "--seed 8 (lspt-train recorded 7)" in message
+    assert re.search(r"its weights \(sha256 \w{16}\) are not the ones the file was tuned on \(\w{16}\)", message)
+
+
+def test_rebuild_encoder_reports_another_backbone(tmp_path):
+    path, _ = _recorded_with_fingerprint(tmp_path)
+    other = C.build_backbone("vit_tiny_patch16_224", 32, TINY_KW, seed=8)
+    torch.save({"model": other.state_dict()}, tmp_path / "other.pth")
+    said = []
+    C.rebuild_encoder(path, warn=said.append)
+    assert said == []                                                   # the recorded backbone: nothing to say
+    C.rebuild_encoder(path, checkpoint=str(tmp_path / "other.pth"), warn=said.append)
+    assert len(said) == 1 and f"--checkpoint {tmp_path / 'other.pth'} (lspt-train recorded None)" in said[0]
+    with pytest.warns(RuntimeWarning, match="the backbone is not the one the tuned file was trained on"):
+        C.rebuild_encoder(path, checkpoint=str(tmp_path / "other.pth"))

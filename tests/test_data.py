@@ -185,3 +185,104 @@ def test_unreadable_image_is_named(datasets, tmp_path):
     ds[4]                                                   # its neighbours still load
     with pytest.raises(DataError, match="cannot read image " + path):
         ds[5]
+
+
+def test_vtab_train_split_lacking_a_label_names_it(datasets, tmp_path):
+    root = _copy(datasets, "vtab", tmp_path)
+    lines = (root / "train800.txt").read_text().splitlines()
+    (root / "train800.txt").write_text("".join(f"{line}\n" for line in lines if not line.endswith(" 1")))
+    with pytest.raises(DataError, match=r"train800.txt has no image of label\(s\) \[1\], yet its labels go up to 3"):
+        load_dataset(root)
+
+
+@pytest.mark.parametrize("layout, name", [("vtab", "train800.txt"), ("fgvc", "train.json")])
+def test_list_file_with_a_byte_order_mark_is_read(datasets, tmp_path, layout, name):
+    root = _copy(datasets, layout, tmp_path)
+    expected = load_dataset(root).splits["train"]
+    (root / name).write_bytes(b"\xef\xbb\xbf" + (root / name).read_bytes())
+    assert load_dataset(root).splits["train"] == expected
+
+
+@pytest.mark.parametrize("layout, name", [("vtab", "val200.txt"), ("fgvc", "val.json")])
+def test_list_file_that_is_not_utf8_is_named(datasets, tmp_path, layout, name):
+    root = _copy(datasets, layout, tmp_path)
+    text = (root / name).read_bytes()
+    cut = text.index(b"\n") + 5 if layout == "vtab" else 5
+    (root / name).write_bytes(text[:cut] + b"\xe9" + text[cut:])
+    line = 2 if layout == "vtab" else 1
+    with pytest.raises(DataError, match=rf"{name}:{line}: not UTF-8 text \(byte 0xe9 at offset {cut}\)"):
+        load_dataset(root)
+
+
+def test_fgvc_one_missing_image_is_named_under_its_folder(datasets, tmp_path):
+    root = _copy(datasets, "fgvc", tmp_path)
+    first = next(iter(json.loads((root / "train.json").read_text())))
+    (root / "images" / first).unlink()                     # the very image the folder used to be guessed from
+    with pytest.raises(DataError, match=rf"{root / 'images'}: 1 of the 12 image file\(s\) of split 'train' do not "
+                                        rf"exist, e.g. {root / 'images' / first}"):
+        load_dataset(root)
+
+
+def test_fgvc_with_only_a_test_list_reads_it_given_the_classes(datasets, tmp_path):
+    root = _copy(datasets, "fgvc", tmp_path)
+    classes = load_dataset(root).classes
+    for name in ("train.json", "val.json"):
+        (root / name).unlink()
+    spec = load_dataset(root, "fgvc", classes=classes, splits=["test"])
+    assert list(spec.splits) == ["test"] and len(spec.splits["test"]) == 8
+    assert all(path.startswith(str(root / "images")) for path, _ in spec.splits["test"])
+
+
+def test_only_the_splits_asked_for_are_read(datasets, tmp_path):
+    root = _copy(datasets, "imagefolder", tmp_path)
+    shutil.copytree(root / "train" / "red", root / "train" / "purple")      # a class val and test lack
+    classes = sorted(CLASSES)
+    with pytest.raises(DataError, match="purple"):
+        load_dataset(root, classes=classes)
+    spec = load_dataset(root, classes=classes, splits=["val"])
+    assert list(spec.splits) == ["val"] and len(spec.splits["val"]) == 8
+
+
+# --- image files ---------------------------------------------------------------------------------------
+def _ramp(dtype, top):
+    import numpy as np
+    return np.linspace(0, top, 16 * 16).reshape(16, 16).astype(dtype)
+
+
+@pytest.mark.parametrize("name, dtype", [("g16.png", "uint16"), ("g16.tif", "uint16"), ("i32.tif", "int32")])
+def test_16bit_images_are_scaled_not_clipped(tmp_path, name, dtype):
+    import numpy as np
+    from PIL import Image
+
+    from lspt_kernels.data import open_image
+    ramp = _ramp(dtype, 65472)
+    Image.fromarray(ramp).save(tmp_path / name)
+    rgb = np.asarray(open_image(tmp_path / name))
+    assert rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8
+    expected = np.rint(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert (rgb == expected[..., None]).all()
+    assert len(np.unique(rgb)) > 200                      # convert("RGB") left 5 values, 99.6% at 255
+
+
+def test_image_dataset_opens_16bit_images_like_8bit_ones(tmp_path):
+    import numpy as np
+    from PIL import Image
+    eight = _ramp("uint8", 255)
+    Image.fromarray(eight).save(tmp_path / "g8.png")
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "g16.png")     # the same image in 16 bits
+    transform = build_transform("vtab", 16, (0.5,) * 3, (0.5,) * 3, train=False)
+    ds = ImageDataset([(str(tmp_path / "g8.png"), 0), (str(tmp_path / "g16.png"), 0)], transform)
+    assert torch.equal(ds[0][0], ds[1][0])
+
+
+@pytest.mark.parametrize("values, pattern", [
+    (_ramp("float32", 1.0), r"it has floating-point pixels \(PIL mode F\)"),
+    (_ramp("int32", 70000), r"its I pixels go from 0 to 70000, outside the 16-bit range"),
+])
+def test_images_without_a_defined_range_are_refused(tmp_path, values, pattern):
+    from PIL import Image
+
+    from lspt_kernels.data import open_image
+    Image.fromarray(values).save(tmp_path / "x.tif")
+    with pytest.raises(DataError, match=rf"cannot read image {tmp_path / 'x.tif'}: {pattern}"):
+        open_image(tmp_path / "x.tif")

@@ -1,6 +1,8 @@
 """Encoder arguments at their edges: bools are not counts, kmeans_steps and lstm_layers, the depth a
 method needs, and a ViT without pooling; each a clear error naming the argument, or a documented
 behaviour (README "Bad input")."""
+import re
+
 import pytest
 import torch
 from helpers import make_vit
@@ -87,3 +89,9 @@ def test_attention_pooling_with_empty_global_pool_name_is_not_refused():
     # 'map' pools with its own attention block: forward_head returns (B, D), so it is a real pooling.
     vit = make_vit(global_pool="map")
     assert _enc("lspt", vit)(_images()).shape == (2, NC)
+
+
+@pytest.mark.parametrize("bad", ["abc", float("nan"), float("inf"), True, None])
+def test_bad_gate_init_is_named(bad):
+    with pytest.raises(ValueError, match=rf"gate_init must be a finite number .*, got {re.escape(repr(bad))}"):
+        GaPTEncoder(make_vit(), NP, NC, gate_init=bad)

@@ -75,3 +75,11 @@ def test_linear_probe_accepts_the_same_paths(tmp_path, monkeypatch):
     probe = LinearProbe(make_vit(), NC)
     probe.save_tuned(os.path.join("~", "probe.safetensors"))
     LinearProbe(make_vit(), NC).load_tuned("~/probe.safetensors")
+
+
+@pytest.mark.parametrize("where", [".", "sub"])
+def test_save_tuned_to_a_directory_names_it(tmp_path, monkeypatch, where):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(IsADirectoryError, match=rf"cannot write {where}: it is a directory; give a file name"):
+        VPTEncoder(make_vit(), NP, NC).save_tuned(where)

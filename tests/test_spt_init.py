@@ -111,3 +111,25 @@ def test_bad_input():
         init_prompts_from_data(enc, torch.randn(2, 1, 32, 32))
     with pytest.raises(ValueError, match="gave no images"):
         init_prompts_from_data(enc, [])
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_integer_images_get_the_forward_pass_rule(dtype):
+    enc = build_encoder("vpt-deep", make_vit(), num_prompts=NP, num_classes=3)
+    images = (torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(dtype)
+    before = enc.prompts.detach().clone()
+    with pytest.raises(TypeError, match=rf"images must be a floating-point tensor, got {dtype}") as forward:
+        enc(images)
+    with pytest.raises(TypeError) as init:
+        init_prompts_from_data(enc, images, tokens_per_image=None)
+    assert str(init.value) == str(forward.value) and torch.equal(enc.prompts, before)
+
+
+def test_empty_batches_add_no_images():
+    enc = build_encoder("vpt-deep", make_vit(), num_prompts=NP, num_classes=3)
+    with pytest.raises(ValueError, match="images_or_loader gave no images"):
+        init_prompts_from_data(enc, torch.zeros(0, 3, 32, 32))
+    a = build_encoder("vpt-deep", make_vit(), num_prompts=NP, num_classes=3)
+    init_prompts_from_data(a, [torch.zeros(0, 3, 32, 32), _images()], seed=1)
+    init_prompts_from_data(enc, _images(), seed=1)
+    assert torch.equal(a.prompts, enc.prompts)

@@ -111,3 +111,14 @@ def test_exit_0_without_every_epoch_logged_is_a_failure(tmp_path, trainer):
 def test_log_tail_is_the_latest_attempt(tmp_path):
     (tmp_path / state.LOG).write_text("=== lspt-sweep attempt 1\nold\n=== lspt-sweep attempt 2\nnew 1\nnew 2\n")
     assert state.log_tail(tmp_path) == ["new 1", "new 2"]
+
+
+@pytest.mark.parametrize("line", [
+    "lspt-train: error: the training loss is nan at epoch 3",
+    "lspt-train: error: the training loss is -inf at epoch 3",
+    "lspt-train: error: the run diverged: the tuned parameters ['head.weight'] hold NaN or inf after epoch 2",
+])
+def test_both_divergence_messages_of_lspt_train_are_recognised(line):
+    from lspt_kernels.sweep.launchers import DIVERGED_MESSAGE
+    assert DIVERGED_MESSAGE.search(line)
+    assert not DIVERGED_MESSAGE.search("lspt-train: error: cannot read image x.png")

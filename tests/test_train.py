@@ -32,7 +32,8 @@ def data(tmp_path_factory):
 
 
 def _args(data, out, *extra, method="lspt", epochs=2):
-    return ["--data", str(data), *TINY, "--method", method, "--epochs", str(epochs), "--warmup-epochs", "1",
+    warmup = "1" if epochs > 1 else "0"            # the warm-up must end before the run does
+    return ["--data", str(data), *TINY, "--method", method, "--epochs", str(epochs), "--warmup-epochs", warmup,
             "--batch-size", "8", "--lr", "2", "--workers", "0", "--device", "cpu", "--output", str(out), *extra]
 
 
@@ -314,11 +315,17 @@ def test_bad_data_dir_is_named_and_nothing_is_created(tmp_path, capsys, case):
     assert not (tmp_path / "out").exists()
 
 
-def test_unreadable_image_named_and_state_kept(data, tmp_path, capsys):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_unreadable_image_named_in_one_line_and_state_kept(data, tmp_path, capsys, workers):
+    from lspt_kernels.data import DataError, open_image
     root = shutil.copytree(data, tmp_path / "data")
     bad = sorted((root / "train" / "green").iterdir())[0]
     bad.write_bytes(b"\x89PNG broken")
-    _fails(capsys, _args(root, tmp_path / "out"), f"cannot read image {bad}")
+    err = _fails(capsys, _args(root, tmp_path / "out", "--workers", workers), f"cannot read image {bad}")
+    with pytest.raises(DataError) as direct:
+        open_image(bad)
+    # The same one line with data-loader workers as without (not the worker's traceback).
+    assert err[err.index("lspt-train: error: "):].strip() == f"lspt-train: error: {direct.value}"
     assert torch.load(tmp_path / "out" / "resume.pt", weights_only=False)["epoch"] == 0   # resumable
 
 
@@ -347,6 +354,8 @@ def _three_classes(data, tmp_path):
 OTHER_RUNS = {        # case: (the command line, given the data, the finished run's folder and tmp_path; pattern)
     "new-run-over-a-run": (lambda data, out, tmp: _args(data, out, method="gapt"),
                            "already holds a run .* pass --resume"),
+    "other-seed-of-a-random-backbone": (lambda data, out, tmp: _args(data, out, "--resume", "--seed", "7"),
+                                        "different run; backbone_seed: saved 42, now 7; backbone_sha256: saved "),
     "other-method": (lambda data, out, tmp: _args(data, out, "--resume", method="gapt"),
                      "different run; method: saved 'lspt', now 'gapt'"),
     "other-model-kwargs": (lambda data, out, tmp: _other_model(_args(data, out, "--resume")),
@@ -419,6 +428,23 @@ BAD_OPTIONS = {        # case: (the command line, given the data, the output fol
     "unknown-model": (lambda data, out, tmp: _unknown_model(data, out), "--model 'vit_nonexistent_model'"),
     "model-kwargs-not-key-value": (lambda data, out, tmp: _args(data, out, "--model-kwargs", "depth"),
                                    "--model-kwargs expects KEY=VALUE"),
+    "lr-nan": (lambda data, out, tmp: _args(data, out, "--lr", "nan"), "--lr must be a finite number > 0, got nan"),
+    "lr-inf": (lambda data, out, tmp: _args(data, out, "--lr", "inf"), "--lr must be a finite number > 0, got inf"),
+    "weight-decay-nan": (lambda data, out, tmp: _args(data, out, "--weight-decay", "nan"),
+                         "--weight-decay must be a finite number >= 0, got nan"),
+    "momentum-nan": (lambda data, out, tmp: _args(data, out, "--momentum", "nan"),
+                     "--momentum must be a finite number >= 0 and < 1, got nan"),
+    "momentum-negative": (lambda data, out, tmp: _args(data, out, "--momentum", "-0.5"),
+                          "--momentum must be a finite number >= 0 and < 1, got -0.5"),
+    "gate-init-inf": (lambda data, out, tmp: _args(data, out, "--gate-init", "inf", method="gapt"),
+                      "--gate-init must be a finite number, got inf"),
+    "negative-seed": (lambda data, out, tmp: _args(data, out, "--seed", "-1"), "--seed must be >= 0 and < 2147483648"),
+    "default-warmup-longer-than-the-run": (lambda data, out, tmp: _args(data, out, "--warmup-epochs", "10", epochs=1),
+                                           r"--warmup-epochs 10 must be less than --epochs 1: .* never train at"),
+    "warmup-longer-than-the-run": (lambda data, out, tmp: _args(data, out, "--warmup-epochs", "5", epochs=3),
+                                   "--warmup-epochs 5 must be less than --epochs 3"),
+    "image-smaller-than-a-patch": (lambda data, out, tmp: _args(data, out, "--img-size", "4"),
+                                   r"--img-size 4: smaller than the \(8, 8\) patch of --model 'vit_tiny_patch16_224'"),
 }
 
 
@@ -465,6 +491,13 @@ def test_vtab_and_fgvc_layouts_train_and_evaluate(tmp_path, capsys, layout):
         assert lspt_eval.main(["--data", str(root), "--tuned", str(out / "last.safetensors"), "--split", split]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert f"[val]: top-1 {logged:.2f}%" in lines[0] and "/12)" in lines[0] and "[test]" in lines[1]
+    # A copy of the data that keeps only the test list: lspt-eval reads only the split it evaluates.
+    only_test = shutil.copytree(root, tmp_path / "only-test")
+    others = {"vtab": ("train800.txt", "val200.txt", "train800val200.txt"), "fgvc": ("train.json", "val.json")}
+    for name in others[layout]:
+        (only_test / name).unlink()
+    assert lspt_eval.main(["--data", str(only_test), "--tuned", str(out / "last.safetensors"), "--split", "test"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == lines[1].replace(str(root), str(only_test))
 
 
 def test_backbone_checkpoint_is_used_and_recorded(data, tmp_path, capsys):
@@ -521,6 +554,17 @@ def _plain_file(tmp_path, tuned):
     return ["--tuned", str(tmp_path / "plain.safetensors")]
 
 
+def _edited(tmp_path, tuned, **change):
+    """A copy of a tuned file whose lspt-train record has `change` applied."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(tuned, "pt") as f:
+        meta = f.metadata()
+    meta["lspt_train"] = json.dumps(dict(json.loads(meta["lspt_train"]), **change))
+    save_file(load_file(tuned), str(tmp_path / "edited.safetensors"), metadata=meta)
+    return ["--tuned", str(tmp_path / "edited.safetensors")]
+
+
 BAD_EVAL = {        # case: (arguments after --data, given tmp_path and the finished run's tuned file; pattern)
     "missing-file": (lambda tmp, tuned: ["--tuned", str(tmp / "none.safetensors")],
                      "--tuned .*none.safetensors: no such file"),
@@ -528,6 +572,13 @@ BAD_EVAL = {        # case: (arguments after --data, given tmp_path and the fini
     "missing-split": (lambda tmp, tuned: ["--tuned", tuned, "--split", "holdout"],
                       "--split 'holdout'.*has no such split"),
     "no-backbone-named": (lambda tmp, tuned: _plain_file(tmp, tuned), "does not name its backbone.*--model"),
+    "classes-not-a-list": (lambda tmp, tuned: _edited(tmp, tuned, classes=5),
+                           r"its 'lspt_train' metadata entry 'classes' must be a non-empty list of class names, got 5"),
+    "batch-size-as-text": (lambda tmp, tuned: _edited(tmp, tuned, eval_batch_size="64"),
+                           r"its 'lspt_train' metadata entry 'eval_batch_size' must be an int >= 1, got \"64\""),
+    "unknown-entry": (lambda tmp, tuned: _edited(tmp, tuned, colour="red"),
+                      r"its 'lspt_train' metadata has entries this version does not know: \['colour'\]"),
+    "zero-batch-size": (lambda tmp, tuned: ["--tuned", tuned, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
 }
 
 
@@ -554,3 +605,152 @@ def test_grad_checkpointing_flag(data, tmp_path, capsys):
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-6, msg=name)
     assert json.loads((tmp_path / "gc" / "config.json").read_text())["grad_checkpointing"] is True
+
+
+def test_boolean_option_refuses_other_words(data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        lspt_train.main(_args(data, tmp_path / "o", "--shared-lstm", "maybe"))
+    assert exc.value.code == 2
+    assert "argument --shared-lstm: expected true or false (or 1/0, yes/no), got 'maybe'" in capsys.readouterr().err
+    assert _setup(data, tmp_path / "o", "--shared-lstm", "no").encoder.shared_lstm is False
+
+
+@pytest.mark.parametrize("world, batch, pattern", [
+    (2, "64", r"--batch-size 64 over 2 processes is 32 images per process and step, but the 48 train images give "
+              r"each process 24: no full batch .*; use --batch-size <= 48"),
+    (64, "64", "the train split has 48 image\\(s\\), fewer than the 64 processes"),
+])
+def test_processes_without_a_full_batch_are_a_usage_error(data, tmp_path, capsys, monkeypatch, world, batch, pattern):
+    monkeypatch.setattr(lspt_train, "_setup_distributed", lambda device: (0, world, torch.device("cpu")))
+    _fails(capsys, _args(data, tmp_path / "o", "--batch-size", batch), pattern)
+    assert not (tmp_path / "o").exists()
+
+
+# --- the output folder and its files under what users do to them --------------------------------------
+def _copy_run(finished, tmp_path, keep=None):
+    """A copy of the finished run's folder (only the files in `keep`, when given)."""
+    out = shutil.copytree(finished, tmp_path / "run")
+    for f in out.iterdir():
+        if keep is not None and f.name not in keep:
+            f.unlink()
+    return out
+
+
+@pytest.mark.parametrize("name", ["best.safetensors", "last.safetensors"])
+def test_tuned_files_alone_are_a_run_not_overwritten(data, finished, tmp_path, capsys, name):
+    out = _copy_run(finished, tmp_path, keep={name})
+    before = _files(out)
+    _fails(capsys, _args(data, out), rf"--output .*run already holds a run \({name}\): pass --resume")
+    assert _files(out) == before
+
+
+def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(data, finished, tmp_path, capsys):
+    out = _copy_run(finished, tmp_path)
+    before = _files(out)
+    code = ("import sys; from lspt_kernels.cli_helpers import OutputLock\n"
+            f"with OutputLock({str(out)!r}):\n    print('held', flush=True); sys.stdin.read()")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        _fails(capsys, _args(data, out, "--resume", epochs=2), rf"--output .*run is in use by another run \(pid "
+                                                                rf"{holder.pid} on .*\): wait until it ends")
+    finally:
+        holder.communicate("", timeout=60)
+    assert _files(out) == before
+
+
+def test_non_finite_parameters_are_never_saved(data, tmp_path, capsys, monkeypatch):
+    """Parameters that turn NaN within an epoch (a divergence the loss check has not seen yet) stop the run
+    before anything of that epoch is written: no NaN file, no NaN model's 25 % as the "best" accuracy."""
+    one_epoch = lspt_train.train_one_epoch
+
+    def diverging(run, epoch):
+        stats = one_epoch(run, epoch)
+        with torch.no_grad():
+            run.encoder.head.weight[0, 0] = float("nan")
+        return stats
+    monkeypatch.setattr(lspt_train, "train_one_epoch", diverging)
+    out = tmp_path / "out"
+    _fails(capsys, _args(data, out, "--limit-train-batches", "1", epochs=1),
+           r"the run diverged: the tuned parameters \['head.weight'\] hold NaN or inf after epoch 1; nothing of "
+           "that epoch was saved")
+    assert not (out / "best.safetensors").exists() and not (out / "last.safetensors").exists()
+    assert torch.load(out / "resume.pt", weights_only=True)["epoch"] == 0
+
+
+def _state_file(make):
+    def write(path):
+        torch.save(make(), path)
+    return write
+
+
+def _truncated_state(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGED_STATES = {        # case: how resume.pt is damaged (given its path) -> the error's pattern
+    "random-bytes": (lambda p: p.write_bytes(os.urandom(2000)), "cannot be read"),
+    "truncated": (_truncated_state, "cannot be read"),
+    "empty": (lambda p: p.write_bytes(b""), "cannot be read"),
+    "a-dict-without-its-entries": (_state_file(lambda: {"epoch": 1}), "is not a resume state of lspt-train"),
+    "not-a-dict": (_state_file(lambda: [1, 2]), r"is not a resume state of lspt-train .* got list"),
+    "entries-of-the-wrong-type": (lambda p: torch.save(dict(torch.load(p, weights_only=True), tuned=[1]), p),
+                                  r"holds entries of the wrong type: \['tuned'\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_STATES))
+def test_damaged_resume_state_is_one_clear_error(data, finished, tmp_path, capsys, case):
+    damage, pattern = DAMAGED_STATES[case]
+    out = _copy_run(finished, tmp_path)
+    damage(out / "resume.pt")
+    err = _fails(capsys, _args(data, out, "--resume", epochs=2), rf"--resume: \S*run/resume.pt {pattern}")
+    assert "the file is damaged" in err and "start the run again in another --output" in err
+
+
+def test_damaged_log_line_is_named(data, finished, tmp_path, capsys):
+    out = _copy_run(finished, tmp_path)
+    (out / "log.jsonl").write_text((out / "log.jsonl").read_text() + "{garbage\n")
+    _fails(capsys, _args(data, out, "--resume", epochs=2), r"--resume: \S*run/log.jsonl:2 is not a log row .*delete "
+                                                           "that line")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to fill a disk")
+@pytest.mark.parametrize("name", ["resume.pt", "last.safetensors", "log.jsonl"])
+def test_full_disk_is_named_and_the_last_state_kept(data, finished, tmp_path, capsys, name):
+    """Each file is written to NAME.tmp, then renamed: that temporary file is made a link to /dev/full,
+    where every write fails with ENOSPC, as on a full disk."""
+    out = _copy_run(finished, tmp_path)
+    (out / f"{name}.tmp").symlink_to("/dev/full")
+    assert lspt_train.main(_args(data, out, "--resume", "--limit-train-batches", "1", epochs=2)) == 1
+    err = capsys.readouterr().err
+    assert f"lspt-train: error: no space left on the device writing {out / name}" in err, err
+    assert not (out / f"{name}.tmp").exists() and not (out / f"{name}.tmp").is_symlink()
+    assert torch.load(out / "resume.pt", weights_only=True)["epoch"] == 1            # the last good state
+    assert load_file(str(out / "last.safetensors")) and len(_log(out)) >= 1
+    assert lspt_train.main(_args(data, out, "--resume", "--limit-train-batches", "1", epochs=2)) == 0   # continues
+
+
+# --- lspt-eval on other data and another backbone ---------------------------------------------------
+def test_eval_reads_only_the_split_it_evaluates(data, finished, tmp_path, capsys):
+    root = shutil.copytree(data, tmp_path / "data")
+    shutil.copytree(root / "train" / "red", root / "train" / "purple")          # an extra class, in train only
+    assert lspt_eval.main(["--data", str(root), "--tuned", str(finished / "last.safetensors")]) == 0
+    assert f"top-1 {_log(finished)[-1]['val_acc']:.2f}%" in capsys.readouterr().out
+
+
+def test_eval_names_another_backbone(data, finished, tmp_path, capsys):
+    from lspt_kernels.cli_helpers import build_backbone
+    tuned = str(finished / "last.safetensors")
+    kw = dict(patch_size=8, embed_dim=32, depth=3, num_heads=2)
+    for name, seed in (("same.pth", 42), ("other.pth", 8)):      # the run's random backbone (seed 42), another
+        torch.save({"state_dict": build_backbone("vit_tiny_patch16_224", 32, kw, seed).state_dict()}, tmp_path / name)
+    assert lspt_eval.main(["--data", str(data), "--tuned", tuned, "--checkpoint", str(tmp_path / "same.pth")]) == 0
+    assert "warning" not in capsys.readouterr().err                  # the same weights, from a file
+    assert lspt_eval.main(["--data", str(data), "--tuned", tuned, "--checkpoint", str(tmp_path / "other.pth")]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"lspt-eval: warning: the backbone is not the one the tuned file was trained on: --checkpoint "
+                     r"\S*other.pth \(lspt-train recorded None\); its weights \(sha256 \w+\) are not the ones the "
+                     r"file was tuned on \(\w+\)", err), err

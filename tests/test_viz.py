@@ -310,6 +310,12 @@ def test_cli_takes_the_backbone_lspt_train_recorded(tmp_path, capsys):
         assert summary["results"][0][kind] == [pytest.approx(d, rel=1e-5, abs=1e-7)
                                                for d in viz.summarize(kind, maps[kind])[0]]
 
+    assert viz.main(["--tuned", str(f), "--image", str(img), "--output", str(out), "--seed", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "random init under seed 8 (--seed; lspt-train recorded 7)" in err and "as lspt-train recorded" not in err
+    assert "lspt-viz: warning: the backbone is not the one the tuned file was trained on: --seed 8 (lspt-train " \
+           "recorded 7)" in err
+
     other = _save_as_lspt_train(enc, tmp_path / "other.safetensors", dict(meta, seed=8))
     rc, err = _run_cli(["--tuned", str(f), "--tuned", str(other), "--image", str(img), "--output", str(out)], capsys)
     assert rc == 2 and "trained on different backbones" in err and "seed=8" in err
@@ -351,6 +357,20 @@ def _broken_image(tmp_path):
     return tmp_path / "broken.png"
 
 
+def _damaged_record(tmp_path):
+    """A tuned file whose lspt-train record was cut short (a JSON text, not an object)."""
+    path = tmp_path / "damaged.safetensors"
+    build_encoder("lspt", make_vit(), num_prompts=NP, num_classes=5).save_tuned(
+        path, metadata={"lspt_train": '{"model": "vit_tiny_patch16_224", "img_si'})
+    return path
+
+
+def _truncated(tmp_path, tuned):
+    data = Path(tuned).read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
+    return tmp_path / "cut.safetensors"
+
+
 BAD_CLI = {        # case: changes to the good command line (given tmp_path) -> the error's pattern
     "broken-image": (lambda tmp: dict(image=_broken_image(tmp)), r"cannot read image .*broken.png"),
     "missing-image": (lambda tmp: dict(image=tmp / "missing.png"), r"image file not found: .*missing.png"),
@@ -367,6 +387,11 @@ BAD_CLI = {        # case: changes to the good command line (given tmp_path) -> 
                       "--model 'vit_nonexistent': unknown timm model"),
     "prompts-of-a-linear-probe": (lambda tmp: dict(tuned=_linear_probe_file(tmp), extra=["--from", "prompts"]),
                                   "linear.safetensors has no prompt tokens; use --from cls"),
+    "damaged-record": (lambda tmp: dict(tuned=_damaged_record(tmp)),
+                       r"damaged.safetensors: its 'lspt_train' metadata is damaged: expected a JSON object"),
+    "truncated-file": (lambda tmp: dict(tuned=_truncated(tmp, _linear_probe_file(tmp))),
+                       r"cut.safetensors is not a safetensors file"),
+    "negative-seed": (lambda tmp: dict(extra=["--seed", "-1"]), r"--seed must be >= 0, got -1"),
 }
 
 
@@ -418,3 +443,14 @@ def test_maps_on_the_gpu_equal_the_cpu_maps():
         for kind in viz.KINDS:
             assert gpu[kind].device.type == "cpu"
             torch.testing.assert_close(gpu[kind], cpu[kind], atol=2e-3, rtol=2e-3)
+
+
+def test_16bit_image_is_opened_as_in_training(tmp_path):
+    import numpy as np
+    from PIL import Image
+    eight = np.asarray(Image.open(_write_image(tmp_path / "g8.png", (40, 40), 3)).convert("L"))
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "g16.png")    # the same image in 16 bits
+    Image.fromarray(eight).save(tmp_path / "g8.png")
+    x8, pixels8 = viz.load_image(tmp_path / "g8.png", 32)
+    x16, pixels16 = viz.load_image(tmp_path / "g16.png", 32)
+    assert torch.equal(pixels8, pixels16) and torch.equal(x8, x16)

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError
+from ..data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, open_image
 from .inference import as_pair, rescale_size
 
 __all__ = ["ADE20K_CLASSES", "SEG_LAYOUTS", "SegmentationSpec", "detect_segmentation_layout",
-           "load_segmentation_dataset", "open_image", "read_label_map", "prepare_label", "TrainTransform",
+           "load_segmentation_dataset", "read_label_map", "prepare_label", "TrainTransform",
            "EvalTransform", "SegmentationDataset", "IterationSampler", "photometric_distortion"]
 
 SEG_LAYOUTS = ("ade20k", "generic")
@@ -58,17 +58,6 @@ LABEL_MODES = ("L", "P", "1", "I", "I;16", "I;16L", "I;16B")
 
 
 # --- reading files ------------------------------------------------------------------------------------
-def open_image(path) -> "PIL.Image.Image":  # noqa: F821
-    """The one place images are opened: an RGB PIL image, decoded now (not lazily); a file that cannot
-    be read is a DataError naming it."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as exc:
-        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
-
-
 def read_label_map(path) -> np.ndarray:
     """A label map as an (H, W) int64 array of class indices: a single-channel PNG (8 or 16 bit) or a
     palette PNG (its indices). A colour (RGB) mask is refused: its colours are not class indices."""

@@ -26,7 +26,7 @@ __all__ = ["execute_run", "LocalLauncher", "SubmititLauncher", "TrainJob", "visi
 
 ATTEMPTS = "sweep.attempts.jsonl"
 # lspt-train's error when the loss stops being finite (train.py raises FloatingPointError, exits 2).
-DIVERGED_MESSAGE = re.compile(r"the training loss is (nan|-?inf)\b")
+DIVERGED_MESSAGE = re.compile(r"the training loss is (nan|-?inf)\b|the run diverged")
 
 
 def _package_root() -> str:
