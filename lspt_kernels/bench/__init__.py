@@ -1,6 +1,7 @@
 """lspt-bench: benchmarks of lspt_kernels, one job per module.
 
-- cli: the `lspt-bench` command (the paper's table C.4 for every method) and its subcommands
+- cli: the `lspt-bench` command (the paper's table C.4 for every method; `--task segmentation` for the
+  segmentation step) and its subcommands
 - step: `lspt-bench step`, the fused-step microbenchmark
 - gpu_suite: `lspt-bench gpu-suite`, everything only a GPU can show, in one command
 - measure: the one timer and sync, interleaved rounds, spreads and verdicts, memory probes
