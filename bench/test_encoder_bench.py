@@ -11,6 +11,11 @@ instead). The methods are `lspt_kernels.bench.bench_methods()` (the encoder tabl
 variants). pytest-benchmark times one benchmark after another, not interleaved: for comparisons
 between methods on a shared machine use `lspt-bench`. bench/plot_results.py turns --benchmark-json
 output into the lspt-bench plot and table.
+
+The segmentation step (`lspt-bench --task segmentation`: SETR-PUP heads on VPT-deep, GaPT and
+LSPT-fused) runs here too, at full size in that command's default setting for the device (its first
+batch size and dtype), tiny on a 3-block ViT with 8-channel heads; its extra_info has suite
+"segmentation" (plot_results.py leaves it out of the encoder table).
 """
 import math
 import time
@@ -21,6 +26,7 @@ import torch
 from lspt_kernels import bench as B
 
 METHODS = B.bench_methods()
+SEG_METHODS = ("vpt-deep", "gapt", "lspt-fused")
 
 
 def _spec(cfg, method, batch_size, num_prompts, dtype):
@@ -31,16 +37,30 @@ def _spec(cfg, method, batch_size, num_prompts, dtype):
                 method=method)
 
 
+def _seg_spec(cfg, method):
+    """`lspt-bench --task segmentation`'s default setting on this device (full size), or a tiny one."""
+    if cfg["size"] == "full":
+        d = B.DEFAULTS["segmentation"][cfg["device"]]
+        spec = _spec(cfg, method, int(d["batch_size"].split(",")[0]), int(d["num_prompts"].split(",")[0]),
+                     d["dtype"].split(",")[0])
+        return dict(spec, task="segmentation", model_kwargs=dict(cfg["model_kwargs"], dynamic_img_size=True),
+                    img_size=d["img_size"], num_classes=d["num_classes"], head_channels=None)
+    spec = _spec(cfg, method, cfg["batch_sizes"][0], cfg["num_prompts"][0], "fp32")
+    return dict(spec, task="segmentation", model_kwargs=dict(cfg["model_kwargs"], depth=3, dynamic_img_size=True),
+                head_channels=8)
+
+
 _sync = B.sync
 
 
-def _run(benchmark, cfg, method, batch_size, num_prompts, dtype, kind):
-    spec = _spec(cfg, method, batch_size, num_prompts, dtype)
+def _run(benchmark, cfg, spec, kind):
+    method, batch_size, num_prompts, dtype = spec["method"], spec["batch_size"], spec["num_prompts"], spec["dtype"]
+    seg = spec.get("task") == "segmentation"
     device = cfg["device"]
     compiled = method == "lspt-compile"
     torch._dynamo.reset()
     probe = B.MemoryProbe(device)
-    model = B.make_encoder(method, spec).to(device)
+    model = B.make_model(method, spec).to(device)
     train_step, infer_step, out = B.make_step_fns(model, spec, device, compiled=compiled,
                                                   compile_backend=cfg["compile_backend"])
     step = train_step if kind == "train" else infer_step
@@ -57,19 +77,22 @@ def _run(benchmark, cfg, method, batch_size, num_prompts, dtype, kind):
     once_s = time.perf_counter() - t0
     memory = probe.stop()
 
-    rep = model.parameter_report()
-    k, n = model.num_prefix_tokens, model.vit.patch_embed.num_patches
-    benchmark.group = f"encoder-{kind} B{batch_size} Np{num_prompts} {dtype}"
+    counts = B.parameter_counts(model, spec)
+    enc = B.encoder_of(model, spec)
+    k, n = enc.num_prefix_tokens, enc.vit.patch_embed.num_patches
+    suite = "segmentation" if seg else "encoder"
+    benchmark.group = f"{suite}-{kind} B{batch_size} Np{num_prompts} {dtype}"
     benchmark.extra_info.update(
-        suite="encoder", kind=kind, method=method, label=B.label(method), model=cfg["model"],
+        suite=suite, kind=kind, method=method, label=B.label(method), model=cfg["model"],
         batch_size=batch_size, num_prompts=num_prompts, dtype=dtype, device=device,
-        device_name=B.device_name(device), tokens=k + num_prompts + n, img_size=model.vit.patch_embed.img_size[0],
+        device_name=B.device_name(device), tokens=k + num_prompts + n, img_size=enc.vit.patch_embed.img_size[0],
         backend=spec["fused_backend"] if method in ("lspt-fused", "lspt-compile") else
         ("reference" if method == "lspt-reference" else None),
         fused_note=spec["fused_note"] if method in ("lspt-fused", "lspt-compile") else None,
         compiled=compiled, compile_backend=cfg["compile_backend"] if compiled else None,
         compile_s=max(0.0, first_s - once_s) if compiled else None,
-        trainable_params=rep["trainable"], total_params_ratio=rep["total_params_ratio"],
+        trainable_params=counts["trainable_params"], head_params=counts["head_params"],
+        total_params_ratio=counts["total_params_ratio"],
         torch=torch.__version__, size=cfg["size"], **memory)
 
     def timed():
@@ -87,7 +110,8 @@ def _run(benchmark, cfg, method, batch_size, num_prompts, dtype, kind):
         assert all(g is not None and torch.isfinite(g).all() for g in grads), f"{method}: missing/non-finite grads"
     else:
         logits = out["logits"]
-        assert tuple(logits.shape) == (batch_size, cfg["num_classes"]), tuple(logits.shape)
+        size = tuple(enc.vit.patch_embed.img_size) if seg else ()
+        assert tuple(logits.shape) == (batch_size, spec["num_classes"], *size), tuple(logits.shape)
         assert torch.isfinite(logits.float()).all()
     if device.startswith("cuda"):
         assert memory["peak_memory_gb"] > 0
@@ -96,10 +120,17 @@ def _run(benchmark, cfg, method, batch_size, num_prompts, dtype, kind):
 @pytest.mark.parametrize("method", METHODS)
 def test_encoder_train_step(benchmark, cfg, method, batch_size, num_prompts, dtype):
     """forward, cross-entropy, backward and SGD(momentum) step over the trainable parameters."""
-    _run(benchmark, cfg, method, batch_size, num_prompts, dtype, "train")
+    _run(benchmark, cfg, _spec(cfg, method, batch_size, num_prompts, dtype), "train")
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_encoder_inference(benchmark, cfg, method, batch_size, num_prompts, dtype):
     """A no-grad forward of one batch."""
-    _run(benchmark, cfg, method, batch_size, num_prompts, dtype, "infer")
+    _run(benchmark, cfg, _spec(cfg, method, batch_size, num_prompts, dtype), "infer")
+
+
+@pytest.mark.parametrize("kind", ["train", "infer"])
+@pytest.mark.parametrize("method", SEG_METHODS)
+def test_segmentation_step(benchmark, cfg, method, kind):
+    """One iteration of the segmentation recipe (main and auxiliary heads) / one no-grad forward of crops."""
+    _run(benchmark, cfg, _seg_spec(cfg, method), kind)

@@ -282,3 +282,196 @@ def test_grad_checkpointing_option(tmp_path, capsys, monkeypatch):
     # the time target always (both have rounds); the memory one needs a non-zero tiny-model RSS figure
     assert any(t["target"].startswith("grad checkpointing: lspt-fused train time") for t in data["targets"])
     assert calls and all(calls)
+
+
+# ------------------------------------------------------------------------------------------------
+# --task segmentation
+# ------------------------------------------------------------------------------------------------
+SEG_TINY = ["--task", "segmentation", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwargs",
+            "patch_size=8", "embed_dim=32", "depth=3", "num_heads=2", "--head-channels", "8", "--batch-size", "2",
+            "--repeats", "3", "--warmup", "1", "--num-prompts", "3", "--num-classes", "5", "--device", "cpu"]
+SEG_METHODS = ["vpt-deep", "gapt", "lspt-fused"]
+
+
+def _seg_spec(**over):
+    spec = dict(task="segmentation", model="vit_tiny_patch16_224", img_size=32, head_channels=8, batch_size=2,
+                model_kwargs=dict(patch_size=8, embed_dim=32, depth=3, num_heads=2, dynamic_img_size=True),
+                num_prompts=3, num_classes=5, dtype="fp32", device="cpu", seed=0, fused_backend="auto")
+    return dict(spec, **over)
+
+
+def test_cli_segmentation_tiny_run(tmp_path, capsys):
+    """--task segmentation: the default methods (VPT-deep, GaPT, LSPT-fused), each row the segmentation step
+    (logits at the crop size, the heads among the trainable parameters), ratios to GaPT per round."""
+    out = tmp_path / "out"
+    rc = B.main([*SEG_TINY, "--in-process", "--output", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    data = json.loads((out / "bench.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert list(rows) == SEG_METHODS
+    meta = data["meta"]
+    assert meta["task"] == "segmentation" and meta["feature_blocks"] == [0, 1, 2] and meta["num_classes"] == 5
+    assert meta["model_kwargs"]["dynamic_img_size"] is True        # built as segmentation training builds it
+    D = 32
+    for r in rows.values():
+        assert r["status"] == "ok" and r["task"] == "segmentation", r
+        assert r["logits_shape"] == [2, 5, 32, 32] and r["logits_finite"] and math.isfinite(r["loss"])
+        assert r["tokens"] == 1 + 3 + 16 and r["img_size"] == 32 and r["head_channels"] == 8
+        assert 0 < r["head_params"] < r["trainable_params"]
+        for key in ("train_s", "infer_s"):
+            assert len(r[f"{key}_all"]) == r[f"{key}_n"] == 3 and r[f"{key}_q1"] <= r[key] <= r[f"{key}_q3"]
+    assert len({r["head_params"] for r in rows.values()}) == 1     # the same heads on every method
+    assert rows["lspt-fused"]["trainable_params"] - rows["vpt-deep"]["trainable_params"] == 8 * D * D + 8 * D
+    ratios = sorted(a / b for a, b in zip(rows["lspt-fused"]["train_s_all"], rows["gapt"]["train_s_all"]))
+    assert rows["lspt-fused"]["train_s_vs_gapt"] == pytest.approx(ratios[1])
+    assert "segmentation step (SETR-PUP heads), vit_tiny_patch16_224, 32 px crops, batch 2, Np 3" in text
+    assert "T = 20 tokens" in text and "Trainable includes the heads'" in text
+    with open(out / "bench.csv") as f:
+        assert {t["task"] for t in csv.DictReader(f)} == {"segmentation"}
+    targets = {t["target"]: t for t in data["targets"]}
+    assert "LSPT-fused train step <= VPT-deep x (1 + Np/(2T) + 2%)" in targets
+    assert all(t["task"] == "segmentation" for t in data["targets"])
+
+
+def test_segmentation_targets_on_the_cpu():
+    """Segmentation rows get the CPU memory target and the VPT-deep floor target, the latter marked as the
+    backbone's floor (loose for a step that also runs the heads)."""
+    def row(method, train, mem):
+        return dict(method=method, task="segmentation", model="m", batch_size=1, num_prompts=100, dtype="fp32",
+                    device="cpu", status="ok", peak_memory_gb=mem, tokens=1125, train_s_all=[train] * 3,
+                    train_s=train, backend="cpu" if method == "lspt-fused" else None)
+    rows = [row("vpt-deep", 1.0, 2.8), row("gapt", 1.0, 2.8), row("lspt-fused", 1.05, 2.9)]
+    B.add_comparisons(rows)
+    targets = {t["target"]: t for t in B.evaluate_targets(rows)}
+    floor = targets["LSPT-fused train step <= VPT-deep x (1 + Np/(2T) + 2%)"]
+    assert floor["limit"] == pytest.approx(1 + 100 / 2250 + 0.02) and floor["verdict"] == "met"
+    assert "the heads' time lowers" in floor["detail"]
+    assert targets["LSPT-fused peak memory <= GaPT x 1.01"]["verdict"] == "missed"       # 2.9 / 2.8
+    assert {t["task"] for t in targets.values()} == {"segmentation"}
+
+
+def test_segmentation_memory_in_a_fresh_process():
+    """The CPU memory pass of a segmentation row in its own process (the worker), as the command runs it."""
+    row = B.measure_isolated("lspt-fused", _seg_spec(warmup=1, mem_steps=1))
+    assert row["status"] == "ok", row
+    assert row["task"] == "segmentation" and row["logits_shape"] == [2, 5, 32, 32]
+    assert row["peak_memory_gb"] is not None and math.isfinite(row["peak_memory_gb"])
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("cpu", dict(batch_sizes=[1], prompts=[100], dtypes=["fp32"], repeats=3)),
+    ("cuda", dict(batch_sizes=[16], prompts=[100], dtypes=["fp32", "bf16"], repeats=10)),
+])
+def test_segmentation_defaults(device, expected):
+    """The paper's appendix A.1 setting: 512 px crops, Np 100, 150 classes, VPT-deep / GaPT / LSPT-fused;
+    batch 16 (the recipe's) on a GPU, a CPU-sized run on the CPU. Classification keeps its own."""
+    from lspt_kernels.bench.cli import build_parser, check_args
+    a = check_args(build_parser().parse_args(["--task", "segmentation"]), device)
+    assert {k: a[k] for k in expected} == expected
+    assert a["img_size"] == 512 and a["num_classes"] == 150 and a["methods"] == SEG_METHODS
+    cls = check_args(build_parser().parse_args([]), device)
+    assert cls["img_size"] is None and cls["num_classes"] == 200 and cls["methods"] == B.bench_methods()
+
+
+def test_segmentation_grad_checkpointing(tmp_path, capsys, monkeypatch):
+    """--grad-checkpointing both with --task segmentation: the encoders run checkpointed, the step computes
+    the same loss, and each checkpointed row gets its memory and time over the plain run (no
+    classification-calibrated target)."""
+    from lspt_kernels.encoders import PromptEncoder
+    calls = []
+    real = PromptEncoder.set_grad_checkpointing
+
+    def recording(self, enable=True, **kw):
+        calls.append(enable)
+        return real(self, enable, **kw)
+
+    monkeypatch.setattr(PromptEncoder, "set_grad_checkpointing", recording)
+    out = tmp_path / "out"
+    rc = B.main([*SEG_TINY, "--in-process", "--grad-checkpointing", "both", "--no-plot", "--methods", "gapt,lspt",
+                 "--output", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    data = json.loads((out / "bench.json").read_text())
+    rows = {(r["method"], r["grad_checkpointing"]): r for r in data["rows"]}
+    assert list(rows) == [("gapt", False), ("lspt-fused", False), ("gapt", True), ("lspt-fused", True)]
+    assert calls and all(calls)
+    for m in ("gapt", "lspt-fused"):
+        on, off = rows[(m, True)], rows[(m, False)]
+        assert on["loss"] == pytest.approx(off["loss"], rel=1e-5)
+        assert on["train_s_vs_plain"] == pytest.approx(on["train_s"] / off["train_s"])
+        assert "train_s_vs_plain" not in off
+    assert "with gradient checkpointing, over its plain run: peak memory" in text
+    assert not any(t["target"].startswith("grad checkpointing") for t in data["targets"])
+
+
+def test_rows_of_two_tasks_are_never_compared():
+    """Rows of the same model, batch, Np and dtype but another task are another setting; the paper's GPU
+    targets (classification, Np 10, bf16) are not applied to segmentation rows."""
+    def row(method, task, train):
+        return dict(method=method, task=task, model="m", batch_size=1, num_prompts=10, dtype="bf16",
+                    device="cuda", status="ok", peak_memory_gb=1.0, tokens=207, train_s_all=[train] * 3,
+                    infer_s_all=[train] * 3, **{"train_s": train, "infer_s": train})
+    rows = [row(m, t, v) for t in ("classification", "segmentation") for m, v in (("gapt", 1.0), ("lspt-fused", 2.0))]
+    rows[1]["train_s_all"] = [2.0, 2.0, 2.0]
+    rows[3]["train_s_all"] = rows[3]["infer_s_all"] = [4.0, 4.0, 4.0]
+    rows[3]["train_s"] = rows[3]["infer_s"] = 4.0
+    B.add_comparisons(rows)
+    assert rows[1]["train_s_vs_gapt"] == pytest.approx(2.0) and rows[3]["train_s_vs_gapt"] == pytest.approx(4.0)
+    targets = B.evaluate_targets(rows)
+    gpu = [t for t in targets if t["target"].startswith("GPU:")]
+    assert gpu and {t["task"] for t in gpu} == {"classification"}
+    table = B.format_table(rows)
+    assert table.count("Method ") == 2 and "segmentation step (SETR-PUP heads), m" in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "segmentation", "--model", "vit_tiny_patch16_224", "--model-kwargs", "depth=2"],
+     "--task segmentation needs a ViT of at least 3 blocks"),
+    (["--head-channels", "8"], "--head-channels 8: needs --task segmentation"),
+    (["--task", "segmentation", "--head-channels", "0"], "--head-channels 0: needs --task segmentation and a value"),
+    (["--task", "segmentation", "--img-size", "0"], "--img-size must be >= 1"),
+])
+def test_cli_segmentation_bad_input(tmp_path, capsys, args, message):
+    rc = B.main([*args, "--device", "cpu", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("lspt-bench: error: ") and message in err, err
+    assert not (tmp_path / "out" / "bench.json").exists()
+
+
+def test_gpu_suite_plans_the_segmentation_step(tmp_path, capsys):
+    """gpu-suite's segmentation part: its own cap and output folder, and a command that lspt-bench accepts
+    as the paper's appendix A.1 setting on a GPU (checked here without one)."""
+    from lspt_kernels.bench import gpu_suite
+    from lspt_kernels.bench.cli import build_parser, check_args
+    part = next(p for p in gpu_suite.plan(tmp_path) if p["name"] == "segmentation")
+    assert gpu_suite.PART_CAPS["segmentation"] > 0
+    assert part["files"] == ["segmentation/bench.json", "segmentation/bench.csv", "segmentation/bench.png"]
+    argv = part["argv"][5:]                                     # after the child interpreter's boot arguments
+    args = build_parser().parse_args(argv)
+    a = check_args(args, "cuda")
+    assert args.task == "segmentation" and args.device == "cuda" and args.output == str(tmp_path / "segmentation")
+    assert a["img_size"] == 512 and a["prompts"] == [100] and a["batch_sizes"] == [16]
+    assert a["dtypes"] == ["fp32", "bf16"] and a["methods"] == SEG_METHODS
+    assert B.main(["gpu-suite", "--output", str(tmp_path), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert f"- segmentation (at most {gpu_suite.PART_CAPS['segmentation']} s)" in text
+    assert "--task segmentation" in text and str(tmp_path / "segmentation") in text
+
+
+def test_checkpointed_rows_over_their_plain_run():
+    """A checkpointed row's peak memory over its plain run's, and its train time as the ratio of the
+    medians of the two timing passes, the spread from their quartiles."""
+    def row(ckpt, mem, times):
+        return dict(method="lspt-fused", task="segmentation", model="m", batch_size=1, num_prompts=10,
+                    dtype="fp32", grad_checkpointing=ckpt, device="cpu", status="ok", peak_memory_gb=mem,
+                    **{"train_s": times[1], "train_s_q1": times[0], "train_s_q3": times[2], "train_s_min": times[0],
+                       "train_s_max": times[2], "train_s_n": 3})
+    off, on = row(False, 2.0, [1.0, 2.0, 3.0]), row(True, 1.5, [3.0, 3.0, 6.0])
+    B.add_comparisons([off, on])
+    assert on["peak_memory_gb_vs_plain"] == pytest.approx(0.75)
+    assert on["train_s_vs_plain"] == pytest.approx(1.5)
+    assert (on["train_s_vs_plain_q1"], on["train_s_vs_plain_q3"]) == (pytest.approx(1.0), pytest.approx(6.0))
+    assert "peak_memory_gb_vs_plain" not in off
+    assert "over its plain run: peak memory 0.750x, train time 1.500 [1.000-6.000]x" in B.format_table([off, on])

@@ -8,6 +8,10 @@
 
 The paper's table C.4 (max memory, train time per batch, inference time per batch) for every method
 on one frozen timm ViT with random weights, plus the trainable parameters and "Total Params".
+`--task segmentation` measures the segmentation step instead (SETR-PUP and its auxiliary heads on the
+patch grids, one iteration of lspt_kernels.seg's recipe; inference: one no-grad forward of a batch of
+crops), by default in the paper's appendix A.1 setting: 512 px crops, Np 100 (1125 tokens per image),
+150 classes, VPT-deep, GaPT and LSPT-fused.
 Memory: one fresh process per method on the CPU (peak RSS), per method in this process on a GPU
 (max_memory_allocated). Time: all methods in one process around a shared backbone, in interleaved
 rounds; every time is the median over the rounds with its quartiles, every ratio to GaPT is taken
@@ -39,15 +43,39 @@ from .runner import measure_isolated, measure_memory, time_interleaved, worker
 from .targets import add_comparisons, evaluate_targets, format_targets, put_summary
 
 DTYPES = ("fp32", "bf16", "fp16")
+TASKS = ("classification", "segmentation")
 DEFAULT_MODEL = "vit_base_patch16_224"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-# The embedded default run. CPU: sized to finish in about 5 minutes on a quiet 2-core machine.
-# GPU: the paper's setting (batch 64, Np 10 and 100, fp32 and bf16 autocast).
+# The embedded default runs, per task and device (img_size None: the model's own).
+# Classification, the paper's table C.4. GPU: its setting (batch 64, Np 10 and 100, fp32 and bf16
+# autocast); CPU: sized to finish in about 5 minutes on a quiet 2-core machine.
+# Segmentation, the paper's appendix A.1 setting: ViT-B/16 on 512 px crops with Np 100 (T = 1125
+# tokens), ADE20K's 150 classes, the methods of its table. GPU: batch 16, the recipe's batch on one
+# GPU, fp32 and bf16; CPU: batch 1 and 3 rounds, about 5 minutes on a quiet 2-core machine (one
+# train step of ViT-B/16 there is about 11 s).
+_CLS = dict(img_size=None, num_classes=200, methods="all")
+_SEG = dict(img_size=512, num_classes=150, methods="vpt-deep,gapt,lspt-fused", num_prompts="100")
 DEFAULTS = {
-    "cpu": dict(batch_size="4", num_prompts="10", dtype="fp32", repeats=5, warmup=1),
-    "cuda": dict(batch_size="64", num_prompts="10,100", dtype="fp32,bf16", repeats=10, warmup=3),
+    "classification": {
+        "cpu": dict(_CLS, batch_size="4", num_prompts="10", dtype="fp32", repeats=5, warmup=1),
+        "cuda": dict(_CLS, batch_size="64", num_prompts="10,100", dtype="fp32,bf16", repeats=10, warmup=3),
+    },
+    "segmentation": {
+        "cpu": dict(_SEG, batch_size="1", dtype="fp32", repeats=3, warmup=1),
+        "cuda": dict(_SEG, batch_size="16", dtype="fp32,bf16", repeats=10, warmup=3),
+    },
 }
+
+
+def _default_help(key: str) -> str:
+    """'(default: GPU on a GPU, CPU on the CPU; segmentation: GPU / CPU)', the segmentation part only
+    where it differs."""
+    (cg, cc), (sg, sc) = ((DEFAULTS[t]["cuda"][key], DEFAULTS[t]["cpu"][key]) for t in TASKS)
+    text = f"{cg} on a GPU, {cc} on the CPU" if cg != cc else f"{cc}"
+    if (sg, sc) != (cg, cc):
+        text += f"; --task segmentation: {sg} / {sc}" if sg != sc else f"; --task segmentation: {sc}"
+    return f"(default: {text})"
 
 
 def parse_list(text: str, kind, name: str) -> list:
@@ -65,47 +93,66 @@ def parse_list(text: str, kind, name: str) -> list:
     return out
 
 
-def check_model(name: str, img_size: int | None = None, model_kwargs: dict | None = None) -> dict:
+def check_model(name: str, img_size: int | None = None, model_kwargs: dict | None = None,
+                task: str = "classification") -> dict:
     """The shape facts of a timm ViT (built on the meta device: no memory, no time); a UsageError for an
-    unknown or non-ViT model."""
+    unknown or non-ViT model, or (task "segmentation") one too shallow for the heads' feature blocks."""
     vit = build_backbone(name, img_size, model_kwargs, device="meta")
     img = vit.patch_embed.img_size
-    return dict(num_patches=vit.patch_embed.num_patches, prefix=vit.num_prefix_tokens,
-                embed_dim=vit.embed_dim, depth=len(vit.blocks),
-                img_size=img[0] if isinstance(img, (tuple, list)) else img)
+    shape = dict(num_patches=vit.patch_embed.num_patches, prefix=vit.num_prefix_tokens,
+                 embed_dim=vit.embed_dim, depth=len(vit.blocks),
+                 img_size=img[0] if isinstance(img, (tuple, list)) else img)
+    if task == "segmentation":
+        from ..seg import default_feature_blocks
+        try:
+            shape["feature_blocks"] = list(default_feature_blocks(shape["depth"]))
+        except ValueError:
+            raise UsageError(f"--task segmentation needs a ViT of at least 3 blocks (SETR-PUP's heads read three, "
+                             f"scaled from blocks 5, 9 and 12 of ViT-B); --model {name!r} has {shape['depth']} "
+                             "(--model-kwargs depth=N)") from None
+    return shape
 
 
 def build_parser() -> argparse.ArgumentParser:
-    cpu, gpu = DEFAULTS["cpu"], DEFAULTS["cuda"]
+    cpu = DEFAULTS["classification"]["cpu"]
     p = argparse.ArgumentParser(
         prog="lspt-bench",
         description="Max memory, train and inference time per batch of LSPT vs GaPT, VPT and the linear "
                     "probe on a frozen timm ViT with random weights (the paper's table C.4), timed in "
                     "interleaved rounds (median and quartiles). With no arguments: ViT-B/16 at 224 px; on a "
                     "GPU the paper's setting (batch 64, Np 10 and 100, fp32 and bf16 autocast), on the CPU "
-                    f"batch {cpu['batch_size']}, Np {cpu['num_prompts']}, fp32.",
+                    f"batch {cpu['batch_size']}, Np {cpu['num_prompts']}, fp32. --task segmentation: the "
+                    "segmentation step (SETR-PUP heads) at 512 px and Np 100 for VPT-deep, GaPT and LSPT-fused.",
         epilog="Subcommands: 'lspt-bench step --help' (the fused-step microbenchmark), "
                "'lspt-bench gpu-suite --help' (the one-command GPU suite).")
+    p.add_argument("--task", default="classification", choices=TASKS,
+                   help="classification: the encoder with a linear head (table C.4); segmentation: SETR-PUP and "
+                        "its two auxiliary heads on the patch grids, one iteration of the segmentation recipe "
+                        "per train step, one no-grad forward of a batch of crops per inference "
+                        "(default: %(default)s)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="any timm VisionTransformer name (default: %(default)s)")
-    p.add_argument("--batch-size", default=None, help="batch size(s), comma-separated "
-                   f"(default: {gpu['batch_size']} on a GPU, {cpu['batch_size']} on the CPU)")
-    p.add_argument("--num-prompts", default=None, help="Np value(s), comma-separated "
-                   f"(default: {gpu['num_prompts']} on a GPU, {cpu['num_prompts']} on the CPU)")
+    p.add_argument("--batch-size", default=None, help="batch size(s), comma-separated " + _default_help("batch_size"))
+    p.add_argument("--num-prompts", default=None, help="Np value(s), comma-separated " + _default_help("num_prompts"))
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (autocast), comma-separated "
-                   f"(default: {gpu['dtype']} on a GPU, {cpu['dtype']} on the CPU)")
+                   + _default_help("dtype"))
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
-    p.add_argument("--methods", default="all",
+    p.add_argument("--methods", default=None,
                    help="comma-separated subset of " + ",".join(M.bench_methods())
-                   + " (aliases: lspt = lspt-fused, lspt-eager = lspt-reference; default: all)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds (default: "
-                   f"{gpu['repeats']} on a GPU, {cpu['repeats']} on the CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls of each method first (default: "
-                   f"{gpu['warmup']} on a GPU, {cpu['warmup']} on the CPU)")
+                   + ", or all (aliases: lspt = lspt-fused, lspt-eager = lspt-reference) " + _default_help("methods"))
+    p.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds " + _default_help("repeats"))
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls of each method first "
+                   + _default_help("warmup"))
     p.add_argument("--mem-steps", type=int, default=1,
                    help="train steps over which peak memory is taken, after the warm-up (default: %(default)s)")
-    p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="image (segmentation: crop) size (default: the model's; --task segmentation: "
+                        f"{DEFAULTS['segmentation']['cpu']['img_size']}, the backbone built for it with "
+                        "dynamic_img_size=True as for segmentation training)")
     add_model_kwargs_option(p, alias=True)
-    p.add_argument("--num-classes", type=int, default=200, help="classes of the linear head (default: %(default)s)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of the linear head (segmentation: of the "
+                   "heads) " + _default_help("num_classes"))
+    p.add_argument("--head-channels", type=int, default=None,
+                   help="--task segmentation: conv width of the SETR heads (default: SETR's 256)")
     p.add_argument("--grad-checkpointing", nargs="?", const="on", default="off", choices=("off", "on", "both"),
                    help="run the encoders with gradient checkpointing (encoder.set_grad_checkpointing): "
                         "'on' (the bare flag), 'off', or 'both' to report every setting with and without it "
@@ -148,16 +195,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _check_args(args, device: str) -> dict:
-    defaults = DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
+def check_args(args, device: str) -> dict:
+    """The run's settings from parsed arguments, what they leave out from DEFAULTS[task][device]
+    ("cuda" or "cpu"); a UsageError naming the option for bad input."""
+    defaults = DEFAULTS[args.task]["cuda" if device.startswith("cuda") else "cpu"]
     batch_sizes = parse_list(args.batch_size or defaults["batch_size"], int, "batch-size")
     prompts = parse_list(args.num_prompts or defaults["num_prompts"], int, "num-prompts")
     dtypes = parse_list(args.dtype or defaults["dtype"], str, "dtype")
     repeats = defaults["repeats"] if args.repeats is None else args.repeats
     warmup = defaults["warmup"] if args.warmup is None else args.warmup
     known = M.bench_methods()
-    methods = (list(known) if args.methods.strip() == "all"
-               else [M.canonical(m) for m in parse_list(args.methods, str, "methods")])
+    methods_text = args.methods or defaults["methods"]
+    methods = (list(known) if methods_text.strip() == "all"
+               else [M.canonical(m) for m in parse_list(methods_text, str, "methods")])
+    num_classes = defaults["num_classes"] if args.num_classes is None else args.num_classes
+    img_size = defaults["img_size"] if args.img_size is None else args.img_size
     for name, values, ok in (("batch-size", batch_sizes, lambda v: v >= 1), ("num-prompts", prompts, lambda v: v >= 1),
                              ("dtype", dtypes, lambda v: v in DTYPES), ("methods", methods, lambda v: v in known)):
         bad = [v for v in values if not ok(v)]
@@ -170,15 +222,19 @@ def _check_args(args, device: str) -> dict:
         raise UsageError("--repeats and --warmup must be >= 1 (the first run of a compiled model compiles it)")
     if args.mem_steps < 1:
         raise UsageError("--mem-steps must be >= 1")
-    if args.num_classes < 1:
+    if num_classes < 1:
         raise UsageError("--num-classes must be >= 1")
+    if img_size is not None and img_size < 1:
+        raise UsageError("--img-size must be >= 1")
+    if args.head_channels is not None and (args.task != "segmentation" or args.head_channels < 1):
+        raise UsageError(f"--head-channels {args.head_channels}: needs --task segmentation and a value >= 1")
     if args.threads is not None and args.threads < 1:
         raise UsageError("--threads must be >= 1")
     if args.compile_mode == "reduce-overhead" and not device.startswith("cuda"):
         raise UsageError("--compile-mode reduce-overhead uses CUDA graphs and needs a GPU (--device cuda)")
     ckpt = {"off": [False], "on": [True], "both": [False, True]}[args.grad_checkpointing]
     return dict(batch_sizes=batch_sizes, prompts=prompts, dtypes=dtypes, repeats=repeats, warmup=warmup,
-                methods=methods, ckpt=ckpt)
+                methods=methods, ckpt=ckpt, num_classes=num_classes, img_size=img_size)
 
 
 def _meta(args, argv: list[str], a: dict, device: str, shape: dict, model_kwargs: dict, isolated: bool) -> dict:
@@ -186,11 +242,11 @@ def _meta(args, argv: list[str], a: dict, device: str, shape: dict, model_kwargs
     backend, note = M.fused_backend(device)
     is_cuda = device.startswith("cuda")
     meta = environment(device, argv)
-    meta.update(model=args.model, model_kwargs=model_kwargs,
-                img_size=args.img_size or shape["img_size"], depth=shape["depth"], embed_dim=shape["embed_dim"],
+    meta.update(task=args.task, model=args.model, model_kwargs=model_kwargs,
+                img_size=a["img_size"] or shape["img_size"], depth=shape["depth"], embed_dim=shape["embed_dim"],
                 batch_sizes=a["batch_sizes"], num_prompts=a["prompts"], dtypes=a["dtypes"], methods=a["methods"],
                 repeats=a["repeats"], warmup=a["warmup"], mem_steps=args.mem_steps, fused_backend=backend,
-                fused_note=note, num_classes=args.num_classes, grad_checkpointing=args.grad_checkpointing,
+                fused_note=note, num_classes=a["num_classes"], grad_checkpointing=args.grad_checkpointing,
                 compile_backend=args.compile_backend, compile_mode=args.compile_mode,
                 optimizer="SGD(lr=0.01, momentum=0.9)", loss="cross-entropy, random labels",
                 timing=("interleaved rounds in one process, shared frozen backbone, every method once per round "
@@ -199,6 +255,15 @@ def _meta(args, argv: list[str], a: dict, device: str, shape: dict, model_kwargs
                 memory=("torch.cuda.max_memory_allocated over the measured train step(s) (reset first)" if is_cuda
                         else "peak RSS (VmHWM, reset after warm-up) during the measured train step(s) minus the "
                              "process's RSS before the ViT was built (after imports and backend load)"))
+    if args.task == "segmentation":
+        meta.update(feature_blocks=shape["feature_blocks"], head_channels=args.head_channels,
+                    heads=("SETR-PUP on the last feature block, an auxiliary head on each other one "
+                           "(lspt_kernels.seg.SegmentationModel's defaults); 'Trainable' includes them"),
+                    optimizer=("lspt_kernels.seg.train_step at iteration 0: SGD momentum 0.9, lr 0.001, heads 10x, "
+                               "poly schedule; a GradScaler under fp16"),
+                    loss="cross-entropy of the main and auxiliary heads (weighted), random label maps",
+                    inference="one no-grad forward of the batch of crops in eval mode (one sliding window of the "
+                              "test per image): the main head's logits at the crop size")
     return meta
 
 
@@ -276,17 +341,20 @@ def run(args, argv: list[str]) -> int:
     load_start = loadavg()
     import torch
     device = str(resolve_device(args.device))
-    a = _check_args(args, device)
+    a = check_args(args, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     model_kwargs = model_kwargs_from_args(args)
-    shape = check_model(args.model, args.img_size, model_kwargs)
+    if args.task == "segmentation":      # as segmentation training builds it (other sizes resample the grid)
+        model_kwargs = {"dynamic_img_size": True, **model_kwargs}
+    shape = check_model(args.model, a["img_size"], model_kwargs, args.task)
     outdir = check_output_dir(args.output)
     isolated = not device.startswith("cuda") and not args.in_process
     meta = _meta(args, argv, a, device, shape, model_kwargs, isolated)
     meta["loadavg_start"] = load_start
     backend, note = meta["fused_backend"], meta["fused_note"]
-    print(f"lspt-bench: {args.model} ({meta['img_size']} px) on {meta['device_name']}; torch {meta['torch']}, "
+    task = "segmentation step (SETR-PUP) on " if args.task == "segmentation" else ""
+    print(f"lspt-bench: {task}{args.model} ({meta['img_size']} px) on {meta['device_name']}; torch {meta['torch']}, "
           f"timm {meta['timm']}, triton {meta['triton']}; fused backend: {backend}"
           + (f" ({note})" if note else ""), flush=True)
     print(f"lspt-bench: {load_line(load_start, 'at start')}", flush=True)
@@ -307,11 +375,12 @@ def run(args, argv: list[str]) -> int:
     interrupted = False
     try:
         for b, n, d, c in settings:
-            spec = dict(model=args.model, model_kwargs=model_kwargs, img_size=args.img_size, batch_size=b,
-                        num_prompts=n, dtype=d, device=device, repeats=a["repeats"], warmup=a["warmup"],
-                        mem_steps=args.mem_steps, num_classes=args.num_classes, seed=args.seed,
+            spec = dict(task=args.task, model=args.model, model_kwargs=model_kwargs, img_size=a["img_size"],
+                        batch_size=b, num_prompts=n, dtype=d, device=device, repeats=a["repeats"], warmup=a["warmup"],
+                        mem_steps=args.mem_steps, num_classes=a["num_classes"], seed=args.seed,
                         fused_backend=backend, fused_note=note, compile_backend=args.compile_backend,
-                        compile_mode=args.compile_mode, threads=args.threads, grad_checkpointing=c)
+                        compile_mode=args.compile_mode, threads=args.threads, grad_checkpointing=c,
+                        head_channels=args.head_channels)
             _measure_setting(spec, a["methods"], meta, isolated, rows, counter, save)
     except KeyboardInterrupt:
         interrupted = True

@@ -43,7 +43,7 @@ FILES = ("gpu-suite.log", "bench.json", "bench.csv", "bench.png", "step.json", "
 GPU_TEST_FILES = ("tests/test_cuda_gpu.py", "tests/test_step.py")
 GPU_TEST_FILTER = "cuda or triton"
 # Share of the budget each part may use at most (seconds); what a part leaves goes to the next.
-PART_CAPS = dict(tests=180, step=150, table=330)
+PART_CAPS = dict(tests=180, step=150, table=330, segmentation=120)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +83,14 @@ def plan(out: Path, with_compile: bool = False) -> list[dict]:
                       argv=child_command(["--device", "cuda", "--batch-size", "64", "--num-prompts", "10,100",
                                           "--dtype", "fp32,bf16", "--methods", ",".join(methods),
                                           "--output", str(out)])))
+    # The segmentation step in the paper's appendix A.1 setting (ViT-B/16, 512 px crops, Np 100: 1125 tokens;
+    # batch 16, the recipe's, on one GPU), 5 rounds to fit its cap; its own bench files in DIR/segmentation/.
+    parts.append(dict(name="segmentation", files=["segmentation/bench.json", "segmentation/bench.csv",
+                                                  "segmentation/bench.png"],
+                      argv=child_command(["--task", "segmentation", "--device", "cuda", "--batch-size", "16",
+                                          "--num-prompts", "100", "--img-size", "512", "--dtype", "fp32,bf16",
+                                          "--methods", "vpt-deep,gapt,lspt-fused", "--repeats", "5",
+                                          "--output", str(out / "segmentation")])))
     return parts
 
 

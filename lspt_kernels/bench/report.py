@@ -45,6 +45,24 @@ def _fmt_ratio(r: dict, key: str) -> str:
     return f" ({s['median']:.3f}x [{s['q1']:.3f}-{s['q3']:.3f}])"
 
 
+def _setting_header(setting: tuple, group: list[dict], meta: dict | None) -> str:
+    """The line above a setting's block: what was run, T, the device, how the figures were taken."""
+    model, batch, n_p, dtype, ckpt, task = setting
+    seg = task == "segmentation"
+    img = next((r.get("img_size") for r in group if r.get("img_size")), None)
+    heads = next((r.get("head_params") for r in group if r.get("head_params")), None)
+    T = max((r.get("tokens") or 0 for r in group), default=0)
+    dev = (meta or {}).get("device_name") or group[0].get("device_name") or group[0].get("device")
+    rounds = max((r.get("train_s_n") or 0 for r in group), default=0)
+    inter = any(r.get("train_s_all") for r in group)      # rows of lspt-bench, not of pytest-benchmark
+    return (f"{'segmentation step (SETR-PUP heads), ' if seg else ''}{model}, {img or '?'} px"
+            f"{' crops' if seg else ''}, batch {batch}, Np {n_p}, {dtype}{', gradient checkpointing' if ckpt else ''}, "
+            f"T = {T or '?'} tokens, on {dev}; "
+            + (f"Trainable includes the heads' {_fmt_count(heads)}; " if seg and heads else "")
+            + f"times: median [quartiles] over {rounds} {'interleaved ' if inter else ''}rounds; ratios to GaPT"
+            f"{' (per round)' if inter else ' (of the medians)'} in parentheses")
+
+
 def format_table(rows: list[dict], meta: dict | None = None) -> str:
     """The paper's table C.4 layout, one block per setting; times median [q1-q3] over the rounds,
     ratios to GaPT (per round) in parentheses."""
@@ -53,17 +71,10 @@ def format_table(rows: list[dict], meta: dict | None = None) -> str:
     cols = (("Max Memory (GB)", 22), ("Training Time per Batch (s)", 46), ("Inference Time per Batch (s)", 46))
     head = (f"{'Method':<{width}} {'Total Params':>12} {'Trainable':>10} "
             + " ".join(f"{name:>{w}}" for name, w in cols))
-    for (model, batch, n_p, dtype, ckpt), group in group_by_setting(rows).items():
+    for setting, group in group_by_setting(rows).items():
         group = list(group.values())
-        img = next((r.get("img_size") for r in group if r.get("img_size")), None)
-        T = max((r.get("tokens") or 0 for r in group), default=0)
-        dev = (meta or {}).get("device_name") or group[0].get("device_name") or group[0].get("device")
-        rounds = max((r.get("train_s_n") or 0 for r in group), default=0)
-        inter = any(r.get("train_s_all") for r in group)      # rows of lspt-bench, not of pytest-benchmark
-        lines.append(f"{model}, {img or '?'} px, batch {batch}, Np {n_p}, {dtype}"
-                     f"{', gradient checkpointing' if ckpt else ''}, T = {T or '?'} tokens, on {dev}; times: median "
-                     f"[quartiles] over {rounds} {'interleaved ' if inter else ''}rounds; ratios to GaPT"
-                     f"{' (per round)' if inter else ' (of the medians)'} in parentheses")
+        seg = setting[5] == "segmentation"
+        lines.append(_setting_header(setting, group, meta))
         lines.append(head)
         lines.append("-" * len(head))
         notes = []
@@ -91,6 +102,11 @@ def format_table(rows: list[dict], meta: dict | None = None) -> str:
                 notes.append(f"  {r['note']}")
             if r.get("timing_error"):
                 notes.append(f"  {label}: timing failed: {r['timing_error']}")
+            mem, tr = get_summary(r, "peak_memory_gb_vs_plain"), get_summary(r, "train_s_vs_plain")
+            if mem or tr:
+                notes.append(f"  {label} with gradient checkpointing, over its plain run: peak memory "
+                             + (f"{mem['median']:.3f}x" if mem else "-") + ", train time "
+                             + (fmt_spread(tr, 3) + "x" if tr else "-") + " (separate timing passes)")
         for r in group:
             tr, inf = get_summary(r, "train_vs_vpt_deep"), get_summary(r, "infer_vs_vpt_deep")
             if r.get("status") == "ok" and tr and not r.get("compiled"):
@@ -99,7 +115,8 @@ def format_table(rows: list[dict], meta: dict | None = None) -> str:
                 notes.append(f"  {row_label(r)} over VPT-Deep (per round): train {pct(tr)} (cost-model floor "
                              f"Np/(2T) = {100 * r['floor_train_extra']:.1f}%)"
                              + (f", inference {pct(inf)} (floor Np/(3T) = {100 * r['floor_infer_extra']:.1f}%)"
-                                if inf else ""))
+                                if inf else "") + ("; floors of the backbone alone, the heads' time lowers the "
+                                                   "step's" if seg else ""))
         lines.extend(notes)
         lines.append("")
     if rows and not any(r["method"] == "gapt" and r.get("status") == "ok" for r in rows):
@@ -111,13 +128,15 @@ def _spread_fields(key: str) -> tuple[str, ...]:
     return (key, f"{key}_q1", f"{key}_q3", f"{key}_min", f"{key}_max")
 
 
-CSV_FIELDS = (("method", "label", "status", "error", "model", "img_size", "tokens", "batch_size", "num_prompts",
-               "dtype", "grad_checkpointing", "device", "device_name", "backend", "compiled", "compile_backend",
-               "compile_mode", "trainable_params", "backbone_params", "total_params_ratio", "peak_memory_gb",
+CSV_FIELDS = (("method", "label", "status", "error", "task", "model", "img_size", "tokens", "batch_size",
+               "num_prompts", "dtype", "grad_checkpointing", "device", "device_name", "backend", "compiled",
+               "compile_backend", "compile_mode", "trainable_params", "head_params", "head_channels", "backbone_params",
+               "total_params_ratio", "peak_memory_gb",
                "peak_memory_gb_vs_gapt", "step_memory_gb", "memory_kind")
               + _spread_fields("train_s") + ("train_s_n",) + _spread_fields("train_s_vs_gapt")
               + _spread_fields("infer_s") + _spread_fields("infer_s_vs_gapt")
               + _spread_fields("train_vs_vpt_deep") + _spread_fields("infer_vs_vpt_deep")
+              + ("peak_memory_gb_vs_plain",) + _spread_fields("train_s_vs_plain")
               + ("floor_train_extra", "floor_infer_extra", "compile_s", "timing_error", "repeats", "warmup",
                  "threads", "note", "torch", "triton", "timm", "python", "loadavg_start", "loadavg_end",
                  "command", "time"))
@@ -142,7 +161,8 @@ def write_results(rows: list[dict], meta: dict, outdir: Path, plot: bool = True)
     paths.append(cs)
     if plot:
         png = outdir / "bench.png"
-        plot_rows(rows, png, title=f"{meta.get('model', '')} on {meta.get('device_name', '')}")
+        task = "segmentation step, " if meta.get("task") == "segmentation" else ""
+        plot_rows(rows, png, title=f"{task}{meta.get('model', '')} on {meta.get('device_name', '')}")
         paths.append(png)
     return paths
 

@@ -1,6 +1,11 @@
-"""Running the encoders: one train step / one inference batch, the memory pass, the timing pass.
+"""Running the models: one train step / one inference batch, the memory pass, the timing pass.
 
-A setting (model, batch, Np, dtype, gradient checkpointing) is measured in two passes:
+A bench row's model is the method's encoder (task "classification": forward, cross-entropy over random
+labels, SGD) or SETR-PUP on its patch grids (task "segmentation": `lspt_kernels.seg.SegmentationModel`
+with its auxiliary heads, one iteration of the recipe's `seg.train_step` on random label maps; the
+inference batch is one no-grad forward of crops, what each sliding window of the test costs).
+
+A setting (task, model, batch, Np, dtype, gradient checkpointing) is measured in two passes:
 
 1. memory, per method: a fresh model, warm-up train step(s) (torch.compile compiles here), then
    the peak memory over `mem_steps` train steps, the parameter counts, the compile time and a check
@@ -26,6 +31,9 @@ from . import methods as M
 from .env import child_command
 from .measure import MemoryProbe, Timer, interleaved_rounds, short_error, summarize
 
+# Segmentation: the recipe's schedule length (seg.train_step's poly lr); every timed step is its iteration 0.
+SEG_ITERS = 160_000
+
 
 def build_vit(spec: dict):
     """A fresh random timm ViT of a bench spec (seeded) without a classifier head."""
@@ -44,18 +52,58 @@ def make_encoder(method: str, spec: dict, vit=None):
                           grad_checkpointing=bool(spec.get("grad_checkpointing")))
 
 
+def is_segmentation(spec: dict) -> bool:
+    return spec.get("task", "classification") == "segmentation"
+
+
+def make_model(method: str, spec: dict, vit=None):
+    """The model of a bench row: the method's encoder (`make_encoder`), or for task "segmentation" a
+    `SegmentationModel` around it (SETR-PUP and the auxiliary heads on the default feature blocks,
+    spec["num_classes"] classes, spec["head_channels"] wide when given)."""
+    encoder = make_encoder(method, spec, vit)
+    if not is_segmentation(spec):
+        return encoder
+    import torch
+
+    from ..seg import SegmentationModel
+    torch.manual_seed(spec.get("seed", 0) + 2)
+    width = {"channels": spec["head_channels"]} if spec.get("head_channels") else {}
+    return SegmentationModel(encoder, spec["num_classes"], **width)
+
+
+def encoder_of(model, spec: dict):
+    """The prompt-tuned encoder of a bench model (the model itself for classification)."""
+    return model.encoder if is_segmentation(spec) else model
+
+
+def parameter_counts(model, spec: dict) -> dict:
+    """trainable (the heads of a segmentation model included), backbone (without its classifier),
+    total_params_ratio = (backbone + trainable) / backbone as in the paper's tables, and head_params
+    (segmentation: the SETR heads' share of trainable; None for classification)."""
+    backbone = encoder_of(model, spec).parameter_report()["backbone"]
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    heads = (sum(p.numel() for head in model.heads().values() for p in head.parameters())
+             if is_segmentation(spec) else None)
+    return dict(trainable_params=trainable, backbone_params=backbone, head_params=heads,
+                total_params_ratio=(backbone + trainable) / backbone)
+
+
 def make_step_fns(model, spec: dict, device: str, compiled: bool = False, compile_backend: str = "inductor",
                   compile_mode: str | None = None):
-    """(train_step, infer_step, out): one training step (zero_grad, forward, cross-entropy over random
-    labels, backward, SGD(momentum 0.9) step over the trainable parameters) and one no-grad forward;
-    `out` holds the last loss and logits."""
+    """(train_step, infer_step, out): one training step and one no-grad forward of a batch of random
+    images; `out` holds the last loss and logits.
+
+    Classification: zero_grad, forward, cross-entropy over random labels, backward, SGD(momentum 0.9)
+    step over the trainable parameters. Segmentation: `lspt_kernels.seg.train_step` on random label
+    maps (main and auxiliary losses, the recipe's SGD with the heads at 10x lr and its poly schedule,
+    a GradScaler under fp16), and the main logits at the input size for inference."""
     import torch
     import torch.nn.functional as F
     gen = torch.Generator().manual_seed(spec.get("seed", 0) + 1)
-    img = model.vit.patch_embed.img_size
+    img = encoder_of(model, spec).vit.patch_embed.img_size
     images = torch.randn(spec["batch_size"], 3, img[0], img[1], generator=gen).to(device)
-    labels = torch.randint(0, spec["num_classes"], (spec["batch_size"],), generator=gen).to(device)
-    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.01, momentum=0.9)
+    label_shape = (spec["batch_size"], img[0], img[1]) if is_segmentation(spec) else (spec["batch_size"],)
+    labels = torch.randint(0, spec["num_classes"], label_shape, generator=gen).to(device)
     mode = None if compile_mode in (None, "default") else compile_mode
     run = torch.compile(model, backend=compile_backend, mode=mode) if compiled else model
     # CUDA graphs (reduce-overhead) reuse output buffers: mark where each step begins.
@@ -69,16 +117,30 @@ def make_step_fns(model, spec: dict, device: str, compiled: bool = False, compil
 
     out = {}
 
-    def train_step():
-        if mark:
-            mark()
-        opt.zero_grad(set_to_none=True)
-        with autocast():
-            logits = run(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        loss.backward()
-        opt.step()
-        out["loss"] = loss.detach()
+    if is_segmentation(spec):
+        from ..seg import build_optimizer
+        from ..seg import train_step as seg_train_step
+        opt = build_optimizer(model)
+        scaler = torch.amp.GradScaler(device_type) if low is torch.float16 else None
+
+        def train_step():
+            if mark:
+                mark()
+            out["loss"] = seg_train_step(run, opt, images, labels, 0, SEG_ITERS, amp_dtype=low,
+                                         scaler=scaler)["loss"]
+    else:
+        opt = torch.optim.SGD(model.trainable_parameters(), lr=0.01, momentum=0.9)
+
+        def train_step():
+            if mark:
+                mark()
+            opt.zero_grad(set_to_none=True)
+            with autocast():
+                logits = run(images)
+            loss = F.cross_entropy(logits.float(), labels)
+            loss.backward()
+            opt.step()
+            out["loss"] = loss.detach()
 
     def infer_step():
         if mark:
@@ -110,10 +172,10 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def base_row(method: str, spec: dict) -> dict:
-    row = dict(method=method, label=M.label(method), model=spec["model"], device=spec["device"],
-               dtype=spec["dtype"], batch_size=spec["batch_size"], num_prompts=spec["num_prompts"],
-               grad_checkpointing=bool(spec.get("grad_checkpointing")), status="ok", error=None, backend=None,
-               compiled=method == "lspt-compile",
+    row = dict(method=method, label=M.label(method), task=spec.get("task", "classification"), model=spec["model"],
+               device=spec["device"], dtype=spec["dtype"], batch_size=spec["batch_size"],
+               num_prompts=spec["num_prompts"], grad_checkpointing=bool(spec.get("grad_checkpointing")), status="ok",
+               error=None, backend=None, compiled=method == "lspt-compile",
                compile_backend=spec.get("compile_backend") if method == "lspt-compile" else None,
                compile_mode=spec.get("compile_mode") if method == "lspt-compile" else None)
     if M.is_fused(method):
@@ -128,6 +190,8 @@ def base_row(method: str, spec: dict) -> dict:
 def measure_memory(method: str, spec: dict) -> dict:
     """The memory pass for one method in this process: its row (status "ok" / "oom" / "error")."""
     import torch
+    if is_segmentation(spec):
+        from .. import seg  # noqa: F401  - imported before the memory baseline, as timm and the backend
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     device = spec["device"]
@@ -141,14 +205,13 @@ def measure_memory(method: str, spec: dict) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         probe = MemoryProbe(device)
-        model = make_encoder(method, spec).to(device)
+        model = make_model(method, spec).to(device)
         state["model"] = model
-        rep = model.parameter_report()
-        k, n = model.num_prefix_tokens, model.vit.patch_embed.num_patches
-        row.update(trainable_params=rep["trainable"], backbone_params=rep["backbone"],
-                   total_params_ratio=rep["total_params_ratio"],
-                   tokens=k + getattr(model, "num_prompts", 0) + n,
-                   img_size=model.vit.patch_embed.img_size[0], depth=model.depth, embed_dim=model.embed_dim)
+        enc = encoder_of(model, spec)
+        k, n = enc.num_prefix_tokens, enc.vit.patch_embed.num_patches
+        row.update(parameter_counts(model, spec), tokens=k + getattr(enc, "num_prompts", 0) + n,
+                   img_size=enc.vit.patch_embed.img_size[0], depth=enc.depth, embed_dim=enc.embed_dim,
+                   head_channels=model.channels if is_segmentation(spec) else None)
         train_step, infer_step, out = make_step_fns(model, spec, device, compiled=row["compiled"],
                                                     compile_backend=spec.get("compile_backend", "inductor"),
                                                     compile_mode=spec.get("compile_mode"))
@@ -234,7 +297,7 @@ def time_interleaved(methods: list[str], spec: dict, progress=None) -> dict[str,
         vit = build_vit(spec).to(device)
         for m in methods:
             try:
-                model = make_encoder(m, spec, vit=vit).to(device)
+                model = make_model(m, spec, vit=vit).to(device)
                 tr, inf, _ = make_step_fns(model, spec, device, compiled=m == "lspt-compile",
                                            compile_backend=spec.get("compile_backend", "inductor"),
                                            compile_mode=spec.get("compile_mode"))
