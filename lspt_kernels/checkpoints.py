@@ -202,9 +202,14 @@ def load_release_checkpoint(vit: nn.Module, path) -> nn.Module:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ValueError(f"{path} is not a checkpoint timm can read (.pth with weights_only=True, or "
                          f".safetensors): {type(exc).__name__}: {first}") from exc
-    if not isinstance(raw, dict) or not any(isinstance(v, torch.Tensor) for v in raw.values()):
+    try:
+        sd = checkpoint_filter(vit)(raw, vit)
+    except Exception as exc:
+        raise ValueError(f"{path}: timm's checkpoint filter for {type(vit).__name__} cannot convert it "
+                         f"({type(exc).__name__}: {exc})") from exc
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and not k.startswith("head.")}
+    if not sd:
         raise ValueError(f"{path}: no tensors found (expected the weights of a {type(vit).__name__})")
-    sd = {k: v for k, v in checkpoint_filter(vit)(raw, vit).items() if not k.startswith("head.")}
     _warn_non_finite(sd, str(path))
     own = {k: v for k, v in vit.state_dict().items() if not k.startswith("head.")}
     return _load_exactly(vit, sd, own, f"{path} (after timm's checkpoint filter for {type(vit).__name__})")

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                     f"batch {cpu['batch_size']}, Np {cpu['num_prompts']}, fp32.",
         epilog="Subcommands: 'lspt-bench step --help' (the fused-step microbenchmark), "
                "'lspt-bench gpu-suite --help' (the one-command GPU suite).")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="any timm VisionTransformer name (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="any timm VisionTransformer or Eva name, e.g. vit_base_patch16_dinov3 (default: %(default)s)")
     p.add_argument("--batch-size", default=None, help="batch size(s), comma-separated "
                    f"(default: {gpu['batch_size']} on a GPU, {cpu['batch_size']} on the CPU)")
     p.add_argument("--num-prompts", default=None, help="Np value(s), comma-separated "
