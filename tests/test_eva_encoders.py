@@ -19,11 +19,11 @@ NP, NC = 3, 5
 FLAVOURS = list(EVA_FLAVOURS)
 
 
-def _grads(enc, images, upstream=None):
+def _grads(model, images, upstream=None):
     """Logits and the gradient of every trainable parameter under one upstream gradient."""
-    out = enc(images)
+    out = model(images)
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)) if upstream is None else upstream
-    return out, torch.autograd.grad(out, enc.trainable_parameters(), upstream)
+    return out, torch.autograd.grad(out, [p for p in model.parameters() if p.requires_grad], upstream)
 
 
 def _rope_of_block(vit, rope, l):
@@ -209,6 +209,24 @@ def test_every_method_trains_on_eva(flavour, method):
     out, grads = _grads(enc, vit_images(vit))
     assert out.shape == (2, NC) and all(g is not None for g in grads)
     assert all(not p.requires_grad for p in vit.parameters())
+
+
+@pytest.mark.parametrize("flavour", ["dinov3", "rope-mixed"])
+@pytest.mark.parametrize("method", ["lspt", "gapt"])
+def test_compiles_without_graph_breaks(flavour, method):
+    """torch.compile(fullgraph=True) traces the rope rows and each block's rope (aot_eager: forward and
+    backward graphs), with eager's logits and gradients."""
+    backend = dict(backend="eager" if unavailable_reason("cpu") else "cpu") if method == "lspt" else {}
+    torch._dynamo.reset()
+    vit = make_eva(flavour)
+    enc = build_encoder(method, vit, num_prompts=NP, num_classes=NC, **backend)
+    images = vit_images(vit)
+    upstream = torch.randn(2, NC, generator=torch.Generator().manual_seed(2))
+    out_c, g_c = _grads(torch.compile(enc, fullgraph=True, backend="aot_eager"), images, upstream)
+    out_e, g_e = _grads(enc, images, upstream)
+    torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["vpt-deep", "gapt", "lspt"])
