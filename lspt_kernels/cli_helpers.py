@@ -167,7 +167,9 @@ def build_backbone(model: str, img_size: int | None = None, model_kwargs: dict |
         close = difflib.get_close_matches(model, timm.list_models(), n=3, cutoff=0.6)
         raise UsageError(f"--model {model!r}: unknown timm model" + (f"; did you mean {', '.join(close)}?" if close
                                                                     else "")
-                         + " (list ViTs with python -c \"import timm; print(timm.list_models('vit_*'))\")")
+                         + f" (timm {timm.__version__}, which may predate it: a recent backbone such as DINOv3 "
+                           "needs a recent timm; list its ViTs with python -c \"import timm; "
+                           "print(timm.list_models('vit_*'))\")")
     kwargs = dict(model_kwargs or {})
     if img_size is not None:
         kwargs["img_size"] = img_size
