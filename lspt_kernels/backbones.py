@@ -116,7 +116,8 @@ def embed(vit, images: Tensor) -> tuple[Tensor, Tensor | None]:
     x = vit.patch_embed(images)
     if is_eva(vit):
         x, rope = vit._pos_embed(x)                # Eva runs its patch dropout inside
-        return vit.norm_pre(x), rope
+        norm_pre = getattr(vit, "norm_pre", None)  # older timm Evas have none
+        return (x if norm_pre is None else norm_pre(x)), rope
     x = vit._pos_embed(x)
     x = vit.patch_drop(x)
     return vit.norm_pre(x), None
@@ -221,7 +222,8 @@ def attention_qkv(attn: nn.Module, x: Tensor, rope: Tensor | None = None) -> tup
         q = attn.q_proj(x).reshape(B, T, heads, -1).transpose(1, 2)
         k = attn.k_proj(x).reshape(B, T, kv_heads, -1).transpose(1, 2)
         v = attn.v_proj(x).reshape(B, T, kv_heads, -1).transpose(1, 2)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    if getattr(attn, "q_norm", None) is not None:     # older timm EvaAttention has no q/k norms
+        q, k = attn.q_norm(q), attn.k_norm(k)
     if rope is not None:
         q, k = _rotate(attn, q, rope).type_as(v), _rotate(attn, k, rope).type_as(v)
     groups = heads // k.shape[1]

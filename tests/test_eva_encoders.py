@@ -39,7 +39,7 @@ def _prefix_rerun(vit, prompts, images):
     for block in vit.blocks:
         block.attn.num_prefix_tokens = k + n
     x, rope = vit._pos_embed(vit.patch_embed(images))
-    x = vit.norm_pre(x)
+    x = vit.norm_pre(x) if hasattr(vit, "norm_pre") else x          # older timm Evas have no norm_pre
     B = x.shape[0]
     prefix, patches = x[:, :k], x[:, k:]
     for l, block in enumerate(vit.blocks):
@@ -266,8 +266,12 @@ def test_spt_prompts_are_the_tokens_entering_their_block(method):
 
 # --- what is refused ------------------------------------------------------------------------------------
 def _on_meta(name, **kw):
+    """The model's shapes only (no memory, no init); on the CPU where this timm cannot init on meta."""
     import timm
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False, num_classes=0, **kw)
+    except NotImplementedError:
         return timm.create_model(name, pretrained=False, num_classes=0, **kw)
 
 
@@ -307,6 +311,6 @@ def test_gapt_refuses_an_attention_it_cannot_recompute():
     vit.blocks[2].attn.__class__ = MyAttention
     VPTEncoder(vit, NP, NC)
     with pytest.raises(TypeError, match=r"GaPT \(its temperatures\) recomputes the attention logits; block 2's "
-                                        r"attention is .*MyAttention, and only timm's Attention, AttentionRope, "
-                                        r"EvaAttention are supported"):
+                                        r"attention is .*MyAttention, and only timm's Attention, .*EvaAttention "
+                                        r"are supported"):
         GaPTEncoder(vit, NP, NC)

@@ -68,7 +68,10 @@ def parse_list(text: str, kind, name: str) -> list:
 def check_model(name: str, img_size: int | None = None, model_kwargs: dict | None = None) -> dict:
     """The shape facts of a timm ViT (built on the meta device: no memory, no time); a UsageError for an
     unknown or non-ViT model."""
-    vit = build_backbone(name, img_size, model_kwargs, device="meta")
+    try:
+        vit = build_backbone(name, img_size, model_kwargs, device="meta")
+    except UsageError:         # some timm releases cannot init a model on meta (e.g. older Evas): build it
+        vit = build_backbone(name, img_size, model_kwargs)
     img = vit.patch_embed.img_size
     return dict(num_patches=vit.patch_embed.num_patches, prefix=vit.num_prefix_tokens,
                 embed_dim=vit.embed_dim, depth=len(vit.blocks),
