@@ -110,6 +110,11 @@ def test_gradcheck_of_one_lspt_forward_fp64(flavour):
     torch.manual_seed(1)
     enc = LSPTEncoder(vit, 2, 3).double()
     images = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    try:
+        vit.forward_features(images)
+    except RuntimeError as exc:         # timm 1.0.20's mixed rope mixes fp32 into an fp64 model
+        import timm
+        pytest.skip(f"timm {timm.__version__}'s own fp64 forward of {flavour!r} fails: {exc}")
 
     def logits(prompts, weight_hh):
         return torch.func.functional_call(enc, {"prompts": prompts, "lstm.weight_hh": weight_hh}, (images,))
@@ -271,7 +276,7 @@ def _on_meta(name, **kw):
     try:
         with torch.device("meta"):
             return timm.create_model(name, pretrained=False, num_classes=0, **kw)
-    except NotImplementedError:
+    except (NotImplementedError, RuntimeError):
         return timm.create_model(name, pretrained=False, num_classes=0, **kw)
 
 
