@@ -4,7 +4,7 @@ exactly the tensors timm.create_model(name, pretrained=True, pretrained_cfg_over
 gives, strictly, and without any download."""
 import pytest
 import torch
-from helpers import EVA_FLAVOURS, make_eva, same_backbone
+from helpers import EVA_FLAVOURS, dinov3_release, eva02_release, make_eva, noisy, same_backbone
 
 from lspt_kernels import LSPTEncoder, from_timm, load_backbone_checkpoint
 from lspt_kernels.encoders import build_encoder
@@ -13,49 +13,7 @@ NP, NC = 2, 3
 TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8)
 
 
-def _noisy(vit, seed=5):
-    """Every parameter of `vit` drawn from N(0, 1): a load that left any of them untouched shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in vit.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-    return vit
-
-
-def _dinov3_release(vit) -> dict:
-    """A timm DINOv3 state dict in Meta's key names (facebookresearch/dinov3): storage_tokens, ls1/ls2.gamma,
-    one qkv bias with its bias_mask (zero for the distilled ViT-S/B/L), the pre-training mask token, the
-    rope periods buffer."""
-    out = {"mask_token": torch.zeros(1, vit.embed_dim), "rope_embed.periods": torch.ones(4)}
-    for k, v in vit.state_dict().items():
-        if k.startswith("rope."):
-            continue
-        k = k.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
-        out[k] = v.clone()
-    for i in range(len(vit.blocks)):
-        out[f"blocks.{i}.attn.qkv.bias"] = torch.zeros(3 * vit.embed_dim)
-        out[f"blocks.{i}.attn.qkv.bias_mask"] = torch.ones(3 * vit.embed_dim)
-    return out
-
-
-def _eva02_release(vit) -> dict:
-    """A timm EVA-02 (B config: separate q/k/v, SwiGLU with its norm) state dict in BAAI's MIM pre-training
-    key names (baaivision/EVA EVA-02): q_bias / v_bias, mlp.w1 / w2 / w3 / ffn_ln, the final norm as `norm`,
-    mask token, MIM head and rope buffers, under {'module': ...} as its DeepSpeed saves."""
-    swaps = [("attn.q_proj.bias", "attn.q_bias"), ("attn.v_proj.bias", "attn.v_bias"), ("mlp.fc1_g", "mlp.w1"),
-             ("mlp.fc1_x", "mlp.w2"), ("mlp.fc2", "mlp.w3"), ("mlp.norm", "mlp.ffn_ln"), ("fc_norm.", "norm.")]
-    out = {"mask_token": torch.zeros(1, 1, vit.embed_dim), "lm_head.weight": torch.zeros(8, vit.embed_dim),
-           "lm_head.bias": torch.zeros(8), "rope.freqs_cos": torch.ones(16, 16), "rope.freqs_sin": torch.zeros(16, 16)}
-    for k, v in vit.state_dict().items():
-        if k.startswith("rope."):
-            continue
-        for a, b in swaps:
-            k = k.replace(a, b)
-        out[k] = v.clone()
-    return {"module": out}
-
-
-RELEASES = {"dinov3": _dinov3_release, "eva02-base": _eva02_release}
+RELEASES = {"dinov3": dinov3_release, "eva02-base": eva02_release}
 
 
 @pytest.fixture
@@ -74,7 +32,7 @@ def offline(monkeypatch):
 @pytest.mark.parametrize("flavour", list(RELEASES))
 def test_release_file_loads_as_timms_pretrained_cfg_overlay(tmp_path, offline, flavour):
     import timm
-    source = _noisy(make_eva(flavour))
+    source = noisy(make_eva(flavour))
     path = tmp_path / f"{flavour}.pth"
     torch.save(RELEASES[flavour](source), path)
     target = make_eva(flavour)
@@ -91,8 +49,8 @@ def test_release_file_loads_as_timms_pretrained_cfg_overlay(tmp_path, offline, f
 def test_an_eva_file_under_model_is_not_taken_for_mae(tmp_path):
     """{'model': ...} is MAE's wrapper for a ViT; an Eva release wrapped so (EVA-01 style) keeps the model's
     own pooling."""
-    source = _noisy(make_eva("eva02-base"))
-    torch.save({"model": _eva02_release(source)["module"]}, tmp_path / "eva.pth")
+    source = noisy(make_eva("eva02-base"))
+    torch.save({"model": eva02_release(source)["module"]}, tmp_path / "eva.pth")
     enc = from_timm(make_eva("eva02-base"), checkpoint=tmp_path / "eva.pth", method="vpt-deep", num_prompts=NP,
                     num_classes=NC)
     assert enc.pool == "model" and same_backbone(enc.vit, source)
@@ -100,18 +58,18 @@ def test_an_eva_file_under_model_is_not_taken_for_mae(tmp_path):
 
 def test_safetensors_file_of_timm_keys(tmp_path):
     from safetensors.torch import save_file
-    source = _noisy(make_eva("dinov3"))
+    source = noisy(make_eva("dinov3"))
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "dinov3.safetensors"))
     assert same_backbone(load_backbone_checkpoint(make_eva("dinov3"), tmp_path / "dinov3.safetensors"), source)
 
 
 def _deeper_file(tmp_path):
-    torch.save(_dinov3_release(make_eva("dinov3", depth=3)), tmp_path / "deeper.pth")
+    torch.save(dinov3_release(make_eva("dinov3", depth=3)), tmp_path / "deeper.pth")
     return tmp_path / "deeper.pth"
 
 
 def _wider_file(tmp_path):
-    torch.save(_dinov3_release(make_eva("dinov3", embed_dim=48)), tmp_path / "wider.pth")
+    torch.save(dinov3_release(make_eva("dinov3", embed_dim=48)), tmp_path / "wider.pth")
     return tmp_path / "wider.pth"
 
 
@@ -137,7 +95,7 @@ def test_a_file_that_does_not_fit_is_refused_by_name(tmp_path, offline, make, er
 
 
 def test_a_missing_key_is_named(tmp_path):
-    sd = _dinov3_release(make_eva("dinov3"))
+    sd = dinov3_release(make_eva("dinov3"))
     del sd["blocks.1.ls2.gamma"]
     torch.save(sd, tmp_path / "partial.pth")
     with pytest.raises(ValueError, match=r"missing keys \['blocks\.1\.gamma_2'\]"):
