@@ -19,6 +19,7 @@ EVA_FLAVOURS = {
     "eva02-base": ("eva02_base_patch14_224", {}),       # separate q/k/v projections, SwiGLU with its norm
     "rope-mixed": ("vit_small_patch16_rope_mixed_224", {}),   # AttentionRope, one rope per block
     "pe": ("vit_pe_core_tiny_patch16_384", {}),         # Perception Encoder: AttentionRope, attention pooling
+    "sbb-reg": ("vit_medium_patch16_rope_reg1_gap_256", {}),   # timm's SBB RoPE ViT: CLS + 1 register, avg pool
     "sapiens2-gqa": ("vit_base_patch16_sapiens2", dict(num_kv_heads=1)),   # q/k norms, grouped-query k/v, 8 registers
     "post-norm": ("eva02_enormous_patch14_clip_224", dict(mlp_ratio=2)),   # EvaBlockPostNorm, no rope
 }
