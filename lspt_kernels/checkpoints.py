@@ -12,6 +12,11 @@ loaded, with a warning naming them.
 An MAE file's final norm (`norm.*`) goes into `fc_norm` when the model has timm's avg-pool layout
 (`norm` an Identity, `fc_norm` a LayerNorm); `encoders.from_timm` gives an MAE backbone the official
 MAE pooling (docs/method.md, "Features").
+A timm Eva backbone (DINOv3, EVA-02, Perception Encoder, ...) reads a file of its original release
+the timm way: timm's reader (`timm.models.load_state_dict`: .pth or .safetensors, EMA weights first,
+'model' / 'state_dict' wrappers and 'module.' prefixes), then timm's own checkpoint filter for Eva
+(e.g. Meta's DINOv3 `storage_tokens`, `ls1.gamma`, `qkv.bias`; EVA-02's `mlp.w12`), then the same
+strict key check as every other file.
 
 Tuned-parameter files (`save_tuned_file` / `load_tuned_file`, behind `encoder.save_tuned` /
 `encoder.load_tuned`) are safetensors files whose "lspt_kernels" metadata entry is the encoder's
@@ -28,8 +33,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["load_backbone_checkpoint", "backbone_state_dict", "save_tuned_file", "load_tuned_file",
-           "read_tuned_metadata", "is_mae_checkpoint", "is_mae_file", "as_path", "CONFIG_KEY"]
+from .backbones import checkpoint_filter, is_eva
+
+__all__ = ["load_backbone_checkpoint", "load_release_checkpoint", "backbone_state_dict", "save_tuned_file",
+           "load_tuned_file", "read_tuned_metadata", "is_mae_checkpoint", "is_mae_file", "as_path", "CONFIG_KEY"]
 
 # The metadata entry of a tuned file that holds `encoder.config()` (method and structural options).
 CONFIG_KEY = "lspt_kernels"
@@ -152,12 +159,15 @@ def _final_norm_into_fc_norm(sd: dict, own: dict) -> dict:
 
 
 def load_backbone_checkpoint(vit: nn.Module, path) -> nn.Module:
-    """Load an MAE / MoCo v3 / plain checkpoint file into a timm VisionTransformer, strictly: a missing,
-    unexpected or mismatched key is an error naming it. The position embedding is resampled when the
-    model's grid differs from the checkpoint's (as timm does). `path`: str or os.PathLike, '~'
-    expanded; formats and the 'module.' rule as in `backbone_state_dict`. Tensors with NaN or inf
+    """Load a backbone file strictly: a missing, unexpected or mismatched key is an error naming it.
+    A timm VisionTransformer reads an MAE / MoCo v3 / plain checkpoint (formats and the 'module.' rule
+    as in `backbone_state_dict`), its position embedding resampled when the model's grid differs from
+    the checkpoint's (as timm does); a timm Eva reads any release through timm's filter
+    (`load_release_checkpoint`). `path`: str or os.PathLike, '~' expanded. Tensors with NaN or inf
     are loaded with a RuntimeWarning naming them."""
     path = as_path(path)
+    if is_eva(vit):
+        return load_release_checkpoint(vit, path)
     sd = backbone_state_dict(_read(path), str(path))
     _warn_non_finite(sd, str(path))
     own = {k: v for k, v in vit.state_dict().items() if not k.startswith("head.")}
@@ -167,6 +177,47 @@ def load_backbone_checkpoint(vit: nn.Module, path) -> nn.Module:
         prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
         sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=vit.patch_embed.grid_size,
                                                  num_prefix_tokens=prefix)
+    return _load_exactly(vit, sd, own, str(path))
+
+
+def load_release_checkpoint(vit: nn.Module, path) -> nn.Module:
+    """Load a backbone file in its original release's key names the timm way: timm's reader, then timm's
+    checkpoint filter for the model's family (`backbones.checkpoint_filter`), then the strict key check
+    of `load_backbone_checkpoint` (the backbone's own classifier / projection head is left out on both
+    sides). The same tensors as timm.create_model(name, pretrained=True,
+    pretrained_cfg_overlay=dict(file=path)), which loads non-strictly when the release's head size
+    differs from the model's; nothing is downloaded."""
+    import inspect
+
+    from timm.models import load_state_dict
+
+    path = as_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    # Older timm readers have no weights_only argument; torch.load then defaults to True (torch >= 2.6).
+    safe = dict(weights_only=True) if "weights_only" in inspect.signature(load_state_dict).parameters else {}
+    try:
+        raw = load_state_dict(str(path), **safe)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ValueError(f"{path} is not a checkpoint timm can read (.pth with weights_only=True, or "
+                         f".safetensors): {type(exc).__name__}: {first}") from exc
+    try:
+        sd = checkpoint_filter(vit)(raw, vit)
+    except Exception as exc:
+        raise ValueError(f"{path}: timm's checkpoint filter for {type(vit).__name__} cannot convert it "
+                         f"({type(exc).__name__}: {exc})") from exc
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and not k.startswith("head.")}
+    if not sd:
+        raise ValueError(f"{path}: no tensors found (expected the weights of a {type(vit).__name__})")
+    _warn_non_finite(sd, str(path))
+    own = {k: v for k, v in vit.state_dict().items() if not k.startswith("head.")}
+    return _load_exactly(vit, sd, own, f"{path} (after timm's checkpoint filter for {type(vit).__name__})")
+
+
+def _load_exactly(vit: nn.Module, sd: dict, own: dict, source: str) -> nn.Module:
+    """Load `sd` into `vit` when its keys and shapes are exactly `own`'s (the model's, head left out),
+    else a ValueError listing every difference."""
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -180,7 +231,7 @@ def load_backbone_checkpoint(vit: nn.Module, path) -> nn.Module:
                          + _unexpected_prefix_hint(unexpected, own))
         if mismatched:
             parts.append("mismatched shapes " + "; ".join(mismatched[:8]))
-        raise ValueError(f"{path} does not fit {type(vit).__name__} (embed_dim={vit.embed_dim}, "
+        raise ValueError(f"{source} does not fit {type(vit).__name__} (embed_dim={vit.embed_dim}, "
                          f"depth={len(vit.blocks)}): " + ", ".join(parts))
     vit.load_state_dict(sd, strict=False)   # only the head (never loaded) is left out
     return vit

@@ -265,7 +265,7 @@ def parse_model_kwargs(items: list[str] | None, option: str = "--model-kwargs") 
 # ------------------------------------------------------------------------------------------------
 def build_backbone(model: str, img_size: int | None = None, model_kwargs: dict | None = None, seed: int = 0,
                    device=None):
-    """The timm ViT `model` without a classifier head, randomly initialised under `seed` (nothing is
+    """The timm ViT or Eva `model` without a classifier head, randomly initialised under `seed` (nothing is
     downloaded; a checkpoint is loaded by the caller). `device="meta"` builds only the shapes. An
     unknown name, arguments the model does not take, or a model the encoders cannot wrap are a
     UsageError naming --model."""
@@ -274,7 +274,9 @@ def build_backbone(model: str, img_size: int | None = None, model_kwargs: dict |
         close = difflib.get_close_matches(model, timm.list_models(), n=3, cutoff=0.6)
         raise UsageError(f"--model {model!r}: unknown timm model" + (f"; did you mean {', '.join(close)}?" if close
                                                                     else "")
-                         + " (list ViTs with python -c \"import timm; print(timm.list_models('vit_*'))\")")
+                         + f" (timm {timm.__version__}, which may predate it: a recent backbone such as DINOv3 "
+                           "needs a recent timm; list its ViTs with python -c \"import timm; "
+                           "print(timm.list_models('vit_*'))\")")
     kwargs = dict(model_kwargs or {})
     if img_size is not None:
         kwargs["img_size"] = img_size
@@ -288,10 +290,10 @@ def build_backbone(model: str, img_size: int | None = None, model_kwargs: dict |
         raise UsageError(f"--model {model!r} cannot be built with {kwargs}: {type(exc).__name__}: {exc}") from None
     try:
         check_vit(vit)
-    except TypeError:
+    except TypeError as exc:
         raise UsageError(f"--model {model!r} is a {type(vit).__module__}.{type(vit).__name__}, not a timm "
-                         "VisionTransformer: prompt tuning here needs a ViT (e.g. vit_base_patch16_224, "
-                         "vit_small_patch16_224, deit_base_patch16_224)") from None
+                         "VisionTransformer or Eva the encoders wrap (e.g. vit_base_patch16_224, "
+                         f"deit_base_patch16_224, vit_base_patch16_dinov3, eva02_base_patch14_224): {exc}") from None
     pe = vit.patch_embed
     if getattr(pe, "grid_size", None) is not None and min(pe.grid_size) < 1:
         # timm builds such a model; its first forward would fail inside the convolution.

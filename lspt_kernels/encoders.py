@@ -1,12 +1,13 @@
-"""LSPT, GaPT, VPT, the Adapter and the linear probe around any timm VisionTransformer: one block loop.
+"""LSPT, GaPT, VPT, the Adapter and the linear probe around a timm VisionTransformer or Eva: one block loop.
 
 Every method runs the same loop over one token buffer `[prefix (k) | prompts (Np) | patches (N)]`
 (built once, after the position embedding). What differs between methods is two small hooks:
 `_run_block` (GaPT divides the attention logits by a temperature; the Adapter adds its bottleneck
 after the MLP) and `_after_block` (what the prompt slot becomes before the next block), which write
-the next prompts straight into the slot of the block's output. The backbone is frozen and kept in
-eval mode, as the official VPT/GaPT code does. The maths, and every decision where the papers are
-silent, is in docs/method.md.
+the next prompts straight into the slot of the block's output. What differs between the backbone
+families (Eva's rotary embeddings, its blocks and attentions) is in `backbones`. The backbone is
+frozen and kept in eval mode, as the official VPT/GaPT code does. The maths, and every decision where
+the papers are silent, is in docs/method.md.
 """
 from __future__ import annotations
 
@@ -19,6 +20,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .backbones import (
+    block_ropes,
+    check_attention,
+    check_block_layout,
+    check_vit,
+    embed,
+    is_eva,
+    run_block,
+    run_block_with,
+)
 from .checkpoints import as_path, is_mae_file, load_backbone_checkpoint, load_tuned_file, save_tuned_file
 from .ops import autocast_enabled, check_fused_inputs, fused_step, gate_bias_rows, resolve_backend
 
@@ -40,17 +51,6 @@ POOLS = ("model", "token", "mae")
 # config() entries that only shape initialisation or training, not the function a tuned file's
 # parameters compute: load_tuned does not require them to match.
 TRAINING_ONLY_OPTIONS = ("prompt_dropout", "head_init", "gate_init", "adapter_init")
-
-
-def check_vit(vit) -> None:
-    """Raise a TypeError unless `vit` is a backbone the encoders wrap: a timm VisionTransformer."""
-    try:
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError as exc:  # pragma: no cover - timm is a dependency
-        raise ImportError("lspt_kernels needs timm") from exc
-    if not isinstance(vit, VisionTransformer):
-        raise TypeError("expected a timm VisionTransformer (e.g. timm.create_model('vit_base_patch16_224')),"
-                        f" got {type(vit).__module__}.{type(vit).__name__}")
 
 
 def _check_layout(vit) -> None:
@@ -92,16 +92,6 @@ def _images_in_model_dtype(images: Tensor, weight: Tensor) -> Tensor:
     if autocast_enabled(images.device.type) and images.dtype != torch.float64:
         return images
     return images.to(weight.dtype)
-
-
-def _check_block_layout(vit, why: str) -> None:
-    """GaPT and the Adapter re-run timm's Block forward with a change inside: they need its layout."""
-    for i, block in enumerate(vit.blocks):
-        attn = getattr(block, "attn", None)
-        if not all(hasattr(block, a) for a in ("norm1", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")) \
-                or not all(hasattr(attn, a) for a in ("qkv", "num_heads", "scale", "proj")):
-            raise TypeError(f"{why} need timm's Block/Attention layout; block {i} is "
-                            f"{type(block).__name__} with attention {type(attn).__name__}")
 
 
 def _final_norm(vit) -> nn.Module:
@@ -262,14 +252,12 @@ class PromptEncoder(nn.Module):
                              f"{pe.img_size[0]}, {pe.img_size[1]}), got {tuple(images.shape)}; build the "
                              "model with img_size=... or dynamic_img_size=True for other sizes")
 
-    def embed(self, images: Tensor) -> Tensor:
-        """(B, C, H, W) images -> (B, k + N, D) tokens entering block 1, without prompts: the frozen
-        backbone's patch embedding, prefix tokens and position embedding (timm's own) and pre-norm."""
-        vit = self.vit
-        x = vit.patch_embed(_images_in_model_dtype(images, vit.patch_embed.proj.weight))
-        x = vit._pos_embed(x)            # prefix tokens and position embedding (timm's own)
-        x = vit.patch_drop(x)
-        return vit.norm_pre(x)
+    def embed(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(B, C, H, W) images -> the tokens entering block 1 without prompts, (B, k + N, D), and the rotary
+        embedding of the patch tokens (None for a backbone without RoPE): the frozen backbone's patch
+        embedding, prefix tokens, position embedding(s) and pre-norm, timm's own (`backbones.embed`).
+        `backbones.block_ropes` turns the rope into each block's, for a buffer with or without prompts."""
+        return embed(self.vit, _images_in_model_dtype(images, self.vit.patch_embed.proj.weight))
 
     def _first_prompts(self) -> Tensor | None:
         """(Np, D) prompts for the slot before block 1; None for no prompts."""
@@ -278,8 +266,10 @@ class PromptEncoder(nn.Module):
     def _init_state(self, x: Tensor):
         return None
 
-    def _run_block(self, l: int, block: nn.Module, x: Tensor) -> Tensor:
-        return block(x)
+    def _run_block(self, l: int, block: nn.Module, x: Tensor, rope: Tensor | None) -> Tensor:
+        """Block l on the buffer x; `rope`: the block's rotary embedding of the prompts and patches (None
+        without RoPE)."""
+        return run_block(block, x, rope)
 
     def _after_block(self, l: int, x_in: Tensor, x: Tensor, state) -> None:
         """Write the prompts for block l + 1 into x's prompt slot (in place). l is 0-based."""
@@ -319,7 +309,7 @@ class PromptEncoder(nn.Module):
         """A copy of `state` holding `tensors` as its carried tensors; `state` itself is unchanged."""
         return state
 
-    def _checkpointed_block(self, l: int, block: nn.Module, x: Tensor, state):
+    def _checkpointed_block(self, l: int, block: nn.Module, x: Tensor, rope: Tensor | None, state):
         """Block l and the step after it as one checkpointed unit.
 
         Backward re-runs the unit from the same inputs, so it must be a function of them: the carried
@@ -331,7 +321,7 @@ class PromptEncoder(nn.Module):
 
         def unit(x: Tensor, *carried: Tensor):
             own = self._with_carried(state, carried)
-            x_in, x = x, self._run_block(l, block, x)
+            x_in, x = x, self._run_block(l, block, x, rope)
             if l < self.depth - 1:
                 self._after_block(l, x_in, x, own)
             return (x, *self._carried(own))
@@ -352,7 +342,8 @@ class PromptEncoder(nn.Module):
         patch tokens (B, N, D) after every block l in `take` (read once the step has written the
         prompt slot: the patches are the block's own, and no later in-place write touches their base)."""
         self.check_images(images)
-        x = self.embed(images)                                              # (B, k + N, D)
+        x, rope = self.embed(images)                                        # (B, k + N, D)
+        ropes = block_ropes(self.vit, rope, self.num_prompts)              # prompts: identity rotation
         first = self._first_prompts()
         if first is not None:
             k = self.num_prefix_tokens
@@ -366,9 +357,9 @@ class PromptEncoder(nn.Module):
         blocks = self.vit.blocks if stop is None else self.vit.blocks[:stop + 1]
         for l, block in enumerate(blocks):
             if l < checkpointed:
-                x, state = self._checkpointed_block(l, block, x, state)
+                x, state = self._checkpointed_block(l, block, x, ropes[l], state)
             else:
-                x_in, x = x, self._run_block(l, block, x)
+                x_in, x = x, self._run_block(l, block, x, ropes[l])
                 if l < self.depth - 1:
                     self._after_block(l, x_in, x, state)
             if l in take:
@@ -455,21 +446,6 @@ class VPTEncoder(PromptEncoder):
             self.prompt_slot(x).copy_(self._batch_prompts(self.prompts[l + 1], x.shape[0], x.dtype))
 
 
-def _attention(attn: nn.Module, x: Tensor, temperature: Tensor) -> Tensor:
-    """timm's Attention forward with the logits q.k^T.scale divided by `temperature`."""
-    B, T, C = x.shape
-    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    # SDPA takes a float scale; a learnable temperature divides q instead (same logits).
-    out = F.scaled_dot_product_attention(q / temperature.to(q.dtype), k, v, scale=attn.scale)
-    out = out.transpose(1, 2).reshape(B, T, -1)
-    norm = getattr(attn, "norm", None)
-    if norm is not None:
-        out = norm(out)
-    return attn.proj(out)
-
-
 class GaPTEncoder(PromptEncoder):
     """GaPT (Yoo et al. 2023, ryongithub/GatedPromptTuning): VPT-shallow prompts; after block l < L the
     prompt slot becomes g*out + (1-g)*in with g = sigmoid(gate_logits[l]); block l's attention logits
@@ -491,7 +467,8 @@ class GaPTEncoder(PromptEncoder):
                              f"{gate_init!r}")
         _check_depth(vit, "GaPT", "its gates mix the prompts between consecutive blocks")
         super().__init__(vit, num_prompts, num_classes, prompt_dropout, head_init, pool)
-        _check_block_layout(vit, "GaPT's temperatures")
+        check_block_layout(vit, "GaPT (its temperatures)")
+        check_attention(vit, "GaPT (its temperatures)")
         self._config["gate_init"] = gate_init
         self.prompts = self._init_prompts((num_prompts, self.embed_dim))
         self.gate_logits = nn.Parameter(torch.full((self.depth - 1,), -float(gate_init)))
@@ -512,10 +489,8 @@ class GaPTEncoder(PromptEncoder):
     def _first_prompts(self):
         return self.prompts
 
-    def _run_block(self, l, block, x):
-        t = self.temperatures[l]
-        x = x + block.drop_path1(block.ls1(_attention(block.attn, block.norm1(x), t)))
-        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    def _run_block(self, l, block, x, rope):
+        return run_block_with(block, x, rope, temperature=self.temperatures[l])
 
     def _after_block(self, l, x_in, x, state):
         g = torch.sigmoid(self.gate_logits[l]).to(x.dtype)
@@ -610,14 +585,14 @@ class LSPTEncoder(PromptEncoder):
         """Whether the step runs as the fused `lspt_step` op (the default configuration)."""
         return self.cspc == "mean" and self.lpc == "lstm" and self.lstm_layers == 1
 
-    def forward_features(self, images: Tensor) -> Tensor:
+    def _run_blocks(self, images, take=frozenset(), stop=None):
         from .ops import ALIASES
         if torch.jit.is_tracing() and self.fused and ALIASES.get(self.backend, self.backend) != "eager":
             # What the op saves for backward follows the grad mode, so traces taken with and without grad
             # differ and torch.jit.trace's check fails with a message that does not say why.
             raise RuntimeError("torch.jit.trace does not support LSPT's fused step: use torch.export or "
                                "torch.compile (both supported), or build the encoder with backend='eager' to trace it")
-        return super().forward_features(images)
+        return super()._run_blocks(images, take, stop)
 
     def _first_prompts(self):
         return self.prompts[0]
@@ -764,7 +739,7 @@ class AdapterEncoder(PromptEncoder):
     def __init__(self, vit: nn.Module, num_classes: int = 1000, reduction_factor: int = 8,
                  adapter_init: str = "official", head_init: str = "torch", pool: str = "model"):
         super().__init__(vit, 0, num_classes, head_init=head_init, pool=pool)
-        _check_block_layout(vit, "Adapters")
+        check_block_layout(vit, "The Adapter")
         if not isinstance(reduction_factor, int) or isinstance(reduction_factor, bool) or \
                 not 1 <= reduction_factor <= self.embed_dim:
             raise ValueError(f"reduction_factor must be an int in [1, embed_dim={self.embed_dim}], "
@@ -782,9 +757,8 @@ class AdapterEncoder(PromptEncoder):
         self.adapters = nn.ModuleList(Adapter(self.embed_dim, hidden, act(b), adapter_init) for b in vit.blocks)
         self._follow_backbone()
 
-    def _run_block(self, l, block, x):
-        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
-        return x + block.drop_path2(block.ls2(self.adapters[l](block.mlp(block.norm2(x)))))
+    def _run_block(self, l, block, x, rope):
+        return run_block_with(block, x, rope, adapter=self.adapters[l])
 
 
 # The one table from a method name to its encoder: from_timm, lspt-bench, lspt-train and lspt-eval use it.
@@ -829,9 +803,11 @@ def build_encoder(method: str, vit: nn.Module, **kwargs) -> PromptEncoder:
 
 
 def from_timm(name_or_model, checkpoint=None, method: str = "lspt", pool: str | None = None, **kwargs):
-    """Build an encoder around a timm ViT given by name (random init, nothing downloaded) or module,
-    with backbone weights from a local MAE / MoCo v3 / plain checkpoint file (read by
-    `checkpoints.load_backbone_checkpoint`).
+    """Build an encoder around a timm VisionTransformer or Eva given by name (random init, nothing
+    downloaded) or module, with backbone weights from a local file (read by
+    `checkpoints.load_backbone_checkpoint`): for a VisionTransformer an MAE / MoCo v3 / plain timm
+    state dict; for an Eva a file of any release timm converts with its own checkpoint filter
+    (Meta's DINOv3, BAAI's EVA-02, Perception Encoder, timm's own).
 
     method: a name of METHODS ("lspt", "gapt", "vpt-deep", "vpt-shallow", "adapter", "linear"); kwargs
     go to the encoder (num_prompts, num_classes, ...) except `img_size` / `dynamic_img_size`, which go
@@ -858,7 +834,7 @@ def from_timm(name_or_model, checkpoint=None, method: str = "lspt", pool: str | 
     if checkpoint is not None:
         check_vit(vit)
         load_backbone_checkpoint(vit, checkpoint)
-        mae = is_mae_file(checkpoint)
+        mae = not is_eva(vit) and is_mae_file(checkpoint)      # MAE's layout is a ViT release's
     if pool is None:
         pool = "mae" if mae else "model"
     return build_encoder(method, vit, pool=pool, **kwargs)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .backbones import block_ropes, run_block
+
 __all__ = ["init_prompts_from_data", "HOWS"]
 
 # "tokens": Np distinct sampled patch tokens; "kmeans": Np k-means centroids of the sampled tokens;
@@ -101,10 +103,11 @@ def _candidate_banks(encoder, images_or_loader, layers: list[int], how: str, see
         seen += batch.shape[0]
         ph, pw = vit.patch_embed.patch_size
         grid = (-(-batch.shape[2] // ph), -(-batch.shape[3] // pw))
-        x = encoder.embed(batch)                                    # (B, k + N, D): block 1's input
+        x, rope = encoder.embed(batch)                              # (B, k + N, D): block 1's input
+        ropes = block_ropes(vit, rope, 0)                           # no prompts in this buffer
         for l in range(layers[-1] + 1):
             if l > 0:
-                x = vit.blocks[l - 1](x)                             # block l's input, no prompts
+                x = run_block(vit.blocks[l - 1], x, ropes[l - 1])    # block l's input, no prompts
             patches = x[:, k:].float().cpu()                         # (B, N, D)
             if how == "pool":
                 banks[l].append(_window_means(patches, grid, window))

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .backbones import is_eva
 from .cli_helpers import (
     TRAIN_RECORD,
     OutputLock,
@@ -115,11 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-split", default="val", help="val | test: the split evaluated after every epoch")
     d.add_argument("--workers", type=int, default=2, help="data-loader processes per training process")
     m = p.add_argument_group("model")
-    m.add_argument("--model", required=True, help="timm VisionTransformer name, e.g. vit_base_patch16_224")
+    m.add_argument("--model", required=True, help="timm VisionTransformer or Eva name, e.g. vit_base_patch16_224, "
+                   "vit_base_patch16_dinov3, eva02_base_patch14_224")
     m.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
     add_model_kwargs_option(m)
     m.add_argument("--checkpoint", default=None, help="backbone weights: MAE / MoCo v3 / plain state dict file "
-                   "(without it the backbone is randomly initialised from --seed)")
+                   "for a ViT; for an Eva a file of its release (DINOv3, EVA-02, ...), read by timm's checkpoint "
+                   "filter (without it the backbone is randomly initialised from --seed)")
     m.add_argument("--method", required=True, choices=sorted(METHODS))
     m.add_argument("--num-prompts", type=int, default=None, help="prompt tokens (default: the encoder's)")
     m.add_argument("--prompt-dropout", type=float, default=RECIPE["prompt_dropout"],
@@ -354,9 +357,10 @@ def _build_encoder(args, num_classes: int, model_kwargs: dict, enc_kwargs: dict)
 
 def _normalisation(vit, checkpoint) -> tuple[tuple, tuple]:
     """MAE / MoCo v3 checkpoints were trained on ImageNet statistics; a timm model's own config is used
-    otherwise (ImageNet mean/std when it names none)."""
+    otherwise (ImageNet mean/std when it names none): without a checkpoint, and for an Eva, whose file is
+    a release of that model read by timm's filter (EVA-02's CLIP statistics, DINOv3's ImageNet ones)."""
     cfg = getattr(vit, "pretrained_cfg", None) or {}
-    if checkpoint is None and "mean" in cfg and "std" in cfg:
+    if (checkpoint is None or is_eva(vit)) and "mean" in cfg and "std" in cfg:
         return tuple(cfg["mean"]), tuple(cfg["std"])
     return IMAGENET_MEAN, IMAGENET_STD
 

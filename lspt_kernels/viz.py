@@ -10,9 +10,11 @@ encoder and image.
 Both are read from the encoder's own block loop (no second copy of it): a forward hook on every
 block's `norm1` sees the block input x = [prefix | prompts | patches] (the prompts already written
 into the slot for this block) and norm1(x), the attention input, from which q and k are recomputed
-with the block's own qkv / q_norm / k_norm weights. `norm1` is the hook point because it is the one
-module both timm's Block.forward and GaPT's temperature path call exactly once per block (a hook on
-the block or on block.attn would not fire for GaPT, which calls the attention pieces itself).
+with the block's own projections, q/k norms and, on an Eva, its rotary embedding (the prompts' rows
+the identity, as in the forward; `backbones.attention_qkv`). `norm1` is the hook point because it is
+the one module timm's Block / EvaBlock forward and GaPT's temperature path call exactly once per block
+(a hook on the block or on block.attn would not fire for GaPT, which calls the attention pieces
+itself); a post-norm block (EvaBlockPostNorm) applies norm1 after its attention and is refused.
 
 Models without a class token (class_token=False, e.g. global_pool="avg"): source="cls" falls back
 to the mean attention of the tokens the pooled feature is built from, every token after the prefix
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .backbones import attention_qkv, block_ropes, check_attention, check_block_layout
 from .cli_helpers import (
     UsageError,
     add_model_kwargs_option,
@@ -66,14 +69,12 @@ def _temperature(encoder, l: int) -> float | Tensor:
     return temps[l].detach().float().clamp(low, high)
 
 
-def _check_blocks(vit) -> None:
-    from timm.models.vision_transformer import Block
-    for i, block in enumerate(vit.blocks):
-        attn = getattr(block, "attn", None)
-        if not isinstance(block, Block) or not all(
-                hasattr(attn, a) for a in ("qkv", "num_heads", "scale", "q_norm", "k_norm")):
-            raise TypeError(f"lspt_kernels.viz needs timm's pre-norm Block with a qkv Attention; block {i} "
-                            f"is {type(block).__name__} with attention {type(attn).__name__}")
+def _check_blocks(vit, kinds=KINDS) -> None:
+    """The maps are read at each block's norm1 (a pre-norm block's attention input); the attention maps
+    recompute the logits, which needs an attention class `backbones.attention_qkv` knows."""
+    check_block_layout(vit, "lspt_kernels.viz", pre_norm=True)
+    if "attention" in kinds:
+        check_attention(vit, "lspt_kernels.viz (attention maps)")
 
 
 def _grid(encoder, images: Tensor, num_patches: int) -> tuple[int, int]:
@@ -119,7 +120,7 @@ def block_maps(encoder, images: Tensor, kinds=KINDS, source: str = "cls") -> dic
     if "attention" in kinds and source == "prompts":
         _queries(encoder, source, 0)                    # the error for an encoder without prompts
     vit = encoder.vit
-    _check_blocks(vit)
+    _check_blocks(vit, kinds)
     k, n, L = encoder.num_prefix_tokens, encoder.num_prompts, len(vit.blocks)
     found = {kind: [None] * L for kind in kinds}
     calls = [0] * L
@@ -136,11 +137,8 @@ def block_maps(encoder, images: Tensor, kinds=KINDS, source: str = "cls") -> dic
                 found["similarity"][l] = cos.mean(1)
             if "attention" in kinds:
                 attn = block.attn
-                B, T, _ = xn.shape
-                head_dim = getattr(attn, "head_dim", None) or xn.shape[-1] // attn.num_heads
-                qkv = attn.qkv(xn).reshape(B, T, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-                q, kk = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])                 # (B, heads, T, hd)
-                rows, queries["queries"] = _queries(encoder, source, T)
+                q, kk, _ = attention_qkv(attn, xn, ropes[l])                     # (B, heads, T, hd)
+                rows, queries["queries"] = _queries(encoder, source, xn.shape[1])
                 logits = (q[:, :, rows].float() @ kk.float().transpose(-2, -1)) * attn.scale
                 probs = (logits / _temperature(encoder, l)).softmax(-1)         # (B, heads, Q, T)
                 found["attention"][l] = probs[..., k + n:].mean(dim=(1, 2))     # (B, N)
@@ -151,6 +149,9 @@ def block_maps(encoder, images: Tensor, kinds=KINDS, source: str = "cls") -> dic
     try:
         encoder.eval()
         with torch.no_grad():
+            encoder.check_images(images)
+            # Each block's rope as the loop builds it (the prompts' rows the identity); None without RoPE.
+            ropes = block_ropes(vit, encoder.embed(images)[1], n) if "attention" in kinds else None
             encoder.forward_features(images)
     finally:
         for h in handles:

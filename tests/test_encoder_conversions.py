@@ -40,12 +40,14 @@ def test_encoder_follows_a_meta_backbone(method, kw):
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_jit_trace_of_the_fused_lspt_step_names_the_supported_paths():
+@pytest.mark.parametrize("entry", ["forward", "forward_intermediates"])
+def test_jit_trace_of_the_fused_lspt_step_names_the_supported_paths(entry):
     enc = _enc("lspt", make_vit()).eval()
+    fn = enc if entry == "forward" else (lambda images: enc.forward_intermediates(images, intermediates_only=True))
     with pytest.raises(RuntimeError, match=r"torch.jit.trace does not support LSPT's fused step: use torch.export or "
                                            r"torch.compile \(both supported\), or build the encoder with "
                                            r"backend='eager'"):
-        torch.jit.trace(enc, vit_images(enc.vit))
+        torch.jit.trace(fn, vit_images(enc.vit))
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -7,7 +7,7 @@ activations for backward.
 """
 import pytest
 import torch
-from helpers import make_vit
+from helpers import make_eva, make_vit
 
 from lspt_kernels.encoders import build_encoder
 from lspt_kernels.ops import unavailable_reason
@@ -200,3 +200,15 @@ def test_bad_number_of_checkpointed_blocks(bad):
     enc = _encoder("lspt-reference", make_vit(embed_dim=64, depth=4, heads=2))
     with pytest.raises(ValueError, match=r"blocks must be an int in \[0, 4\]"):
         enc.set_grad_checkpointing(blocks=bad)
+
+
+@pytest.mark.parametrize("flavour", ["dinov3", "rope-mixed", "post-norm"])
+@pytest.mark.parametrize("case", ["vpt-deep", "gapt", "lspt-cpu", "lspt-reference", "linear"])
+def test_checkpointed_equals_plain_on_eva(flavour, case):
+    """On an Eva each checkpointed unit carries its block's rope (one per block for 'mixed')."""
+    enc = _encoder(case, make_eva(flavour))
+    images = _images()
+    upstream = torch.randn(2, NC, generator=torch.Generator().manual_seed(2))
+    plain = _run(enc, images, upstream)
+    enc.set_grad_checkpointing()
+    _assert_same(_run(enc, images, upstream), plain)

@@ -2,7 +2,7 @@
 block loop as forward_features (the method's step after every block but the last, checkpointing)."""
 import pytest
 import torch
-from helpers import make_vit
+from helpers import make_eva, make_vit
 
 from lspt_kernels import LinearProbe, LSPTEncoder, VPTEncoder
 from lspt_kernels.encoders import GaPTEncoder, build_encoder
@@ -175,3 +175,37 @@ def test_other_size_needs_dynamic_img_size():
     enc = LSPTEncoder(make_vit(depth=2), NP, NC)
     with pytest.raises(ValueError, match="dynamic_img_size=True"):
         enc.forward_intermediates(_images(48, 48))
+
+
+# --- timm Eva backbones ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("flavour", ["dinov3", "eva02", "rope-mixed", "sapiens2-gqa"])
+def test_eva_without_prompts_equals_timm(flavour, norm):
+    """Timm's Eva.forward_intermediates is the oracle too (its rope, registers; DINOv3 at a dynamic size)."""
+    vit = make_eva(flavour, depth=3)
+    enc = LinearProbe(vit, NC)
+    images = _images(48, 40) if vit.dynamic_img_size else _images()
+    ours = enc.forward_intermediates(images, [0, 2], norm=norm, intermediates_only=True)
+    theirs = vit.forward_intermediates(images, [0, 2], norm=norm, intermediates_only=True)
+    assert len(ours) == len(theirs) == 2
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lspt", "gapt", "vpt-deep", "adapter"])
+def test_segmentation_model_trains_on_a_dinov3_backbone(method):
+    """SETR-PUP on a DINOv3-style Eva at an image size that is not the model's (dynamic size, padded): the
+    logits come back at the input size and every trainable tensor gets a gradient."""
+    from lspt_kernels.seg import SegmentationModel
+    vit = make_eva("dinov3", depth=3)
+    torch.manual_seed(0)
+    enc = build_encoder(method, vit, num_prompts=NP, num_classes=NC)
+    model = SegmentationModel(enc, 4, feature_blocks=(1, 2), channels=8).train()
+    images = _images(44, 36)
+    outputs = model(images)
+    assert outputs[0].shape == (2, 4, 44, 36) and len(outputs[1]) == 1
+    loss = model.loss(outputs, torch.randint(0, 4, (2, 44, 36), generator=torch.Generator().manual_seed(3)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    assert all(g is not None for g in grads)
+    assert all(not p.requires_grad for p in vit.parameters())

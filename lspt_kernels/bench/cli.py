@@ -97,7 +97,10 @@ def check_model(name: str, img_size: int | None = None, model_kwargs: dict | Non
                 task: str = "classification") -> dict:
     """The shape facts of a timm ViT (built on the meta device: no memory, no time); a UsageError for an
     unknown or non-ViT model, or (task "segmentation") one too shallow for the heads' feature blocks."""
-    vit = build_backbone(name, img_size, model_kwargs, device="meta")
+    try:
+        vit = build_backbone(name, img_size, model_kwargs, device="meta")
+    except UsageError:         # some timm releases cannot init a model on meta (e.g. older Evas): build it
+        vit = build_backbone(name, img_size, model_kwargs)
     img = vit.patch_embed.img_size
     shape = dict(num_patches=vit.patch_embed.num_patches, prefix=vit.num_prefix_tokens,
                  embed_dim=vit.embed_dim, depth=len(vit.blocks),
@@ -130,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "its two auxiliary heads on the patch grids, one iteration of the segmentation recipe "
                         "per train step, one no-grad forward of a batch of crops per inference "
                         "(default: %(default)s)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="any timm VisionTransformer name (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="any timm VisionTransformer or Eva name, e.g. vit_base_patch16_dinov3 (default: %(default)s)")
     p.add_argument("--batch-size", default=None, help="batch size(s), comma-separated " + _default_help("batch_size"))
     p.add_argument("--num-prompts", default=None, help="Np value(s), comma-separated " + _default_help("num_prompts"))
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (autocast), comma-separated "
