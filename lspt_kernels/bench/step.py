@@ -99,13 +99,14 @@ def make_callables(backend: str, inputs, num_prefix_tokens: int = 1, api: str = 
     forward, not per step)."""
     import torch
     if api == "encoder":
-        from .. import ops
+        from ..eager import gate_bias_rows
+        from ..ops import fused_step
         tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh = inputs
         with torch.no_grad():
-            gate_bias = ops.gate_bias_rows(prompt, w_ih, b_ih, b_hh)
+            gate_bias = gate_bias_rows(prompt, w_ih, b_ih, b_hh)
         inputs = (tokens, cell, gate_bias.requires_grad_(), w_hh)
         name = "eager" if backend == "reference" else backend
-        step = lambda *a, k: ops.fused_step(*a, k, name, torch.is_grad_enabled())  # noqa: E731
+        step = lambda *a, k: fused_step(*a, k, name, torch.is_grad_enabled())  # noqa: E731
     else:
         step = step_fn(backend)
     tokens = inputs[0]
@@ -131,12 +132,12 @@ def default_backends(device: str) -> list[str]:
 
 def unavailable(backend: str, device: str) -> str | None:
     """Why `backend` cannot be timed on `device` (None when it can)."""
-    from .. import ops
+    from ..backends import unavailable_reason
     if backend in ("eager", "compile"):
         return None
     if backend not in ("cpu", "triton", "cuda"):
         return "unknown backend (choose from eager, compile, cpu, triton, cuda)"
-    why = ops.unavailable_reason(backend)
+    why = unavailable_reason(backend)
     if why:
         from .methods import short_reason
         return short_reason(why)
