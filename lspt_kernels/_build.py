@@ -277,10 +277,19 @@ def _remembered_failure(marker: Path, kind: str) -> str | None:
             f"in {marker}; delete that file to try again)")
 
 
-def _remember_failure(marker: Path, kind: str, reason: str) -> None:
+def _remember_failure(marker: Path, kind: str, reason: str, log: str = "") -> None:
     tmp = marker.with_name(marker.name + f".{os.getpid()}")
-    tmp.write_text(json.dumps(dict(reason=reason[:4000], toolchain=toolchain(kind), time=time.time())))
+    tmp.write_text(json.dumps(dict(reason=reason, toolchain=toolchain(kind), time=time.time(), log=log[-20000:]),
+                              indent=1))
     os.replace(tmp, marker)
+
+
+def short_build_error(exc: BaseException) -> str:
+    """One line of a (compiler-log) exception: its first line and the first line naming an error."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    first = f"{type(exc).__name__}: {lines[0] if lines else ''}"[:200]
+    error = next((ln for ln in lines[1:] if "error" in ln.lower() and not ln.startswith("FAILED")), None)
+    return first + (f" ... {error[:200]}" if error else "")
 
 
 def _jit(kind: str, name: str, why_not_prebuilt: str | None = None):
@@ -318,8 +327,9 @@ def _jit(kind: str, name: str, why_not_prebuilt: str | None = None):
         try:
             module = _build_into(kind, jit_name, sources, root, final)
         except Exception as exc:
-            _remember_failure(marker, kind, f"the {kind} extension failed to build: {exc}")
-            raise
+            reason = f"the {kind} extension failed to build: {short_build_error(exc)} (full log in {marker})"
+            _remember_failure(marker, kind, reason, log=str(exc))
+            raise RuntimeError(reason) from exc
         marker.unlink(missing_ok=True)
     return module
 

@@ -115,9 +115,12 @@ def reset() -> None:
 
 def token_layout(tokens: torch.Tensor) -> str:
     """"contiguous", "strided" (16-byte aligned offset and strides) or "unaligned": the layouts the
-    kernels treat differently (the CUDA kernels' vector loads, Triton's alignment specialisation)."""
+    kernels treat differently (the CUDA kernels' vector loads, Triton's alignment specialisation).
+    While Dynamo traces, the storage offset is not readable: a compiled graph's tokens (a block's
+    output there) are taken as aligned, their strides still decide."""
     vec = max(1, 16 // tokens.element_size())
-    aligned = tokens.storage_offset() % vec == 0 and all(s % vec == 0 for s in tokens.stride()[:-1])
+    offset = 0 if torch.compiler.is_compiling() else tokens.storage_offset()
+    aligned = offset % vec == 0 and all(s % vec == 0 for s in tokens.stride()[:-1])
     if not aligned:
         return "unaligned"
     return "contiguous" if tokens.is_contiguous() else "strided"
