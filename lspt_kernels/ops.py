@@ -87,12 +87,13 @@ def _step_fwd_fake(tokens, cell, gate_bias, weight_hh, num_prefix_tokens, save_g
     check_op_backend(backend, "lspt::step_fwd")
     B, T, D = tokens.shape
     n_p = cell.shape[1]
-    torch._check(cell.shape[0] == B and cell.shape[2] == D, lambda: "lspt::step_fwd: cell must be (B, Np, D)")
-    torch._check(num_prefix_tokens + n_p < T, lambda: "lspt::step_fwd: tokens leave no patch token (T <= k + Np)")
-    torch._check(weight_hh.shape[0] == 4 * D and weight_hh.shape[1] == D,
-                 lambda: "lspt::step_fwd: weight_hh must be (4D, D)")
-    torch._check(gate_bias.shape[-1] == 4 * D and gate_bias.shape[-2] == n_p,
-                 lambda: "lspt::step_fwd: gate_bias must be (Np, 4D) or (B, Np, 4D)")
+    for ok, what in ((cell.shape[0] == B, "cell must be (B, Np, D)"), (cell.shape[2] == D, "cell must be (B, Np, D)"),
+                     (num_prefix_tokens + n_p < T, "tokens leave no patch token (T <= k + Np)"),
+                     (weight_hh.shape[0] == 4 * D, "weight_hh must be (4D, D)"),
+                     (weight_hh.shape[1] == D, "weight_hh must be (4D, D)"),
+                     (gate_bias.shape[-1] == 4 * D, "gate_bias must be (Np, 4D) or (B, Np, 4D)"),
+                     (gate_bias.shape[-2] == n_p, "gate_bias must be (Np, 4D) or (B, Np, 4D)")):
+        torch._check(ok, lambda what=what: f"lspt::step_fwd: {what}")
     acc = _acc_dtype(tokens.dtype)
     gates = (tokens.new_empty((B, n_p, 4 * D), dtype=acc) if save_gates and backend in backends.SAVES_GATES
              else tokens.new_empty((0,), dtype=acc))
