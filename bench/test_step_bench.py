@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-from lspt_kernels import bench as B
 from lspt_kernels import backends
+from lspt_kernels import bench as B
 from lspt_kernels.bench import step as SM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
