@@ -8,7 +8,7 @@
 #include "autograd.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <string>
 

@@ -10,7 +10,7 @@
 // Python by nature), reached through the dispatcher as well.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
 #include <torch/library.h>
 
 #include "autograd.h"

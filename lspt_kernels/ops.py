@@ -1,5 +1,5 @@
-"""The fused LSPT step: the public `lspt_step`, the op `lspt::step_fwd` / `lspt::step_bwd`, its input
-contract, fake kernels and autograd.
+"""The fused LSPT step: the public `lspt_step`, the op `lspt::step_fwd` / `lspt::step_bwd`, its fake
+kernels and autograd, and the backend resolution that hands the op to the self-check.
 
 `lspt_step` is the LSPT step after block l < L (docs/method.md, "One step, written out"):
 
