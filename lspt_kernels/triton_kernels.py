@@ -32,7 +32,7 @@ activations):
     _grad_tokens_kernel  grid (B, D/BLOCK_D, T/BLOCK_T): prefix rows 0, prompt rows dxhat, patch
                       rows (sum_p dxhat[b, p]) / N, in grad_hidden's dtype (the tokens' dtype)
 
-Why dgates is stored in W (not fp32): the reference's autograd produces the gate gradient in W too
+Why dgates is stored in W (not fp32): the eager step's autograd produces the gate gradient in W too
 (the gates are computed in W and cast to fp32, whose backward casts the gradient back), so W matches
 its rounding; every consumer of dgates is a GEMM that cuBLAS runs on tensor cores only when both
 operands share W (an fp32 dgates would need an fp32 copy of w_hh, or fp32 GEMMs); and it halves

@@ -9,6 +9,7 @@ GPU is visible) with tiny shapes and fp32/fp16 only: the interpreter is slow and
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -500,6 +501,22 @@ def test_unavailable_backend(monkeypatch):
     with pytest.raises(RuntimeError, match=r"backend 'cpu' is not available here: RuntimeError: no C\+\+ compiler"):
         lspt_step(*_good(), backend="cpu")
     assert backends.unavailable_reason("cpu") == "RuntimeError: no C++ compiler"
+
+
+def test_auto_without_a_compiler_runs_eager_with_one_warning(monkeypatch):
+    """No fused backend loads (no compiler, or a build that failed before): "auto" runs the eager step
+    and says so once, naming the reason."""
+    monkeypatch.setattr(backends, "_loaded", set())
+    monkeypatch.setattr(backends, "_warned_auto", set())
+    monkeypatch.setitem(backends._unavailable, "cpu", "RuntimeError: the cpu extension failed to build: ...")
+    inputs = _good()
+    with pytest.warns(RuntimeWarning, match=r"no fused backend for cpu tensors \(cpu: RuntimeError: the cpu extension "
+                                            r"failed to build.*using the eager"):
+        hidden, _ = lspt_step(*inputs, backend="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lspt_step(*inputs, backend="auto")
+    assert torch.equal(hidden, lspt_step_eager(*inputs)[0])
 
 
 def test_gpu_backends_reject_cpu_tensors():

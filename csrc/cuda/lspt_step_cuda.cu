@@ -12,7 +12,7 @@
 //   1. prologue_kernel: one block per (image b, column tile): one pass over the patch tokens of
 //      image b (mean in A) and the prompt rows, writing xhat[b, p] = W(tokens[b, k+p] + mean_n
 //      tokens[b, k+Np+n]);
-//   2. G = xhat (B·Np, D) @ weight_hh^T (at::mm -> cuBLAS(Lt)), (B·Np, 4D) in W, like the reference's linear.
+//   2. G = xhat (B·Np, D) @ weight_hh^T (at::mm -> cuBLAS(Lt)), (B·Np, 4D) in W, like the eager step's linear.
 //   3. epilogue_kernel: gates = G + gate bias in A, the LSTM cell update, hidden (tokens dtype) and
 //      new_cell.
 //
@@ -20,7 +20,7 @@
 // and the incoming cell are saved: the gates are recomputed):
 //   1. G = xhat @ weight_hh^T (cuBLAS);
 //   2. bwd_elementwise_kernel: recomputes the gates, writes dgates in W over G (in place: they are the
-//      input of the two cuBLAS GEMMs below, which run in W, as the reference's autograd does), the
+//      input of the two cuBLAS GEMMs below, which run in W, as the eager step's autograd does), the
 //      grad of the incoming cell, and for (Np, 4D) gate-bias rows their gradient = batch-sum of the
 //      unrounded dgates in A, stored in W (for per-image rows the gradient is dgates itself). The
 //      batch-sum is split over grid.y chunks of the batch; the last block of each column tile (atomic
