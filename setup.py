@@ -3,7 +3,8 @@
     pip install -e .                                   # pure Python; kernels JIT-build with ninja on first use
     LSPT_BUILD_CPU=1 pip install --no-build-isolation -e .    # also build the C++ CPU extension now
     LSPT_BUILD_CUDA=1 pip install --no-build-isolation -e .   # also build the CUDA extension now
-    LSPT_CUDA_ARCHS="9.0" ...                          # architectures (default "8.0;9.0")
+    TORCH_CUDA_ARCH_LIST="9.0" ...                     # architectures (default: the GPUs present, else 8.0;9.0),
+                                                       # always with PTX of the newest
 
 The CUDA extension is also built when LSPT_BUILD_CUDA is unset, torch is importable in the build
 environment and a GPU and nvcc are present; LSPT_BUILD_CUDA=0 skips it. Without torch in the build
@@ -42,6 +43,7 @@ def _extensions():
     rel = lambda files: [os.path.join("csrc", f) for f in files]  # noqa: E731
     exts = []
     # The build ID goes into the binary, so the loader can refuse it once the sources or torch change.
+    # The two extensions register different dispatch keys (csrc/bindings.cpp): both may be built.
     if want_cpu:
         flags = build.compile_flags("cpu")
         exts.append(cpp_extension.CppExtension(

@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
+from lspt_kernels import backends
 from lspt_kernels import bench as B
-from lspt_kernels import ops
 from lspt_kernels.bench import step as SM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,7 +36,7 @@ def test_step(benchmark, cfg, peaks, step_backend, direction, batch_size, num_pr
     """step_backend: parametrised by conftest.step_backends (the microbenchmark's, per device)."""
     device, backend = cfg["device"], step_backend
     if backend in ("cpu", "cuda", "triton"):
-        why = ops.unavailable_reason(backend)
+        why = backends.unavailable_reason(backend)
         if why:
             pytest.skip(f"backend {backend!r} unavailable here: {B.short_reason(why)}")
     if dtype == "bf16" and backend == "triton" and device == "cpu":

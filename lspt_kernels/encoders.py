@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import backends
 from .backbones import (
     block_ropes,
     check_attention,
@@ -31,7 +32,11 @@ from .backbones import (
     run_block_with,
 )
 from .checkpoints import as_path, is_mae_file, load_backbone_checkpoint, load_tuned_file, save_tuned_file
-from .ops import autocast_enabled, check_fused_inputs, fused_step, gate_bias_rows, resolve_backend
+from .contract import check_fused_inputs
+from .eager import gate_bias_rows
+from .ops import fused_step, resolve_backend
+from .precision import autocast_enabled
+from .selfcheck import token_layout
 
 __all__ = ["PromptEncoder", "LinearProbe", "VPTEncoder", "GaPTEncoder", "LSPTEncoder", "AdapterEncoder",
            "METHODS", "METHODS_WITHOUT_PROMPTS", "build_encoder", "from_timm", "check_vit", "HEAD_INITS", "POOLS",
@@ -550,13 +555,11 @@ class LSPTEncoder(PromptEncoder):
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if lstm_layers != 1 and lpc != "lstm":
             raise ValueError(f"lstm_layers={lstm_layers} needs lpc='lstm', got lpc={lpc!r}")
-        from .ops import ALIASES, BACKENDS
-        if backend != "auto" and backend not in BACKENDS and backend not in ALIASES:
-            raise ValueError(f"backend must be one of {('auto',) + BACKENDS} (or the alias 'reference' "
-                             f"for 'eager'), got {backend!r}")
+        backends.canonical(backend)          # a ValueError naming the choices
         super().__init__(vit, num_prompts, num_classes, prompt_dropout, head_init, pool)
         self.cspc, self.lpc, self.lstm_layers, self.shared_lstm = cspc, lpc, lstm_layers, shared_lstm
         self.kmeans_steps, self.backend = kmeans_steps, backend
+        self._checked_signature = None          # the last input signature the fused checks passed
         self._config.update(cspc=cspc, lpc=lpc, lstm_layers=lstm_layers, shared_lstm=shared_lstm,
                             kmeans_steps=kmeans_steps)
         D, L = self.embed_dim, self.depth
@@ -586,8 +589,7 @@ class LSPTEncoder(PromptEncoder):
         return self.cspc == "mean" and self.lpc == "lstm" and self.lstm_layers == 1
 
     def _run_blocks(self, images, take=frozenset(), stop=None):
-        from .ops import ALIASES
-        if torch.jit.is_tracing() and self.fused and ALIASES.get(self.backend, self.backend) != "eager":
+        if torch.jit.is_tracing() and self.fused and backends.canonical(self.backend) != "eager":
             # What the op saves for backward follows the grad mode, so traces taken with and without grad
             # differ and torch.jit.trace's check fails with a message that does not say why.
             raise RuntimeError("torch.jit.trace does not support LSPT's fused step: use torch.export or "
@@ -618,16 +620,19 @@ class LSPTEncoder(PromptEncoder):
         return cell[0] if isinstance(cell, nn.ModuleList) else cell
 
     def _init_fused(self, x: Tensor, state: dict, autocast: bool) -> None:
-        """Once per forward, before the block loop: the backend, the input checks, and the
-        batch-independent half of every step's gates, P[l] W_ih^T + b_ih + b_hh for l = 1..L-1 (one
-        GEMM for a shared cell). Per-image prompt dropout makes those rows (B, Np, 4D) per step; its
-        masks are drawn one step at a time, in the order the PyTorch path draws them."""
+        """Once per forward, before the block loop: the backend, the input checks (once per input
+        signature), and the batch-independent half of every step's gates, P[l] W_ih^T + b_ih + b_hh
+        for l = 1..L-1 (one GEMM for a shared cell). Per-image prompt dropout makes those rows
+        (B, Np, 4D) per step; its masks are drawn one step at a time, in the order the PyTorch path
+        draws them."""
         B, steps = x.shape[0], range(self.depth - 1)
         dropping = self.training and self.prompt_dropout.p > 0
         cells = [self._fused_cell(0)] if self.shared_lstm else [self._fused_cell(l) for l in steps]
         weights = [self._step_weights(c, state) for c in cells]          # (w_ih, w_hh, b_ih, b_hh) in W
         w = weights[0][1].dtype
-        backend = resolve_backend(self.backend, x.device, w, self.embed_dim)
+        cell = state["cells"][0]
+        backend = resolve_backend(self.backend, x.device, x.dtype, cell.dtype, w, self.embed_dim,
+                                  self.num_prefix_tokens, dropping, token_layout(x))
         if dropping:
             P = torch.stack([self._batch_prompts(self.prompts[l + 1], B, x.dtype) for l in steps]).to(w)
         else:
@@ -639,9 +644,22 @@ class LSPTEncoder(PromptEncoder):
         else:
             gate_bias = [gate_bias_rows(P[l], w_ih, b_ih, b_hh) for l, (w_ih, _, b_ih, b_hh) in enumerate(weights)]
             w_hhs = [wt[1] for wt in weights]
-        check_fused_inputs(x, state["cells"][0], gate_bias[0], w_hhs[0], self.num_prefix_tokens,
-                           autocast=autocast)
+        self._check_fused_once(x, cell, gate_bias[0], w_hhs[0], autocast)
         state.update(backend=backend, gate_bias=gate_bias, w_hh=w_hhs, save_gates=torch.is_grad_enabled())
+
+    def _check_fused_once(self, x: Tensor, cell: Tensor, gate_bias: Tensor, w_hh: Tensor, autocast: bool) -> None:
+        """The op's input checks, run again only when what they look at changes (every block's tokens
+        have the first one's signature). Inside a trace they run every time: they cost nothing under
+        torch.compile, and torch.jit.trace must record the same graph on every call."""
+        signature = None
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            signature = (x.shape, x.stride(), x.dtype, x.device, cell.dtype, gate_bias.shape, gate_bias.dtype,
+                         gate_bias.device, w_hh.shape, w_hh.dtype, w_hh.device, w_hh.is_contiguous(), autocast)
+            if signature == self._checked_signature:
+                return
+        check_fused_inputs(x, cell, gate_bias, w_hh, self.num_prefix_tokens, autocast=autocast)
+        if signature is not None:
+            self._checked_signature = signature
 
     def _carried(self, state):
         return tuple(state["cells"])

@@ -1,11 +1,18 @@
 """Fused kernels that check themselves before anyone relies on them.
 
-The first time a process uses a fused backend for a (backend, device, dtype, width), `check_backend`
-runs the PUBLIC `lspt_step(..., backend=name)` once on a tiny problem, forward and backward (all nine
-results: hidden, new cell and the seven input gradients), and compares it with the eager step
-(`backend="eager"`). If the kernel disagrees beyond tolerance or fails to launch, `ensure` (which
-`ops.resolve_backend` calls) falls back to the next backend with ONE warning that says why. No user on
-an untested GPU gets silently wrong numbers from a kernel nobody ran there.
+The first time a process is about to run a fused backend in a configuration, `ensure` runs the
+step the caller hands it (the registered op, forward and backward, as training runs it) once on a
+tiny problem of exactly that configuration and compares every output with the eager step
+(lspt_kernels/eager.py) against an fp64 evaluation. If the kernel disagrees beyond tolerance or
+fails to launch, the next backend of FALLBACK that passes its own check is used, with ONE warning
+that says why. No user on an untested GPU gets silently wrong numbers from a kernel nobody ran there.
+
+The configuration (`StepCase`, the cache key) is everything that selects another kernel path: the
+backend, the device, the dtypes of tokens, cell and weights (so torch.autocast's fp32 tokens with a
+16-bit GEMM are their own case), the width D, the number of prefix tokens k, gate-bias rows shared
+(Np, 4D) or per image (B, Np, 4D, prompt dropout), the token layout (contiguous, strided and
+16-byte aligned, or unaligned: the CUDA kernels' scalar path) and the fp32 matmul precision of the
+device (a later switch to TF32 must not run an unchecked Triton configuration).
 
 Which backends are checked: the GPU ones ("cuda", "triton") on CUDA tensors by default; with
 LSPT_SELFCHECK=all also the C++ CPU one and Triton's CPU interpreter (a test tool, TRITON_INTERPRET=1),
@@ -15,50 +22,87 @@ which is how the tests exercise the mechanism without a GPU.
     LSPT_SELFCHECK=strict     a failed check is an error instead of a fallback (also "error")
     LSPT_SELFCHECK=all        check every fused backend, the C++ CPU one included; combine as "all,strict"
 
-Tolerance (per output, against an fp64 evaluation of the same inputs): within rtol(dtype) x the output's
-largest magnitude, or within 2x the error of the eager step at the same precision (flash-attention's
-rule, as tests/test_step.py). rtol: fp64 1e-9, fp32 1e-4 (5e-3 where the user allows TF32 GEMMs),
-fp16 1e-2, bf16 5e-2: loose for rounding, tight for a wrong kernel (a bad index or a wrong gate is off
-by O(1)). Low-precision weights are checked in both layouts the encoders use: every tensor in that dtype,
-and torch.autocast's (fp32 tokens and cell, low-precision GEMM). On a GPU a second problem with 2048
-prompt rows reaches the GEMM configurations for large batches.
+Tolerance (per output, against the fp64 evaluation): within rtol x the output's largest magnitude, or
+within 2x the error of the eager step at the same precision (flash-attention's rule). rtol by the
+GEMM dtype: fp64 1e-9, fp32 1e-4 (5e-3 with TF32, 5e-2 with bf16 GEMMs), fp16 1e-2, bf16 5e-2: loose
+for rounding, tight for a wrong kernel (a bad index or a wrong gate is off by O(1)). On a GPU a
+second problem with 2048 prompt rows reaches the GEMM configurations for large batches.
 
-The check never touches the global RNG (its inputs come from a private generator) and runs with
-gradients on even under torch.no_grad / inference_mode. It is skipped while torch.compile traces (it
-would be traced into the graph; run the model once eagerly to check it) and CUDA graph captures (run
-once before capturing); inside torch.func transforms `ops.resolve_backend` picks the eager step
-before asking for a check.
+Where the check runs: never inside a trace or a graph capture. The recorded choice of a case is
+looked up first, so a backend that failed once is never baked into a compiled or captured graph.
+ops.resolve_backend is marked `torch.compiler.assume_constant_result`, so under torch.compile
+Dynamo calls it (and this check) as plain Python at trace time and keeps only the chosen name; under
+make_fx / torch.export the check runs with the tracing modes switched off; inside a CUDA graph
+capture, where nothing may synchronize, an unchecked backend is replaced by the eager step for that
+capture (one warning: run one forward before capturing). The check never touches the global RNG,
+runs with gradients on even under no_grad / inference_mode, and ignores the caller's autocast and
+saved-tensor hooks (gradient checkpointing).
 """
 from __future__ import annotations
 
 import os
 import threading
 import warnings
+from typing import Callable, NamedTuple
 
 import torch
 
-__all__ = ["check_backend", "ensure", "settings", "reset", "CHECKED_BY_DEFAULT"]
+from . import backends
+from .eager import step_eager
+from .precision import float32_matmul_precision
 
 CHECKED_BY_DEFAULT = ("cuda", "triton")
 # Where a backend that fails its check falls back to, in order (the first that passes its own check).
 FALLBACK = {"cuda": ("triton", "eager"), "triton": ("eager",), "cpu": ("eager",)}
 RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-RTOL_TF32 = 5e-3    # fp32 when torch.set_float32_matmul_precision("high"/"medium") lets GEMMs use TF32
-OUTPUTS = ("hidden", "new_cell", "grad_tokens", "grad_cell", "grad_prompt", "grad_weight_ih",
-           "grad_weight_hh", "grad_bias_ih", "grad_bias_hh")
+RTOL_FP32_GEMM = {"tf32": 5e-3, "bf16": 5e-2}      # fp32 GEMMs the precision setting lets run lower
+LAYOUTS = ("contiguous", "strided", "unaligned")
+OUTPUTS = ("hidden", "new_cell", "grad_tokens", "grad_cell", "grad_gate_bias", "grad_weight_hh")
 
-_results: dict[tuple, tuple[bool, str]] = {}      # (backend, device, dtype, width) -> (ok, reason)
-_chosen: dict[tuple, str] = {}                    # same key -> the backend used instead
+# A step under check: (tokens, cell, gate_bias, weight_hh, num_prefix_tokens, backend, save_gates)
+# -> (hidden, new_cell), differentiable. ops passes its op.
+Step = Callable[..., tuple]
+
+
+class StepCase(NamedTuple):
+    """One configuration of the LSPT step's kernels (the cache key, with the backend)."""
+    device: str
+    tokens_dtype: torch.dtype
+    cell_dtype: torch.dtype
+    weight_dtype: torch.dtype
+    width: int
+    num_prefix_tokens: int
+    per_image_rows: bool
+    layout: str
+    precision: str
+
+    def describe(self) -> str:
+        dt = lambda d: str(d).replace("torch.", "")  # noqa: E731
+        dtypes = dt(self.weight_dtype) if self.tokens_dtype == self.cell_dtype == self.weight_dtype else \
+            f"tokens {dt(self.tokens_dtype)}, cell {dt(self.cell_dtype)}, weights {dt(self.weight_dtype)}"
+        return (f"{self.device} with {dtypes} (D={self.width}, k={self.num_prefix_tokens}, "
+                f"{'per-image' if self.per_image_rows else 'shared'} gate-bias rows, {self.layout} tokens, "
+                f"fp32 matmul precision {self.precision})")
+
+
+_results: dict[tuple, tuple[bool, str]] = {}      # (backend, case) -> (ok, reason)
+_chosen: dict[tuple, str] = {}                    # same key -> the backend used
+_warned_capture: set[tuple] = set()
 _lock = threading.RLock()
-_state = threading.local()                        # .active: a check is running on this thread
+_settings_cache: dict[str, dict] = {}
 
 
 def settings() -> dict:
     """LSPT_SELFCHECK parsed: {"enabled", "strict", "all"}."""
-    raw = os.environ.get("LSPT_SELFCHECK", "1").strip().lower()
-    words = set(raw.replace(",", " ").split())
-    off = raw in ("0", "off", "false", "no")
-    return dict(enabled=not off, strict=bool(words & {"strict", "error"}), all="all" in words)
+    raw = os.environ.get("LSPT_SELFCHECK", "1")
+    parsed = _settings_cache.get(raw)
+    if parsed is None:
+        text = raw.strip().lower()
+        words = set(text.replace(",", " ").split())
+        parsed = dict(enabled=text not in ("0", "off", "false", "no"), strict=bool(words & {"strict", "error"}),
+                      all="all" in words)
+        _settings_cache[raw] = parsed
+    return parsed
 
 
 def reset() -> None:
@@ -66,80 +110,101 @@ def reset() -> None:
     with _lock:
         _results.clear()
         _chosen.clear()
+        _warned_capture.clear()
 
 
-def _key(name: str, device: torch.device, dtype: torch.dtype, width: int) -> tuple:
-    return (name, str(torch.device(device)), dtype, int(width))
+def token_layout(tokens: torch.Tensor) -> str:
+    """"contiguous", "strided" (16-byte aligned offset and strides) or "unaligned": the layouts the
+    kernels treat differently (the CUDA kernels' vector loads, Triton's alignment specialisation).
+    While Dynamo traces, the storage offset is not readable: a compiled graph's tokens (a block's
+    output there) are taken as aligned, their strides still decide."""
+    vec = max(1, 16 // tokens.element_size())
+    offset = 0 if torch.compiler.is_compiling() else tokens.storage_offset()
+    aligned = offset % vec == 0 and all(s % vec == 0 for s in tokens.stride()[:-1])
+    if not aligned:
+        return "unaligned"
+    return "contiguous" if tokens.is_contiguous() else "strided"
 
 
-def check_backend(name: str, device, dtype: torch.dtype, *, width: int = 32,
-                  num_prefix_tokens: int = 1) -> tuple[bool, str]:
-    """(ok, reason): does `lspt_step(..., backend=name)` agree with the eager step on a tiny problem of
-    width `width` on `device` in `dtype`, forward and backward? Cached per (name, device, dtype, width)
-    for the life of the process; reason is "" when ok."""
-    device = torch.device(device)
-    key = _key(name, device, dtype, width)
-    with _lock:
-        if key in _results:
-            return _results[key]
-        _state.active = True
-        try:
-            reason = _run(name, device, dtype, width, num_prefix_tokens)
-        except Exception as exc:  # a kernel that fails to compile or launch fails its check
-            reason = f"it raised {type(exc).__name__}: {str(exc).strip()[:300]}"
-        finally:
-            _state.active = False
-        _results[key] = (reason is None, reason or "")
-        return _results[key]
+def make_case(backend: str, device: torch.device, tokens_dtype, cell_dtype, weight_dtype, width: int,
+              num_prefix_tokens: int, per_image_rows: bool, layout: str) -> StepCase:
+    """The case of a call of `backend` on `device`, with the fp32 matmul precision its GEMMs follow
+    now (cuBLAS' for the GPU kernels, Triton's interpreter included; oneDNN's for "cpu")."""
+    gemm_device = "cuda" if backend in ("cuda", "triton") else device.type
+    return StepCase(str(device), tokens_dtype, cell_dtype, weight_dtype, int(width), int(num_prefix_tokens),
+                    bool(per_image_rows), layout, float32_matmul_precision(gemm_device))
 
 
-def ensure(backend: str, device: torch.device, dtype: torch.dtype | None, width: int | None) -> str:
-    """The backend to use for `backend` on `device`/`dtype`: itself if it passes (or is not checked),
-    else the first fallback that passes, with one warning; an error under LSPT_SELFCHECK=strict."""
-    if dtype is None or backend == "eager" or getattr(_state, "active", False):
-        return backend
+def checked_by_default(backend: str, device: torch.device) -> bool:
+    return backend in CHECKED_BY_DEFAULT and device.type == "cuda"
+
+
+def ensure(backend: str, case: StepCase, step: Step) -> str:
+    """The backend to use for `backend` in `case`: itself if it passes (or is not checked), else the
+    first fallback that passes, with one warning; an error under LSPT_SELFCHECK=strict."""
+    key = (backend, case)
+    chosen = _chosen.get(key)
+    if chosen is not None:          # first, also inside a trace or a capture: a failure stays a failure
+        return chosen
     cfg = settings()
-    on_gpu = backend in CHECKED_BY_DEFAULT and torch.device(device).type == "cuda"
-    if not cfg["enabled"] or not (on_gpu or cfg["all"]):
+    device = torch.device(case.device)
+    if backend == "eager" or not cfg["enabled"] or not (checked_by_default(backend, device) or cfg["all"]):
         return backend
-    if torch.compiler.is_compiling() or _capturing(device):
-        return backend
-    width = width or 32
-    key = _key(backend, device, dtype, width)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _capturing(backend, case)
     with _lock:
         if key in _chosen:
             return _chosen[key]
-        ok, reason = check_backend(backend, device, dtype, width=width)
+        ok, reason = check_backend(backend, case, step)
         if ok:
             _chosen[key] = backend
             return backend
-        where = f"{torch.device(device)} with {str(dtype).replace('torch.', '')} (width {width})"
         if cfg["strict"]:
             raise RuntimeError(f"lspt_kernels self-check: the {backend!r} step kernels disagree with the eager "
-                               f"step on {where}: {reason} (LSPT_SELFCHECK=strict; unset it to fall back)")
-        chosen = _first_passing_fallback(backend, device, dtype, width)
+                               f"step on {case.describe()}: {reason} (LSPT_SELFCHECK=strict; unset it to fall back)")
+        chosen = _first_passing_fallback(backend, case, step)
         _chosen[key] = chosen
-    warnings.warn(f"lspt_kernels: the {backend!r} step kernels failed their self-check on {where}: {reason}; "
-                  f"using the {chosen!r} step instead (LSPT_SELFCHECK=0 skips the check, =strict makes this "
-                  "an error)", RuntimeWarning, stacklevel=4)
+    warnings.warn(f"lspt_kernels: the {backend!r} step kernels failed their self-check on {case.describe()}: "
+                  f"{reason}; using the {chosen!r} step instead (LSPT_SELFCHECK=0 skips the check, =strict makes "
+                  "this an error)", RuntimeWarning, stacklevel=4)
     return chosen
 
 
-def _first_passing_fallback(backend: str, device, dtype, width: int) -> str:
-    from . import ops
+def _capturing(backend: str, case: StepCase) -> str:
+    """Inside a CUDA graph capture nothing may synchronize, and the check reads its errors back."""
+    if (backend, case) not in _warned_capture:
+        _warned_capture.add((backend, case))
+        warnings.warn(f"lspt_kernels: the {backend!r} step was not yet checked on {case.describe()} and a CUDA "
+                      "graph is being captured, where the check cannot run: this capture uses the eager step; run "
+                      "one forward before capturing", RuntimeWarning, stacklevel=4)
+    return "eager"
+
+
+def _first_passing_fallback(backend: str, case: StepCase, step: Step) -> str:
+    device = torch.device(case.device)
     for name in FALLBACK.get(backend, ("eager",)):
         if name == "eager":
             return name
-        runs_here = torch.device(device).type == "cuda"
-        # a fallback is checked like any backend
-        if runs_here and ops._load_backend(name) is not None and check_backend(name, device, dtype, width=width)[0]:
+        if backends.device_mismatch(name, device) is None and backends.load(name) \
+                and check_backend(name, case, step)[0]:
+            _chosen[(name, case)] = name
             return name
     return "eager"
 
 
-def _capturing(device) -> bool:
-    """Inside a CUDA graph capture nothing may synchronize, and the check reads its errors back."""
-    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+def check_backend(backend: str, case: StepCase, step: Step) -> tuple[bool, str]:
+    """(ok, reason): does `step(..., backend)` agree with the eager step in `case`, forward (with and
+    without saved gates) and backward? Cached per (backend, case) for the life of the process."""
+    key = (backend, case)
+    with _lock:
+        if key in _results:
+            return _results[key]
+        try:
+            reason = _run(backend, case, step)
+        except Exception as exc:  # a kernel that fails to compile or launch fails its check
+            reason = f"it raised {type(exc).__name__}: {str(exc).strip()[:300]}"
+        _results[key] = (reason is None, reason or "")
+        return _results[key]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,84 +215,86 @@ def _problems(device: torch.device) -> list[tuple[int, int, int]]:
     return [(2, 3, 5)] + ([(8, 256, 4)] if device.type == "cuda" else [])
 
 
-def _layouts(dtype: torch.dtype) -> list[str]:
-    return ["plain", "autocast"] if dtype in (torch.float16, torch.bfloat16) else ["plain"]
-
-
-def _run(name, device, dtype, width, k) -> str | None:
-    for B, n_p, N in _problems(device):
-        for layout in _layouts(dtype):
-            bad = _compare(name, device, dtype, layout, B, n_p, N, width, k)
+def _run(backend: str, case: StepCase, step: Step) -> str | None:
+    from torch.utils._python_dispatch import _disable_current_modes
+    # Real tensors with autograd on, whatever the caller's state: no make_fx / export / user dispatch
+    # mode sees the check, no_grad / inference_mode / autocast do not apply, and a checkpointed
+    # block's saved-tensor hooks do not capture the check's own forward and backward.
+    with _disable_current_modes(), torch.inference_mode(False), torch.enable_grad(), \
+            torch.autocast(torch.device(case.device).type, enabled=False), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        for B, n_p, N in _problems(torch.device(case.device)):
+            bad = _compare(backend, case, step, B, n_p, N)
             if bad is not None:
-                return f"{bad} (B={B}, Np={n_p}, N={N}, D={width}, {layout} layout)"
+                return f"{bad} (B={B}, Np={n_p}, N={N})"
     return None
 
 
-def _inputs(B, n_p, N, D, k, seed=0):
-    """fp64 CPU leaves (tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh) and upstream gradients, from a
-    private generator; gates of order 1 so no nonlinearity saturates."""
+def _inputs(case: StepCase, B: int, n_p: int, N: int, seed: int = 0):
+    """fp64 CPU leaves (tokens, cell, gate_bias, weight_hh) and upstream gradients, from a private
+    generator; gates of order 1 so no nonlinearity saturates."""
     g = torch.Generator().manual_seed(seed)
-    std = D ** -0.5
+    D, k = case.width, case.num_prefix_tokens
     r = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64) * scale  # noqa: E731
-    leaves = (r(B, k + n_p + N, D), r(B, n_p, D), r(n_p, D, scale=0.5), r(4 * D, D, scale=std),
-              r(4 * D, D, scale=std), r(4 * D, scale=std), r(4 * D, scale=std))
-    upstream = (r(B, n_p, D), r(B, n_p, D))
-    return leaves, upstream
+    rows = (B, n_p, 4 * D) if case.per_image_rows else (n_p, 4 * D)
+    leaves = (r(B, k + n_p + N, D), r(B, n_p, D), r(*rows, scale=0.5), r(4 * D, D, scale=D ** -0.5))
+    return leaves, (r(B, n_p, D), r(B, n_p, D))
 
 
-def _evaluate(step, leaves, upstream):
+def _in_layout(values: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as tokens in `layout` (stride(-1) == 1 always)."""
+    B, T, D = values.shape
+    if layout == "contiguous":
+        return values.contiguous()
+    if layout == "strided":              # (T, B, D) storage: batch stride D, token stride B*D
+        return values.transpose(0, 1).contiguous().transpose(0, 1)
+    buf = values.new_zeros(B * T * D + 1)   # one element off: no vector access lines up
+    out = buf[1:].view(B, T, D)
+    out.copy_(values)
+    return out
+
+
+def _evaluate(step, leaves, upstream, layout):
     leaves = [t.detach().requires_grad_() for t in leaves]
-    hidden, new_cell = step(*leaves)
-    grads = torch.autograd.grad((hidden, new_cell), leaves, (upstream[0].to(hidden.dtype),
-                                                            upstream[1].to(new_cell.dtype)))
+    tokens = _in_layout(leaves[0], layout)
+    hidden, new_cell = step(tokens, *leaves[1:])
+    grads = torch.autograd.grad((hidden, new_cell), leaves,
+                                (upstream[0].to(hidden.dtype), upstream[1].to(new_cell.dtype)))
     return [hidden, new_cell, *grads]
 
 
-def _compare(name, device, dtype, layout, B, n_p, N, D, k) -> str | None:
-    # Normal tensors with autograd on, whatever the caller's mode (no_grad, inference_mode, autocast),
-    # and plain saved tensors: the first call may come from inside a checkpointed block, whose
-    # saved-tensor hooks must not capture the check's own forward and backward.
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), \
-            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        return _compare_outputs(name, device, dtype, layout, B, n_p, N, D, k)
+def _rtol(case: StepCase) -> float:
+    if case.weight_dtype == torch.float32 and case.precision in RTOL_FP32_GEMM:
+        return RTOL_FP32_GEMM[case.precision]
+    return RTOL.get(case.weight_dtype, 5e-2)
 
 
-def _compare_outputs(name, device, dtype, layout, B, n_p, N, D, k) -> str | None:
-    from .ops import lspt_step, step_reference
-
-    leaves64, upstream64 = _inputs(B, n_p, N, D, k)
-    leaves64, upstream64 = [t.to(device) for t in leaves64], [t.to(device) for t in upstream64]
-    if layout == "plain":
-        leaves = [t.to(device, dtype) for t in leaves64]
-    else:  # torch.autocast: fp32 tensors, the GEMM in `dtype`, the cell carried in fp32
-        leaves = [t.to(device, torch.float32) for t in leaves64]
+def _compare(backend: str, case: StepCase, step: Step, B: int, n_p: int, N: int) -> str | None:
+    device, k = torch.device(case.device), case.num_prefix_tokens
+    leaves64, upstream64 = _inputs(case, B, n_p, N)
+    leaves64 = [t.to(device) for t in leaves64]
     upstream = [t.to(device) for t in upstream64]
+    dtypes = (case.tokens_dtype, case.cell_dtype, case.weight_dtype, case.weight_dtype)
+    leaves = [t.to(dt) for t, dt in zip(leaves64, dtypes)]
 
-    def fused(tokens, cell, *params):
-        with torch.autocast(device.type, dtype=dtype, enabled=layout == "autocast"):
-            return lspt_step(tokens, cell, *params, num_prefix_tokens=k, backend=name)
-
-    def eager(tokens, cell, *params):   # what lspt_step hands the kernels, through the eager step
-        if layout == "autocast":
-            params = [p.to(dtype) for p in params]
-        return step_reference(tokens, cell, *params, num_prefix_tokens=k)
-
-    got = _evaluate(fused, leaves, upstream)
-    want = _evaluate(eager, leaves, upstream)
-    truth = _evaluate(lambda *a: step_reference(*a, num_prefix_tokens=k), leaves64, upstream64)
-    rtol = RTOL.get(dtype, 5e-2)
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        rtol = RTOL_TF32
-    for out, g, w, t in zip(OUTPUTS, got, want, truth):
+    got = _evaluate(lambda *a: step(*a, k, backend, True), leaves, upstream, case.layout)
+    want = _evaluate(lambda *a: step_eager(*a, k), leaves, upstream, case.layout)
+    truth = _evaluate(lambda *a: step_eager(*a, k), leaves64, upstream, "contiguous")
+    with torch.no_grad():       # the inference forward (no gates saved) is its own kernel path
+        tokens = _in_layout(leaves[0], case.layout)
+        got_nograd = step(tokens, *leaves[1:], k, backend, False)
+    rtol = _rtol(case)
+    for name, g, w, t in zip(OUTPUTS + ("hidden (no grad)", "new_cell (no grad)"), got + list(got_nograd),
+                             want + want[:2], truth + truth[:2]):
         if g.shape != t.shape:
-            return f"{out} has shape {tuple(g.shape)}, expected {tuple(t.shape)}"
+            return f"{name} has shape {tuple(g.shape)}, expected {tuple(t.shape)}"
         g, w, t = g.detach().double().cpu(), w.detach().double().cpu(), t.detach().cpu()
         if not torch.isfinite(g).all():
-            return f"{out} is not finite where the eager step is"
+            return f"{name} is not finite where the eager step is"
         err = (g - t).abs().max().item()
         ref_err = (w - t).abs().max().item()
         bound = max(rtol * t.abs().max().item(), 2 * ref_err, 1e-12)
         if err > bound:
-            return (f"{out} is off by {err:.3g} (allowed {bound:.3g}; the eager step at the same "
+            return (f"{name} is off by {err:.3g} (allowed {bound:.3g}; the eager step at the same "
                     f"precision is off by {ref_err:.3g})")
     return None

@@ -1,4 +1,5 @@
-"""Triton backend of the fused LSPT step (the contract is in lspt_kernels/ops.py).
+"""Triton backend of the fused LSPT step (the contract is in lspt_kernels/ops.py; reached through the
+dispatcher as lspt::triton_step_fwd / triton_step_bwd, lspt_kernels/backends.py).
 
 One step, with k prefix tokens, Np prompts and N = T - k - Np patches per image:
 
@@ -31,7 +32,7 @@ activations):
     _grad_tokens_kernel  grid (B, D/BLOCK_D, T/BLOCK_T): prefix rows 0, prompt rows dxhat, patch
                       rows (sum_p dxhat[b, p]) / N, in grad_hidden's dtype (the tokens' dtype)
 
-Why dgates is stored in W (not fp32): the reference's autograd produces the gate gradient in W too
+Why dgates is stored in W (not fp32): the eager step's autograd produces the gate gradient in W too
 (the gates are computed in W and cast to fp32, whose backward casts the gradient back), so W matches
 its rounding; every consumer of dgates is a GEMM that cuBLAS runs on tensor cores only when both
 operands share W (an fp32 dgates would need an fp32 copy of w_hh, or fp32 GEMMs); and it halves
@@ -44,8 +45,11 @@ launcher can pick is compiled for sm_80 and sm_90 (PTX, cubin, tensor-core instr
 spills) by tests/test_triton_compile.py without a GPU. Every launch passes its block sizes,
 num_warps, num_stages (GEMMs) and enable_fp_fusion explicitly.
 
-Index arithmetic is 32-bit inside the tiles (64-bit per-image bases); the launchers refuse shapes
-where that could overflow (B*Np*4D or 4D*D >= 2**31, or T*tokens.stride(1) >= 2**31).
+Index arithmetic is 32-bit inside the tiles (64-bit per-image bases). Where B*Np*4D would reach
+2**31 (e.g. batch 8192 at Np 100, D 768) the launchers split the batch into chunks of whole images
+that stay below it (INDEX_LIMIT): the GEMM kernels see a smaller batch each, the weight and
+shared gate-bias gradients are summed over the chunks. They refuse only what no chunking fixes:
+one image with T*tokens.stride(1) >= 2**31 elements, or 4D*D >= 2**31.
 
 Under TRITON_INTERPRET=1 (set before this module is imported) the kernels run on CPU tensors.
 """
@@ -58,8 +62,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_HALF = (torch.float16, torch.bfloat16)
+from .contract import HALF, check_backward_inputs, check_fused_inputs
+from .precision import float32_matmul_precision
+
+# The kernels' 32-bit offsets must stay below this (a module constant so tests can lower it).
+INDEX_LIMIT = 2 ** 31
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,12 +286,12 @@ ROW_CONFIGS: dict[str, RowConfig] = {
 
 
 def dot_precision(w_dtype: torch.dtype) -> str:
-    """tl.dot input_precision: "ieee" for fp64, and for fp32 when PyTorch's fp32 matmul precision is
-    "highest" (its default, which is what the reference's fp32 GEMMs use, and what the interpreter
-    computes); "tf32" otherwise (Triton ignores it for fp16/bf16 operands)."""
+    """tl.dot input_precision: "ieee" for fp64, and for fp32 when cuBLAS' fp32 matmul precision is
+    full fp32 (PyTorch's default, which is what the eager step's fp32 GEMMs use, and what the
+    interpreter computes); "tf32" otherwise (Triton ignores it for fp16/bf16 operands)."""
     if w_dtype == torch.float64:
         return "ieee"
-    if w_dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+    if w_dtype == torch.float32 and float32_matmul_precision("cuda") == "ieee":
         return "ieee"
     return "tf32"
 
@@ -295,7 +302,7 @@ def gemm_config_name(M: int, D: int, w_dtype: torch.dtype, precision: str) -> st
         return "fp64"
     if D <= 64:
         return "small"
-    if w_dtype in _HALF:
+    if w_dtype in HALF:
         return "half_large" if (D >= 512 and M >= 2048) else "half"
     return "tf32" if precision == "tf32" else "fp32_ieee"
 
@@ -317,7 +324,8 @@ def _acc(w_dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation (cheap; guarantees no launch indexes out of bounds)
+# Validation: the contract (lspt_kernels/contract.py), which a direct op call reaches without the
+# Python wrapper, plus what only these kernels need (no launch may index out of bounds)
 # ----------------------------------------------------------------------------------------------
 def _interpreting() -> bool:
     return not isinstance(_xhat_kernel, triton.runtime.JITFunction)
@@ -327,97 +335,35 @@ def _fail(exc, msg):
     raise exc(f"lspt_step (triton backend): {msg}")
 
 
-def _check_common(named: dict, w_hh: Tensor, B: int, n_p: int, D: int) -> None:
-    for name, t in named.items():
-        if not isinstance(t, Tensor):
-            _fail(TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOATS:
-            _fail(TypeError, f"{name} must be float32/float16/bfloat16/float64, got {t.dtype}")
-    device = w_hh.device
-    for name, t in named.items():
-        if t.device != device:
-            _fail(ValueError, f"{name} is on {t.device} but weight_hh is on {device}: all tensors "
-                              "must be on one device")
+def _check_device(*tensors: Tensor) -> None:
+    device = tensors[0].device
     if device.type != "cuda" and not (_interpreting() and device.type == "cpu"):
         _fail(ValueError, f"tensors must be CUDA tensors, got {device}"
               + (" (set TRITON_INTERPRET=1 before importing to run on the CPU)" if device.type == "cpu" else ""))
     if _interpreting() and device.type != "cpu":
         _fail(ValueError, f"the kernels were loaded for the Triton interpreter (TRITON_INTERPRET=1) "
                           f"and need CPU tensors, got {device}")
-    if n_p < 1:
-        _fail(ValueError, "cell must hold at least one prompt token (Np >= 1)")
-    gb, w = named["gate_bias"], w_hh.dtype
-    if tuple(w_hh.shape) != (4 * D, D):
-        _fail(ValueError, f"weight_hh must have shape {(4 * D, D)}, got {tuple(w_hh.shape)}")
-    if tuple(gb.shape) not in ((n_p, 4 * D), (B, n_p, 4 * D)):
-        _fail(ValueError, f"gate_bias must be (Np, 4D) = {(n_p, 4 * D)} or (B, Np, 4D) = "
-                          f"{(B, n_p, 4 * D)}, got {tuple(gb.shape)}")
-    if gb.dtype != w:
-        _fail(TypeError, f"gate_bias must share weight_hh's dtype {w}, got {gb.dtype}")
-    for name, t in (("gate_bias", gb), ("weight_hh", w_hh)):
-        if not t.is_contiguous():
-            _fail(ValueError, f"{name} must be contiguous")
-
-
-def _check_act_dtypes(tok_name: str, tok_dtype, cell_name: str, cell_dtype, w) -> None:
-    if not (tok_dtype == w or (tok_dtype == torch.float32 and w in _HALF)):
-        _fail(TypeError, f"{tok_name} ({tok_dtype}) must have the weights' dtype {w}, or be float32 "
-                         "with float16/bfloat16 weights (autocast)")
-    if cell_dtype not in (tok_dtype, torch.float32):
-        _fail(TypeError, f"{cell_name} must be {tok_dtype} or float32, got {cell_dtype}")
-
-
-def _check_k(k, n_p: int, T: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        _fail(ValueError, f"num_prefix_tokens must be an int >= 0, got {k!r}")
-    if k + n_p >= T:
-        _fail(ValueError, f"T={T} tokens but num_prefix_tokens + Np = {k} + {n_p} leaves no patch token")
+    # The interpreter has no bfloat16 arithmetic: it computes silently wrong results (measured:
+    # hidden off by 1.28), so refuse before launching.
+    if device.type == "cpu" and any(t.dtype == torch.bfloat16 for t in tensors):
+        raise TypeError("lspt_step: backend 'triton' on CPU tensors runs in the Triton interpreter "
+                        "(TRITON_INTERPRET=1), which has no bfloat16 arithmetic and would return wrong "
+                        "results; use float32/float16 there, backend='cpu' or 'eager' for bfloat16 "
+                        "on the CPU, or CUDA tensors")
 
 
 def _check_forward(tokens, cell, gate_bias, w_hh, k) -> None:
-    if not isinstance(tokens, Tensor):
-        _fail(TypeError, f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
-    if tokens.dim() != 3:
-        _fail(ValueError, f"tokens must be (B, T, D), got shape {tuple(tokens.shape)}")
-    if not isinstance(cell, Tensor) or cell.dim() != 3:
-        _fail(ValueError, "cell must be a (B, Np, D) tensor")
-    B, T, D = tokens.shape
-    n_p = cell.shape[1]
-    _check_common(dict(tokens=tokens, cell=cell, gate_bias=gate_bias, weight_hh=w_hh), w_hh, B, n_p, D)
-    if tokens.stride(-1) != 1 and D > 1:
-        _fail(ValueError, f"tokens must have stride(-1) == 1, got strides {tokens.stride()}")
-    if T * max(tokens.stride(1), 1) >= 2 ** 31:
+    check_fused_inputs(tokens, cell, gate_bias, w_hh, k, autocast=w_hh.dtype in HALF)
+    _check_device(tokens, cell, gate_bias, w_hh)
+    T = tokens.shape[1]
+    if T * max(tokens.stride(1), 1) >= INDEX_LIMIT:
         _fail(ValueError, f"tokens has T * stride(1) = {T * tokens.stride(1)} elements per image: too "
                           "large for the kernels' 32-bit row offsets")
-    if tuple(cell.shape) != (B, n_p, D):
-        _fail(ValueError, f"cell must be (B, Np, D) = {(B, n_p, D)}, got {tuple(cell.shape)}")
-    if not cell.is_contiguous():
-        _fail(ValueError, "cell must be contiguous")
-    _check_act_dtypes("tokens", tokens.dtype, "cell", cell.dtype, w_hh.dtype)
-    _check_k(k, n_p, T)
 
 
 def _check_backward(grad_hidden, grad_cell, xhat, cell, gate_bias, w_hh, k, T) -> None:
-    named = dict(grad_hidden=grad_hidden, grad_cell=grad_cell, xhat=xhat, cell=cell,
-                 gate_bias=gate_bias, weight_hh=w_hh)
-    if not isinstance(xhat, Tensor) or xhat.dim() != 3:
-        _fail(ValueError, "xhat must be a (B, Np, D) tensor")
-    B, n_p, D = xhat.shape
-    _check_common(named, w_hh, B, n_p, D)
-    for name in ("grad_hidden", "grad_cell", "xhat", "cell"):
-        t = named[name]
-        if tuple(t.shape) != (B, n_p, D):
-            _fail(ValueError, f"{name} must be (B, Np, D) = {(B, n_p, D)}, got {tuple(t.shape)}")
-        if not t.is_contiguous():
-            _fail(ValueError, f"{name} must be contiguous")
-    if xhat.dtype != w_hh.dtype:
-        _fail(TypeError, f"xhat must have the weights' dtype {w_hh.dtype}, got {xhat.dtype}")
-    if grad_cell.dtype != cell.dtype:
-        _fail(TypeError, f"grad_cell must have cell's dtype {cell.dtype}, got {grad_cell.dtype}")
-    _check_act_dtypes("grad_hidden", grad_hidden.dtype, "cell", cell.dtype, w_hh.dtype)
-    if isinstance(T, bool) or not isinstance(T, int):
-        _fail(ValueError, f"num_tokens must be an int, got {T!r}")
-    _check_k(k, n_p, T)
+    check_backward_inputs(grad_hidden, grad_cell, xhat, cell, gate_bias, w_hh, k, T)
+    _check_device(grad_hidden, grad_cell, xhat, cell, gate_bias, w_hh)
 
 
 class _on_device:
@@ -448,9 +394,6 @@ def _launch_xhat(tokens: Tensor, xhat: Tensor, k: int, n_p: int, acc) -> None:
 
 
 def _gemm_launch_args(M: int, D: int, w_dtype: torch.dtype):
-    if max(M, D) * 4 * D >= 2 ** 31:
-        _fail(ValueError, f"B*Np = {M}, D = {D}: B*Np*4D or 4D*D is too large for the kernels' 32-bit "
-                          "tile offsets (use the 'cuda' or 'reference' backend)")
     prec = dot_precision(w_dtype)
     cfg = GEMM_CONFIGS[gemm_config_name(M, D, w_dtype, prec)]
     grid = (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(D, cfg.BLOCK_N))
@@ -458,6 +401,16 @@ def _gemm_launch_args(M: int, D: int, w_dtype: torch.dtype):
                 BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, enable_fp_fusion=True)
     return grid, meta
+
+
+def image_chunks(B: int, n_p: int, D: int) -> list[tuple[int, int]]:
+    """[b0, b1) ranges of whole images whose B*Np*4D gate offsets stay below INDEX_LIMIT."""
+    per_image = n_p * 4 * D
+    if per_image > INDEX_LIMIT or 4 * D * D >= INDEX_LIMIT:
+        _fail(ValueError, f"Np = {n_p}, D = {D}: one image's Np*4D or the weight's 4D*D reaches the kernels' "
+                          "32-bit offsets (use the 'cuda' or 'eager' backend)")
+    images = max(1, INDEX_LIMIT // per_image)
+    return [(b0, min(B, b0 + images)) for b0 in range(0, B, images)]
 
 
 def forward(tokens: Tensor, cell: Tensor, gate_bias: Tensor, w_hh: Tensor, k: int,
@@ -475,12 +428,15 @@ def forward(tokens: Tensor, cell: Tensor, gate_bias: Tensor, w_hh: Tensor, k: in
     no_gates = tokens.new_empty((0,), dtype=torch.float64 if tokens.dtype == torch.float64 else torch.float32)
     if B * D == 0:  # empty batch or width: nothing to compute (and no zero-size grid to launch)
         return hidden, new_cell, xhat, no_gates
-    M = B * n_p
-    period = M if gate_bias.dim() == 3 else n_p
-    grid, meta = _gemm_launch_args(M, D, w)
+    per_image = gate_bias.dim() == 3
     with _on_device(tokens):
         _launch_xhat(tokens, xhat, k, n_p, acc_tl)
-        _lstm_fwd_kernel[grid](xhat, w_hh, gate_bias, cell, hidden, new_cell, M, period, D, **meta)
+        for b0, b1 in image_chunks(B, n_p, D):
+            M = (b1 - b0) * n_p
+            grid, meta = _gemm_launch_args(M, D, w)
+            gb = gate_bias[b0:b1] if per_image else gate_bias
+            _lstm_fwd_kernel[grid](xhat[b0:b1], w_hh, gb, cell[b0:b1], hidden[b0:b1], new_cell[b0:b1], M,
+                                   M if per_image else n_p, D, **meta)
     return hidden, new_cell, xhat, no_gates
 
 
@@ -494,25 +450,28 @@ def backward(grad_hidden: Tensor, grad_cell: Tensor, xhat: Tensor, cell: Tensor,
     w = w_hh.dtype
     acc_tl, _ = _acc(w)
     M = B * n_p
-    batched = gate_bias.dim() == 3
+    per_image = gate_bias.dim() == 3
     grad_tokens = grad_hidden.new_empty((B, T, D))
     grad_cell_prev = torch.empty_like(cell, memory_format=torch.contiguous_format)
     if M * D == 0:
         grad_tokens.zero_()
         grad_cell_prev.zero_()
         return grad_tokens, grad_cell_prev, torch.zeros_like(gate_bias), torch.zeros_like(w_hh)
-    dgates = xhat.new_empty((M, 4 * D))                                       # in W (see top)
-    grid, meta = _gemm_launch_args(M, D, w)
+    dgates = xhat.new_empty((B, n_p, 4 * D))                                  # in W (see top)
     with _on_device(xhat):
-        _lstm_bwd_kernel[grid](xhat, w_hh, gate_bias, cell, grad_hidden, grad_cell, dgates,
-                               grad_cell_prev, M, M if batched else n_p, D, **meta)
-        # Products on cuBLAS (each is a plain GEMM with no epilogue worth fusing).
-        dxhat = torch.mm(dgates, w_hh)                                        # (B*Np, D)
-        grad_w_hh = torch.mm(dgates.t(), xhat.view(M, D))                     # (4D, D)
-        if batched:
-            grad_gate_bias = dgates.view(B, n_p, 4 * D)
-        else:   # batch sum, accumulated in ACC (torch's reduction), written in W
-            grad_gate_bias = dgates.view(B, n_p, 4 * D).sum(0)
+        for b0, b1 in image_chunks(B, n_p, D):
+            Mc = (b1 - b0) * n_p
+            grid, meta = _gemm_launch_args(Mc, D, w)
+            gb = gate_bias[b0:b1] if per_image else gate_bias
+            _lstm_bwd_kernel[grid](xhat[b0:b1], w_hh, gb, cell[b0:b1], grad_hidden[b0:b1], grad_cell[b0:b1],
+                                   dgates[b0:b1], grad_cell_prev[b0:b1], Mc, Mc if per_image else n_p, D, **meta)
+        # Products on cuBLAS (each is a plain GEMM with no epilogue worth fusing; no 32-bit limit).
+        dgates2d = dgates.view(M, 4 * D)
+        dxhat = torch.mm(dgates2d, w_hh)                                      # (B*Np, D)
+        grad_w_hh = torch.mm(dgates2d.t(), xhat.view(M, D))                   # (4D, D)
+        # per-image rows: their gradient is dgates itself; shared rows: the batch sum, accumulated
+        # in ACC (torch's reduction), written in W
+        grad_gate_bias = dgates if per_image else dgates.sum(0)
         cfg = ROW_CONFIGS[row_config_name(D)]
         grid_t = (B, triton.cdiv(D, cfg.BLOCK_D), triton.cdiv(T, cfg.BLOCK_T))
         _grad_tokens_kernel[grid_t](dxhat, grad_tokens, k, n_p, T - k - n_p, T, D, ACC=acc_tl,

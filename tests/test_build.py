@@ -216,3 +216,121 @@ def test_failed_jit_build_leaves_nothing_behind(fake_compiler):
     with pytest.raises(RuntimeError, match="compiler error"):
         _build._jit("cpu", "_lspt_cpu")
     assert [p for p in root.iterdir() if p.is_dir()] == []
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA architectures: TORCH_CUDA_ARCH_LIST, else the GPUs present, always PTX of the newest
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec, archs", [
+    ("8.0;9.0", ["8.0", "9.0+PTX"]),
+    ("9.0 8.6+PTX", ["8.6+PTX", "9.0"]),
+    ("Ampere;Hopper", ["8.0", "8.6", "9.0+PTX"]),
+    ("9.0a", ["9.0a+PTX"]),
+])
+def test_cuda_arch_list_from_torch_cuda_arch_list(monkeypatch, spec, archs):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", spec)
+    assert _build.cuda_arch_list() == archs
+
+
+def test_cuda_arch_flags_carry_ptx_of_the_newest():
+    assert _build.cuda_arch_flags(["8.0", "9.0+PTX"]) == [
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90"]
+    assert _build.cuda_arch_flags(["9.0a+PTX"])[-1] == "-gencode=arch=compute_90,code=compute_90"
+
+
+def test_cuda_arch_list_refuses_a_bad_entry(monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;sm90")
+    with pytest.raises(ValueError, match=r"TORCH_CUDA_ARCH_LIST: 'sm90' is not an architecture"):
+        _build.cuda_arch_list()
+
+
+def test_cuda_archs_of_the_gpus_present(monkeypatch):
+    """No TORCH_CUDA_ARCH_LIST: the visible GPUs' architectures (one A100 and one newer-than-torch GPU,
+    clamped to what this torch builds for), PTX of the newest; without a GPU sm_80 and sm_90."""
+    import torch
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _build.cuda_arch_list() == ["8.0", "9.0+PTX"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(8, 0), (13, 5)][i])
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90", "sm_120", "compute_120"])
+    assert _build.cuda_arch_list() == ["8.0", "12.0+PTX"]
+
+
+def test_arch_list_is_part_of_the_build_id(monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    first = _build.build_id("cuda")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert _build.build_id("cuda") != first and _build.build_id("cpu") == _build.build_id("cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# A failed build is remembered by build ID: one reason, no retry in every process
+# ------------------------------------------------------------------------------------------------
+def _fake_tool(path: Path, log: Path, output: str, status: int) -> Path:
+    """A stand-in compiler: answers --version (torch asks), logs every other call, prints `output`
+    and exits with `status`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/bin/sh\nif [ "$1" = "--version" ] && [ {status} -ne 0 ]; then echo "fake 1.0"; exit 0; fi\n'
+                    f'echo "$@" >> {log}\necho "{output}" {">&2" if status else ""}\nexit {status}\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_failed_cpu_build_is_remembered(tmp_path, monkeypatch):
+    """A compiler error (a C++ compiler that always fails, real ninja build) is recorded beside the
+    build; the next loads, in this process and in a fresh one, fail at once with the same reason
+    and never run the compiler again; another compiler is tried."""
+    from torch.utils import cpp_extension
+    if shutil.which("ninja") is None and not cpp_extension.is_ninja_available():
+        pytest.skip("ninja is not available: no JIT build here")
+    log = tmp_path / "cxx.log"
+    cxx = _fake_tool(tmp_path / "bin" / "fake-c++", log, "fake.cpp:1:1: error: this compiler always fails", 1)
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setattr(_build, "_cache", {})
+    with pytest.raises(RuntimeError, match="the cpu extension failed to build"):
+        _build.load_extension("cpu")
+    calls = log.read_text().count("\n")
+    assert calls >= 1
+    (marker,) = (tmp_path / "ext").glob("*.failed")
+    with pytest.raises(RuntimeError, match=r"failed to build.*remembered from an earlier build"):
+        _build.load_extension("cpu")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "python")]))
+    proc = subprocess.run([sys.executable, "-c", "from lspt_kernels import backends; "
+                           "print('WHY', backends.unavailable_reason('cpu'))"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert "remembered from an earlier build" in proc.stdout and str(marker) in proc.stdout, proc.stderr[-2000:]
+    assert log.read_text().count("\n") == calls                    # no second compile, in any process
+    other = _fake_tool(tmp_path / "bin" / "other-c++", tmp_path / "other.log", "error: also fails", 1)
+    monkeypatch.setenv("CXX", str(other))
+    with pytest.raises(RuntimeError, match="the cpu extension failed to build"):
+        _build.load_extension("cpu")
+    assert (tmp_path / "other.log").exists()                       # a new toolchain is worth a try
+
+
+@pytest.mark.parametrize("nvcc_output, reason", [
+    (None, "no CUDA toolkit: nvcc not found"),
+    ("Cuda compilation tools, release 11.8, V11.8.89", "is CUDA 11.8 but torch .* was built with CUDA"),
+], ids=["no-nvcc", "other-major-version"])
+def test_unusable_cuda_toolkit_is_remembered(tmp_path, monkeypatch, nvcc_output, reason):
+    import torch
+    from torch.utils import cpp_extension
+    if torch.version.cuda is None or torch.version.cuda.startswith("11."):
+        pytest.skip("needs a CUDA build of torch whose CUDA major version is not 11")
+    home = tmp_path / "cuda"
+    log = tmp_path / "nvcc.log"
+    if nvcc_output is not None:
+        _fake_tool(home / "bin" / "nvcc", log, nvcc_output, 0)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(home))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    monkeypatch.setattr(_build, "_cache", {})
+    with pytest.raises(RuntimeError, match=reason):
+        _build.load_extension("cuda")
+    calls = log.read_text() if log.exists() else ""
+    with pytest.raises(RuntimeError, match=f"{reason}.*remembered from an earlier build"):
+        _build.load_extension("cuda")
+    assert (log.read_text() if log.exists() else "") == calls       # not even nvcc --version again

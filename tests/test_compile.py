@@ -4,7 +4,7 @@ import torch
 from helpers import make_vit
 
 from lspt_kernels import AdapterEncoder, GaPTEncoder, LSPTEncoder, VPTEncoder
-from lspt_kernels.ops import unavailable_reason
+from lspt_kernels.backends import unavailable_reason
 
 
 def _check(model, compile_backend, atol=1e-5):

@@ -65,7 +65,7 @@ def _nvcc_command(nvcc: Path, obj: Path) -> list[str]:
             + list(common) + [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DLSPT_WITH_CUDA",
                               "-DTORCH_EXTENSION_NAME=_lspt_cuda", "-DTORCH_API_INCLUDE_EXTENSION_H",
                               "-Xcompiler", "-fPIC"]
-            + flags + _build.cuda_arch_flags(ARCH) + ["-Xptxas", "-v"])
+            + flags + _build.cuda_arch_flags([ARCH]) + ["-Xptxas", "-v"])
 
 
 def _demangle(names: list[str]) -> list[str]:

@@ -1,4 +1,7 @@
-"""The CUDA backend (csrc/cuda) against the reference step: forward and every gradient.
+"""The GPU backends against the eager step: the CUDA backend (csrc/cuda) at odd shapes, layouts and
+dtypes, gradcheck, determinism and its memory checks; both GPU backends ("cuda", "triton") at ViT-B's
+width D = 768 with >= 2048 prompt rows (the large-batch GEMM tiles), shared and per-image gate-bias
+rows, and under compute-sanitizer at the paper's shape.
 
 Accuracy rule (flash-attention's): against an fp64 oracle, the kernel's error is at most twice the
 error of the reference step run in the same precision, plus a small floor. The GPU tests are skipped
@@ -11,14 +14,14 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from lspt_kernels import ops
-from lspt_kernels.ops import lspt_step, step_reference
+from lspt_kernels import backends, ops
+from lspt_kernels.eager import gate_bias_rows, lspt_step_eager
+from lspt_kernels.ops import lspt_step
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +46,7 @@ SHAPES = [(3, 7, 13, 40, 1), (3, 7, 13, 40, 5), (2, 5, 9, 770, 1), (4, 3, 6, 64,
 
 
 def _cuda_or_skip():
-    why = ops.unavailable_reason("cuda")
+    why = backends.unavailable_reason("cuda")
     if why is None:
         return
     from torch.utils import cpp_extension
@@ -93,7 +96,7 @@ def run_step(vals, dtypes, k, backend, layout="contiguous", grads=None):
     ctx = torch.autocast("cuda", dtype=w_dt) if autocast else contextlib.nullcontext()
     with ctx:
         if backend == "oracle":
-            h, c = step_reference(*(args[n] for n in NAMES), num_prefix_tokens=k)
+            h, c = lspt_step_eager(*(args[n] for n in NAMES), num_prefix_tokens=k)
         else:
             h, c = lspt_step(*(args[n] for n in NAMES), num_prefix_tokens=k, backend=backend)
     dh, dc = grads
@@ -125,7 +128,7 @@ def test_cuda_matches_reference(shape, dtypes):
     grads = (torch.randn(B, Np, D, generator=g, dtype=F64).cuda(),
              torch.randn(B, Np, D, generator=g, dtype=F64).cuda())
     oracle = run_step(vals, (F64, F64, F64, False), k, "oracle", grads=grads)
-    same = run_step(vals, dts, k, "reference", grads=grads)
+    same = run_step(vals, dts, k, "eager", grads=grads)
     kern = run_step(vals, dts, k, "cuda", grads=grads)
     t_dt, c_dt, w_dt, _ = dts
     assert kern[0].dtype == t_dt and kern[1].dtype == c_dt
@@ -150,7 +153,7 @@ def test_cuda_noncontiguous_tokens(shape, dtypes, layout):
     base = run_step(vals, dts, k, "cuda", grads=grads)
     strided = run_step(vals, dts, k, "cuda", layout=layout, grads=grads)
     oracle = run_step(vals, (F64, F64, F64, False), k, "oracle", grads=grads)
-    same = run_step(vals, dts, k, "reference", layout=layout, grads=grads)
+    same = run_step(vals, dts, k, "eager", layout=layout, grads=grads)
     tol = 4 * FLOOR[dts[2]]  # the GEMM precision: xhat may round differently (summation order)
     for i, (a, b) in enumerate(zip(base, strided)):
         torch.testing.assert_close(b.double(), a.double(), atol=tol, rtol=tol,
@@ -203,69 +206,119 @@ def test_cuda_batch_of_zero():
 
 @requires_cuda
 def test_cuda_kernels_check_their_inputs():
-    """The C++ entry points re-check the contract (the Python wrapper checks first)."""
+    """A direct op call reaches the C++ kernels without the Python checks: their memory checks
+    (csrc/checks.h) raise, naming the argument."""
     _cuda_or_skip()
-    from lspt_kernels import _build
-    ext = _build.load_extension("cuda")
     vals, _ = make_inputs(2, 3, 4, 8, 1)
     f = {n: v.float() for n, v in vals.items()}
-    args = [f[n] for n in NAMES]
+    gb = gate_bias_rows(f["prompt"], f["weight_ih"], f["bias_ih"], f["bias_hh"])
+    args = dict(tokens=f["tokens"], cell=f["cell"], gate_bias=gb, weight_hh=f["weight_hh"], k=1)
 
     def fwd(**over):
-        a = dict(zip(NAMES, args), k=1)
-        a.update(over)
-        return ext.cuda_forward(*(a[n] for n in NAMES), a["k"])
+        a = dict(args, **over)
+        return torch.ops.lspt.step_fwd(a["tokens"], a["cell"], a["gate_bias"], a["weight_hh"], a["k"], False, "cuda")
 
-    hidden, new_cell, xhat = fwd()
-    assert hidden.shape == new_cell.shape == xhat.shape == (2, 3, 8)
-    with pytest.raises(RuntimeError, match="cell must be a CUDA tensor"):
+    hidden, new_cell, xhat, gates = fwd()
+    assert hidden.shape == new_cell.shape == xhat.shape == (2, 3, 8) and gates.numel() == 0
+    with pytest.raises(RuntimeError, match="cell must be a CUDA tensor|cell is on"):
         fwd(cell=f["cell"].cpu())
     with pytest.raises(RuntimeError, match="cell must have shape"):
-        fwd(cell=f["cell"][:, :2])
+        fwd(cell=f["cell"][:, :2].contiguous())
     with pytest.raises(RuntimeError, match="leaves no patch token"):
         fwd(k=5)
     with pytest.raises(RuntimeError, match="share one dtype"):
-        fwd(bias_hh=f["bias_hh"].double())
-    with pytest.raises(RuntimeError, match="unsupported dtype combination"):
-        fwd(tokens=f["tokens"].bfloat16(), cell=f["cell"], **{n: f[n].half() for n in NAMES[2:]})
-    with pytest.raises(RuntimeError, match="w_hh must have shape"):
+        fwd(gate_bias=gb.double())
+    with pytest.raises(RuntimeError, match="tokens .* must have the weights' dtype"):
+        fwd(tokens=f["tokens"].bfloat16(), gate_bias=gb.half(), weight_hh=f["weight_hh"].half())
+    with pytest.raises(RuntimeError, match="weight_hh must have shape"):
         fwd(weight_hh=f["weight_hh"][:-1])
     gh = torch.randn_like(hidden)
-    grads = ext.cuda_backward(gh, torch.zeros_like(new_cell), xhat, f["cell"], *args[2:], 1, 8)
-    assert [tuple(g.shape) for g in grads] == [(2, 8, 8), (2, 3, 8), (3, 8), (32, 8), (32, 8), (32,), (32,)]
+
+    def bwd(T=8, xhat=xhat):
+        return torch.ops.lspt.step_bwd(gh, torch.zeros_like(new_cell), xhat, f["cell"], gb, f["weight_hh"], gates,
+                                       1, T, "cuda")
+
+    assert [tuple(g.shape) for g in bwd()] == [(2, 8, 8), (2, 3, 8), (3, 32), (32, 8)]
     with pytest.raises(RuntimeError, match="leaves no patch token"):
-        ext.cuda_backward(gh, torch.zeros_like(new_cell), xhat, f["cell"], *args[2:], 1, 4)
+        bwd(T=4)
     with pytest.raises(RuntimeError, match="xhat"):
-        ext.cuda_backward(gh, torch.zeros_like(new_cell), xhat.double(), f["cell"], *args[2:], 1, 8)
+        bwd(xhat=xhat.double())
 
 
 @requires_cuda
-@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
-def test_cuda_step_under_compute_sanitizer(tool, tmp_path):
-    _cuda_or_skip()
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtypes", ["fp32", "bf16", "fp16", "autocast-bf16"])
+@pytest.mark.parametrize("per_image", [False, True], ids=["shared-rows", "per-image-rows"])
+def test_vit_b_width_with_many_rows(backend, dtypes, per_image):
+    """D = 768 and 32 x 64 = 2048 prompt rows: the GEMM tiles a ViT-B/16 at a real batch picks (Triton's
+    "half_large" for 16-bit weights), forward and every gradient against the fp64 oracle."""
+    if backend == "cuda":
+        _cuda_or_skip()
+    elif backends.unavailable_reason("triton"):
+        pytest.skip(f"triton backend unavailable: {backends.unavailable_reason('triton')}")
+    B, Np, N, D, k = 32, 64, 49, 768, 1
+    t_dt, c_dt, w_dt, autocast = DTYPES[dtypes]
+    vals, _ = make_inputs(B, Np, N, D, k, seed=7)
+    mask = (torch.rand(B, Np, D, device="cuda", generator=torch.Generator("cuda").manual_seed(8)) > 0.1) / 0.9
+    g = torch.Generator().manual_seed(9)
+    grads = (torch.randn(B, Np, D, generator=g, dtype=F64).cuda(), torch.randn(B, Np, D, generator=g, dtype=F64).cuda())
+    out = {}
+    for name, dts in (("kernel", (t_dt, c_dt, w_dt)), ("same", (t_dt, c_dt, w_dt)), ("oracle", (F64, F64, F64))):
+        leaves = [vals[n].to(dt).detach().requires_grad_() for n, dt in
+                  zip(NAMES, (dts[0], dts[1]) + (dts[2],) * 5)]
+        tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh = leaves
+        gb = gate_bias_rows(prompt * mask.to(prompt.dtype) if per_image else prompt, w_ih, b_ih, b_hh)
+        h, c = ops.fused_step(tokens, cell, gb, w_hh, k, backend if name == "kernel" else "eager")
+        out[name] = [h, c, *torch.autograd.grad((h, c), leaves, (grads[0].to(h.dtype), grads[1].to(c.dtype)))]
+    out_names = ["hidden", "new_cell"] + [f"grad_{n}" for n in NAMES]
+    out_dts = [t_dt, c_dt, t_dt, c_dt] + [w_dt] * 5
+    for name, a, b, o, dt in zip(out_names, out["kernel"], out["same"], out["oracle"], out_dts):
+        _check(name, a, b, o, dt)
+
+
+SANITIZED_STEP = """
+import sys, torch
+from lspt_kernels.ops import lspt_step
+backend = sys.argv[1]
+torch.manual_seed(0)
+# (B, Np, N, D, k, dtype): the paper's table shape (ViT-B/16 at 224 px, batch 64, Np 10) in bf16; a
+# vectorised bf16 case with several batch chunks; a scalar (D = 770) fp32 case; forward and backward.
+for B, Np, N, D, k, dt in [(64, 10, 196, 768, 1, torch.bfloat16), (5, 7, 13, 64, 1, torch.bfloat16),
+                           (3, 3, 6, 770, 5, torch.float32)]:
+    T = k + Np + N
+    mk = lambda *s, sc=1.0: (torch.randn(*s, device="cuda") * sc).to(dt).requires_grad_(True)
+    xs = [mk(B, T, D), mk(B, Np, D), mk(Np, D), mk(4 * D, D, sc=D ** -0.5), mk(4 * D, D, sc=D ** -0.5),
+          mk(4 * D), mk(4 * D)]
+    h, c = lspt_step(*xs, num_prefix_tokens=k, backend=backend)
+    (h.float().sum() + c.float().square().sum()).backward()
+torch.cuda.synchronize()
+print("step ok")
+"""
+
+
+def sanitizer_path() -> str | None:
+    """compute-sanitizer on PATH or under CUDA_HOME (None when absent)."""
     home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
-    sanitizer = shutil.which("compute-sanitizer") or str(Path(home) / "bin" / "compute-sanitizer")
-    if not Path(sanitizer).is_file():
+    found = shutil.which("compute-sanitizer") or str(Path(home) / "bin" / "compute-sanitizer")
+    return found if Path(found).is_file() else None
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_step_under_compute_sanitizer(backend, tool, tmp_path):
+    if backend == "cuda":
+        _cuda_or_skip()
+    elif backends.unavailable_reason("triton"):
+        pytest.skip(f"triton backend unavailable: {backends.unavailable_reason('triton')}")
+    sanitizer = sanitizer_path()
+    if sanitizer is None:
         pytest.skip("compute-sanitizer not found")
     script = tmp_path / "step.py"
-    script.write_text(textwrap.dedent("""
-        import torch
-        from lspt_kernels.ops import lspt_step
-        torch.manual_seed(0)
-        # (B, Np, N, D, k, dtype): a vectorised bf16 case with several batch chunks and a scalar
-        # (D = 770) fp32 case with split-K, each forward and backward.
-        for B, Np, N, D, k, dt in [(5, 7, 13, 64, 1, torch.bfloat16), (3, 3, 6, 770, 5, torch.float32)]:
-            T = k + Np + N
-            mk = lambda *s: torch.randn(*s, device="cuda", dtype=dt).requires_grad_(True)
-            xs = [mk(B, T, D), mk(B, Np, D), mk(Np, D), mk(4 * D, D), mk(4 * D, D), mk(4 * D), mk(4 * D)]
-            h, c = lspt_step(*xs, num_prefix_tokens=k, backend="cuda")
-            (h.float().sum() + c.float().square().sum()).backward()
-        torch.cuda.synchronize()
-        print("step ok")
-    """))
-    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    script.write_text(SANITIZED_STEP)
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1", LSPT_SELFCHECK="0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sanitizer, f"--tool={tool}", "--error-exitcode=3", sys.executable, str(script)],
+    proc = subprocess.run([sanitizer, f"--tool={tool}", "--error-exitcode=3", sys.executable, str(script), backend],
                           capture_output=True, text=True, timeout=900, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "step ok" in out, out[-8000:]
@@ -283,5 +336,5 @@ def test_cuda_backend_rejects_cpu_tensors():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU fallback")
 def test_cuda_backend_unavailable_without_gpu_says_why():
-    why = ops.unavailable_reason("cuda")
+    why = backends.unavailable_reason("cuda")
     assert why is not None and "CUDA" in why

@@ -12,8 +12,8 @@ from helpers import EVA_FLAVOURS, make_eva, make_vit, vit_images
 
 from lspt_kernels import AdapterEncoder, GaPTEncoder, LinearProbe, LSPTEncoder, VPTEncoder, init_prompts_from_data
 from lspt_kernels.backbones import attention_with_temperature, block_ropes, embed, run_block, run_block_with
+from lspt_kernels.backends import unavailable_reason
 from lspt_kernels.encoders import METHODS, build_encoder
-from lspt_kernels.ops import unavailable_reason
 
 NP, NC = 3, 5
 FLAVOURS = list(EVA_FLAVOURS)

@@ -1,6 +1,6 @@
-"""The registered op on its own (issue 9, item 1): a direct torch.ops.lspt.* call in a fresh process,
-and a torch.export-ed model saved, loaded and run in a fresh process, without lspt_step ever having
-loaded the backend first."""
+"""The registered op on its own, in fresh processes: a direct torch.ops.lspt.* call, a torch.export-ed
+model saved, loaded and run, and torch.compile(fullgraph=True) of an encoder, each without anything
+having loaded the backend first (the op loads it; Dynamo never traces the loading)."""
 from __future__ import annotations
 
 import os
@@ -13,13 +13,13 @@ import pytest
 import torch
 from helpers import make_vit
 
-from lspt_kernels import LSPTEncoder, ops
+from lspt_kernels import LSPTEncoder, backends
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _require_cpu():
-    why = ops.unavailable_reason("cpu")
+    why = backends.unavailable_reason("cpu")
     if why is not None:
         pytest.skip(f"cpu backend unavailable: {why}")
 
@@ -38,8 +38,9 @@ def test_direct_op_call_in_a_fresh_process(tmp_path):
     _require_cpu()
     out = _run_fresh("""
         import torch
-        import lspt_kernels.ops as ops          # registers the op; loads no backend
-        assert not ops._KERNELS, ops._KERNELS
+        import lspt_kernels.ops as ops          # defines the op; loads no backend
+        from lspt_kernels.eager import step_eager
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key("lspt::step_fwd", "CPU")
         g = torch.Generator().manual_seed(0)
         B, Np, N, D, k = 2, 3, 5, 8, 1
         tokens = torch.randn(B, k + Np + N, D, generator=g)
@@ -47,7 +48,8 @@ def test_direct_op_call_in_a_fresh_process(tmp_path):
         gate_bias = torch.randn(Np, 4 * D, generator=g)
         w_hh = torch.randn(4 * D, D, generator=g) * D ** -0.5
         h, c, xhat, gates = torch.ops.lspt.step_fwd(tokens, cell, gate_bias, w_hh, k, True, "cpu")
-        h_ref, c_ref = ops.step_eager(tokens, cell, gate_bias, w_hh, k)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("lspt::step_fwd", "CPU")   # the C++ kernel
+        h_ref, c_ref = step_eager(tokens, cell, gate_bias, w_hh, k)
         torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(c, c_ref, atol=1e-5, rtol=1e-5)
         try:
@@ -74,13 +76,41 @@ def test_export_save_load_in_a_fresh_process(tmp_path):
     torch.save(dict(images=images, expected=expected), tmp_path / "io.pt")
     out = _run_fresh("""
         import torch
-        import lspt_kernels.ops as ops          # the op's registration; the backend loads itself
+        import lspt_kernels.ops                 # the op's definition; the backend loads itself
         ep = torch.export.load("model.pt2")
         io = torch.load("io.pt")
-        assert not ops._KERNELS
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key("lspt::step_fwd", "CPU")
         with torch.no_grad():
             got = ep.module()(io["images"])
         torch.testing.assert_close(got, io["expected"], atol=1e-5, rtol=1e-5)
         print("OK")
     """, tmp_path)
+    assert "OK" in out
+
+
+def test_compile_fullgraph_in_a_fresh_process(tmp_path):
+    """torch.compile(LSPTEncoder(..., backend="cpu"), fullgraph=True) as the first thing a process does
+    with the op: the backend loads outside Dynamo's trace (no graph break), forward and backward equal
+    the eager encoder's. aot_eager traces forward and backward as inductor does, without its C++
+    compile time (tests/test_compile.py runs inductor)."""
+    _require_cpu()
+    out = _run_fresh("""
+        import sys, torch
+        sys.path.insert(0, %r)
+        from helpers import make_vit
+        from lspt_kernels import LSPTEncoder
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key("lspt::step_fwd", "CPU")
+        model = LSPTEncoder(make_vit(), 3, 5, backend="cpu")
+        images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        out = torch.compile(model, fullgraph=True, backend="aot_eager")(images)
+        grads = torch.autograd.grad(out.square().sum(), model.trainable_parameters())
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("lspt::step_fwd", "CPU")
+        model.backend = "eager"
+        ref = model(images)
+        ref_grads = torch.autograd.grad(ref.square().sum(), model.trainable_parameters())
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+        print("OK")
+    """ % str(ROOT / "tests"), tmp_path)
     assert "OK" in out

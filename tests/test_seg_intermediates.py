@@ -5,8 +5,8 @@ import torch
 from helpers import make_eva, make_vit
 
 from lspt_kernels import LinearProbe, LSPTEncoder, VPTEncoder
+from lspt_kernels.backends import unavailable_reason
 from lspt_kernels.encoders import GaPTEncoder, build_encoder
-from lspt_kernels.ops import unavailable_reason
 
 NP, NC = 3, 5
 

@@ -1,6 +1,6 @@
 """The fused LSPT step (lspt_kernels.lspt_step / torch.ops.lspt.step_fwd, step_bwd) on every backend.
 
-Each backend is compared with the pure-PyTorch `step_reference` (the "eager" backend) and with torch.nn.LSTMCell on the
+Each backend is compared with the pure-PyTorch `lspt_step_eager` (the "eager" backend) and with torch.nn.LSTMCell on the
 same inputs and upstream gradients: forward (hidden, new_cell) and all seven gradients. A backend
 that cannot run here is skipped with the reason from `unavailable_reason`, never reported as passed.
 "triton" runs on a GPU, or on the CPU under TRITON_INTERPRET=1 (tests/conftest.py sets it when no
@@ -9,14 +9,16 @@ GPU is visible) with tiny shapes and fp32/fp16 only: the interpreter is slow and
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lspt_kernels import ops
-from lspt_kernels.ops import gate_bias_rows, lspt_step, step_reference
+from lspt_kernels import backends, ops
+from lspt_kernels.eager import gate_bias_rows, lspt_step_eager
+from lspt_kernels.ops import lspt_step
 
 BACKENDS = ["eager", "cpu", "triton", "cuda"]
 FUSED = ["cpu", "triton", "cuda"]
@@ -51,7 +53,7 @@ def require(backend: str, dtype: torch.dtype | None = None) -> str:
     if backend == "triton" and TRITON_INTERPRETED and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter has no bf16 arithmetic (tested on a GPU)")
     if backend != "eager":
-        why = ops.unavailable_reason(backend)
+        why = backends.unavailable_reason(backend)
         if why is not None:
             pytest.skip(f"{backend} backend unavailable: {why}")
     return device_for(backend)
@@ -88,7 +90,7 @@ def fused(backend):
 
 
 def reference(*a):
-    return step_reference(*a[:-1], num_prefix_tokens=a[-1])
+    return lspt_step_eager(*a[:-1], num_prefix_tokens=a[-1])
 
 
 def as_fp64(inputs):
@@ -163,7 +165,7 @@ def test_nan_stays_in_its_image(backend):
     tokens, *rest = (t.detach() for t in make_inputs(ODD, device=device))
     tokens[1, -1, 3] = float("nan")
     hidden, new_cell = lspt_step(tokens, *rest, num_prefix_tokens=ODD[4], backend=backend)
-    ref_hidden, ref_cell = step_reference(tokens, *rest, num_prefix_tokens=ODD[4])
+    ref_hidden, ref_cell = lspt_step_eager(tokens, *rest, num_prefix_tokens=ODD[4])
     assert torch.equal(hidden.isnan(), ref_hidden.isnan()) and hidden[1].isnan().all()
     assert torch.equal(new_cell.isnan(), ref_cell.isnan())
     assert torch.isfinite(hidden[[0, 2]]).all()
@@ -270,7 +272,7 @@ def test_autocast(backend, amp_dtype):
     # Same casts by hand, through the reference: weights in amp_dtype, tokens and cell fp32.
     def ref_amp(tokens, cell, *rest):
         *params, k = rest
-        return step_reference(tokens, cell, *(p.to(amp_dtype) for p in params), num_prefix_tokens=k)
+        return lspt_step_eager(tokens, cell, *(p.to(amp_dtype) for p in params), num_prefix_tokens=k)
 
     want = run_step(ref_amp, inputs, shape[4], grads)
     truth = run_step(reference, as_fp64(inputs), shape[4], tuple(g.double() for g in grads))
@@ -386,7 +388,7 @@ def saved_bytes(step, inputs, k):
 @pytest.mark.parametrize("backend", FUSED)
 def test_saves_less_than_eager_for_backward(backend):
     """GPU backends keep only Xhat_SP (they recompute the gates); the cpu backend also keeps the
-    activated gates (4D fp32 values per row, ops.SAVES_GATES) and not the gate bias, still less
+    activated gates (4D fp32 values per row, backends.SAVES_GATES) and not the gate bias, still less
     than eager autograd."""
     device = require(backend)
     shape = ODD
@@ -396,7 +398,7 @@ def test_saves_less_than_eager_for_backward(backend):
     fused_bytes, _ = saved_bytes(fused(backend), inputs, k)
     # GPU backends: Xhat_SP and the gate bias rows lspt_step computed (to recompute the gates);
     # the cpu backend: Xhat_SP and the activated gates.
-    saves_gates = backend in ops.SAVES_GATES
+    saves_gates = backend in backends.SAVES_GATES
     expected = B * n_p * D * 4 + (B * n_p * 4 * D * 4 if saves_gates else n_p * 4 * D * 4)
     assert fused_bytes == expected, f"{backend} saved {fused_bytes} B, expected {expected} B"
     assert fused_bytes < eager, f"{backend} saved {fused_bytes} B, eager autograd {eager} B"
@@ -447,11 +449,10 @@ def test_unknown_backend():
 
 
 @pytest.mark.parametrize("per_image", [False, True], ids=["shared-rows", "per-image-rows"])
-def test_cpu_backward_recomputing_the_gates(monkeypatch, per_image):
-    """The cpu backend's other backward (ops.SAVES_GATES without "cpu": recompute the gates from
-    Xhat_SP, as the GPU backends do) matches eager too."""
+def test_cpu_backward_recomputing_the_gates(per_image):
+    """The cpu backend's other backward (a forward that saved no gates, save_gates=False: recompute
+    them from Xhat_SP, as the GPU backends do) matches eager too."""
     require("cpu")
-    monkeypatch.setattr(ops, "SAVES_GATES", ())
     shape = ODD
     B, n_p, N, D, k = shape
     tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh = make_inputs(shape)
@@ -462,9 +463,9 @@ def test_cpu_backward_recomputing_the_gates(monkeypatch, per_image):
     out = []
     for name in ("cpu", "eager"):
         gb = gate_bias_rows(prompt, w_ih, b_ih, b_hh)
-        h, c = ops.fused_step(tokens, cell, gb, w_hh, k, name)
+        h, c = ops.fused_step(tokens, cell, gb, w_hh, k, name, save_gates=False)
         out.append([h, c, *torch.autograd.grad((h, c), params, grads)])
-    *_, gates = torch.ops.lspt.step_fwd(tokens.detach(), cell.detach(), gb.detach(), w_hh.detach(), k, True, "cpu")
+    *_, gates = torch.ops.lspt.step_fwd(tokens.detach(), cell.detach(), gb.detach(), w_hh.detach(), k, False, "cpu")
     assert gates.numel() == 0
     for g, w in zip(*out):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
@@ -474,7 +475,7 @@ def test_reference_is_an_alias_of_eager():
     a = lspt_step(*_good(), backend="reference")
     b = lspt_step(*_good(), backend="eager")
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert ops.resolve_backend("reference", torch.device("cpu")) == "eager"
+    assert backends.resolve("reference", torch.device("cpu")) == "eager"
 
 
 def test_op_refuses_unknown_backend():
@@ -495,11 +496,27 @@ def test_bool_num_prefix_tokens_refused(backend):
 
 
 def test_unavailable_backend(monkeypatch):
-    monkeypatch.delitem(ops._KERNELS, "cpu", raising=False)
-    monkeypatch.setitem(ops._UNAVAILABLE, "cpu", "RuntimeError: no C++ compiler")
+    monkeypatch.setattr(backends, "_loaded", set())
+    monkeypatch.setitem(backends._unavailable, "cpu", "RuntimeError: no C++ compiler")
     with pytest.raises(RuntimeError, match=r"backend 'cpu' is not available here: RuntimeError: no C\+\+ compiler"):
         lspt_step(*_good(), backend="cpu")
-    assert ops.unavailable_reason("cpu") == "RuntimeError: no C++ compiler"
+    assert backends.unavailable_reason("cpu") == "RuntimeError: no C++ compiler"
+
+
+def test_auto_without_a_compiler_runs_eager_with_one_warning(monkeypatch):
+    """No fused backend loads (no compiler, or a build that failed before): "auto" runs the eager step
+    and says so once, naming the reason."""
+    monkeypatch.setattr(backends, "_loaded", set())
+    monkeypatch.setattr(backends, "_warned_auto", set())
+    monkeypatch.setitem(backends._unavailable, "cpu", "RuntimeError: the cpu extension failed to build: ...")
+    inputs = _good()
+    with pytest.warns(RuntimeWarning, match=r"no fused backend for cpu tensors \(cpu: RuntimeError: the cpu extension "
+                                            r"failed to build.*using the eager"):
+        hidden, _ = lspt_step(*inputs, backend="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lspt_step(*inputs, backend="auto")
+    assert torch.equal(hidden, lspt_step_eager(*inputs)[0])
 
 
 def test_gpu_backends_reject_cpu_tensors():
@@ -509,18 +526,23 @@ def test_gpu_backends_reject_cpu_tensors():
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_kernel_checks(backend):
-    """The kernels re-check the contract: a direct call with bad arguments raises (naming the
-    argument) instead of reading out of bounds."""
+    """A direct op call reaches the kernels without the Python checks: their own memory checks raise
+    (naming the argument) instead of reading out of bounds."""
     device = require(backend)
     B, n_p, N, D, k = TINY
     T = k + n_p + N
     tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh = _good(device)
-    fwd = ops._KERNELS[backend].forward
-    bwd = ops._KERNELS[backend].backward
+
+    def fwd(*a):
+        return torch.ops.lspt.step_fwd(*a, backend)
+
+    def bwd(*a):
+        return torch.ops.lspt.step_bwd(*a, backend)
+
     gb = gate_bias_rows(prompt, w_ih, b_ih, b_hh)
     with pytest.raises((RuntimeError, ValueError), match="cell"):
         fwd(tokens, cell[:, :, :-1].contiguous(), gb, w_hh, k, True)
-    with pytest.raises((RuntimeError, ValueError), match="w_hh|weight"):
+    with pytest.raises((RuntimeError, ValueError), match="weight_hh"):
         fwd(tokens, cell, gb, w_hh[:-1], k, True)
     with pytest.raises((RuntimeError, ValueError), match="gate_bias"):
         fwd(tokens, cell, gb[:-1], w_hh, k, True)
@@ -530,14 +552,14 @@ def test_kernel_checks(backend):
         fwd(tokens.transpose(1, 2).contiguous().transpose(1, 2), cell, gb, w_hh, k, True)
     with pytest.raises((RuntimeError, TypeError), match="tokens"):
         fwd(tokens.double(), cell.double(), gb, w_hh, k, True)
+    with pytest.raises((RuntimeError, ValueError), match="cell.*contiguous|contiguous.*cell"):
+        fwd(tokens, cell.transpose(0, 1).contiguous().transpose(0, 1), gb, w_hh, k, True)
     hidden, new_cell, xhat, gates = fwd(tokens, cell, gb, w_hh, k, True)
     with pytest.raises((RuntimeError, ValueError), match="patch"):
         bwd(hidden, new_cell, xhat, cell, gb, w_hh, gates, k, k + n_p)
     with pytest.raises((RuntimeError, ValueError), match="grad_cell"):
         bwd(hidden, new_cell[:1], xhat, cell, gb, w_hh, gates, k, T)
-    if backend == "cpu":
-        with pytest.raises(RuntimeError, match="cell must be a CPU tensor"):
-            fwd(tokens, cell.to("meta"), gb, w_hh, k, True)
+    if backend in backends.SAVES_GATES:
         with pytest.raises(RuntimeError, match="gates"):
             bwd(hidden, new_cell, xhat, cell, gb, w_hh, gates[:1], k, T)
 

@@ -194,7 +194,7 @@ def test_convergence_parity_fused_vs_reference(data, tmp_path, monkeypatch, drop
     """Liger-style: the same 20 steps with the fused C++ step and with the PyTorch reference step give the
     same loss curve and the same final tuned parameters (fp32 tolerance), without and with the recipe's
     prompt dropout (the fused path draws the same per-image masks in the same order)."""
-    from lspt_kernels.ops import unavailable_reason
+    from lspt_kernels.backends import unavailable_reason
     if unavailable_reason("cpu") is not None:
         pytest.fail(f"the C++ CPU backend does not load: {unavailable_reason('cpu')}")
     runs = {}

@@ -1,4 +1,4 @@
-// Fused LSPT step on the CPU.
+// Fused LSPT step on the CPU (the kernels behind backend "cpu"; registered by csrc/bindings.cpp).
 //
 // The batch-independent half of the gates, gate_bias = P W_ih^T + b_ih + b_hh ((Np, 4D), or
 // (B, Np, 4D) under per-image prompt dropout), comes in precomputed (the encoder does it for every
@@ -13,7 +13,7 @@
 //           itself for per-image rows), the two GEMMs (dxhat, dW_hh), and one pass writing
 //           grad_tokens. Saving the gates (4D fp32 values per row) keeps less than eager autograd
 //           (which saves the four activations, tanh(c), the cell and xhat) and removes the
-//           recompute GEMM that made the fused backward slower than eager (issue 9, item 7).
+//           recompute GEMM, without which the fused backward measured slower than eager.
 //
 // The gate math is written as plain loops over contiguous columns with call-free exp/tanh so
 // that the compiler vectorises them without architecture flags (-march=native measured within noise:
@@ -21,6 +21,8 @@
 // time). ATen's OpenMP parallel_for is header-only: the passes below use every intra-op thread only
 // when this file is compiled with -fopenmp, and run on one thread (still correct) without it.
 #include "cpu/lspt_step_cpu.h"
+
+#include "checks.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -218,7 +220,7 @@ void mean_add_prompts(const tok_t* tokens, int64_t sB, int64_t sT, int64_t B, in
 // row count for per-image rows (gb then points at the block's first row).
 // ------------------------------------------------------------------------------------------------
 template <bool SAVE, typename tok_t, typename cell_t, typename w_t>
-void lstm_cell_forward(const w_t* gates, const w_t* gb, int64_t period, const cell_t* cell,
+void cell_update(const w_t* gates, const w_t* gb, int64_t period, const cell_t* cell,
                        tok_t* hidden, cell_t* new_cell, acc_type<tok_t>* act, int64_t rows,
                        int64_t D) {
   using acc_t = acc_type<tok_t>;
@@ -265,7 +267,7 @@ void lstm_cell_forward(const w_t* gates, const w_t* gb, int64_t period, const ce
 // so each thread owns its dpg slice and the batch sum needs no atomics or second pass.
 // ------------------------------------------------------------------------------------------------
 template <bool SAVED, typename tok_t, typename cell_t, typename w_t>
-void lstm_cell_backward(const w_t* pre, const acc_type<tok_t>* act, const w_t* gb, int64_t period,
+void cell_update_backward(const w_t* pre, const acc_type<tok_t>* act, const w_t* gb, int64_t period,
                         const cell_t* cell, const tok_t* grad_hidden, const cell_t* grad_cell,
                         cell_t* grad_cell_prev, w_t* dgates, acc_type<tok_t>* dpg, int64_t B,
                         int64_t Np, int64_t D) {
@@ -372,56 +374,6 @@ void write_grad_tokens(const w_t* dxhat, tok_t* grad_tokens, int64_t B, int64_t 
   });
 }
 
-// ------------------------------------------------------------------------------------------------
-// Contract checks. ops.py validates with friendlier messages first; these keep a direct call from
-// reading out of bounds or reinterpreting memory with the wrong dtype.
-// ------------------------------------------------------------------------------------------------
-bool is_float_dtype(ScalarType t) {
-  return t == ScalarType::Float || t == ScalarType::Double || t == ScalarType::Half ||
-         t == ScalarType::BFloat16;
-}
-
-bool is_low_precision(ScalarType t) { return t == ScalarType::Half || t == ScalarType::BFloat16; }
-
-void check_cpu(const char* fn, const char* name, const Tensor& t) {
-  TORCH_CHECK(t.defined(), fn, ": ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got one on ", t.device());
-  TORCH_CHECK(is_float_dtype(t.scalar_type()), fn, ": ", name,
-              " must be float32/float64/float16/bfloat16, got ", t.scalar_type());
-}
-
-void check_shape(const char* fn, const char* name, const Tensor& t, at::IntArrayRef shape) {
-  TORCH_CHECK(t.sizes() == shape, fn, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-}
-
-// gate_bias ((Np, 4D) or (B, Np, 4D)) and w_hh (4D, D) share one dtype W; returns it and whether
-// the gate bias has one row set per image.
-std::pair<ScalarType, bool> check_params(const char* fn, const Tensor& gate_bias, const Tensor& w_hh,
-                                         int64_t B, int64_t Np, int64_t D) {
-  check_cpu(fn, "gate_bias", gate_bias);
-  check_cpu(fn, "w_hh", w_hh);
-  check_shape(fn, "w_hh", w_hh, {4 * D, D});
-  const bool batched = gate_bias.dim() == 3;
-  TORCH_CHECK(gate_bias.sizes() == at::IntArrayRef({Np, 4 * D}) ||
-                  gate_bias.sizes() == at::IntArrayRef({B, Np, 4 * D}),
-              fn, ": gate_bias must be (Np, 4D) = (", Np, ", ", 4 * D, ") or (B, Np, 4D) = (", B, ", ",
-              Np, ", ", 4 * D, "), got ", gate_bias.sizes());
-  const ScalarType w = w_hh.scalar_type();
-  TORCH_CHECK(gate_bias.scalar_type() == w, fn, ": gate_bias (", gate_bias.scalar_type(),
-              ") and w_hh (", w, ") must share one dtype");
-  return {w, batched};
-}
-
-// tokens-side dtype is W, or fp32 with low-precision W (autocast); the cell is that or fp32.
-void check_activation_dtypes(const char* fn, const char* tok_name, ScalarType tok,
-                             const char* cell_name, ScalarType cell, ScalarType w) {
-  TORCH_CHECK(tok == w || (tok == ScalarType::Float && is_low_precision(w)), fn, ": ", tok_name,
-              " (", tok, ") must have the weights' dtype (", w,
-              "), or be float32 with float16/bfloat16 weights");
-  TORCH_CHECK(cell == tok || cell == ScalarType::Float, fn, ": ", cell_name, " (", cell,
-              ") must be ", tok, " (like ", tok_name, ") or float32");
-}
-
 // `weight` as the right operand of a GEMM. ATen runs bf16/fp16 GEMMs on CPUs without native
 // low-precision matrix units through oneDNN only when the right operand is a transposed view (or
 // the left one is); with both operands row-major it falls back to a kernel measured ~20x slower
@@ -439,39 +391,19 @@ int64_t images_per_gemm_block(int64_t B, int64_t Np) {
   return std::clamp<int64_t>(kBlockRows / std::max<int64_t>(Np, 1), 1, std::max<int64_t>(B, 1));
 }
 
-ScalarType acc_dtype(ScalarType tok) {
-  return tok == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
-}
-
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(const Tensor& tokens, const Tensor& cell_in,
-                                                       const Tensor& gate_bias_in, const Tensor& w_hh_in,
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(const Tensor& tokens, const Tensor& cell,
+                                                       const Tensor& gate_bias, const Tensor& weight_hh,
                                                        int64_t k, bool save_gates) {
-  constexpr const char* fn = "lspt cpu_forward";
-  check_cpu(fn, "tokens", tokens);
-  check_cpu(fn, "cell", cell_in);
-  TORCH_CHECK(tokens.dim() == 3, fn, ": tokens must be (B, T, D), got ", tokens.sizes());
-  const int64_t B = tokens.size(0), T = tokens.size(1), D = tokens.size(2);
-  TORCH_CHECK(cell_in.dim() == 3 && cell_in.size(0) == B && cell_in.size(2) == D && cell_in.size(1) >= 1,
-              fn, ": cell must be (B, Np, D) with B = ", B, ", D = ", D, " (from tokens) and Np >= 1, got ",
-              cell_in.sizes());
-  const int64_t Np = cell_in.size(1);
-  const auto [w, batched] = check_params(fn, gate_bias_in, w_hh_in, B, Np, D);
-  TORCH_CHECK(k >= 0, fn, ": num_prefix_tokens k must be >= 0, got ", k);
-  TORCH_CHECK(k + Np < T, fn, ": tokens has T = ", T, " but k + Np = ", k, " + ", Np,
-              " leaves no patch token");
-  TORCH_CHECK(tokens.stride(2) == 1 || D <= 1, fn,
-              ": tokens must have stride(-1) == 1, got strides ", tokens.strides());
-  check_activation_dtypes(fn, "tokens", tokens.scalar_type(), "cell", cell_in.scalar_type(), w);
-
-  // No copies for the encoder's tensors (contiguous by construction); a direct call may pass views.
-  const Tensor cell = cell_in.contiguous();
-  const Tensor gate_bias = gate_bias_in.contiguous();
-  const Tensor w_hh = w_hh_in.contiguous();
+  const StepSizes sz = check_forward("lspt cpu_forward", tokens, cell, gate_bias, weight_hh, k);
+  const int64_t B = sz.B, T = sz.T, D = sz.D, Np = sz.Np;
+  const bool per_image = sz.per_image_rows;
+  TORCH_CHECK(tokens.is_cpu(), "lspt cpu_forward: tokens must be a CPU tensor, got one on ", tokens.device());
+  const ScalarType w = weight_hh.scalar_type();
   const ScalarType acc = acc_dtype(tokens.scalar_type());
   const int64_t N = T - k - Np;
-  Tensor xhat = at::empty({B, Np, D}, w_hh.options());
+  Tensor xhat = at::empty({B, Np, D}, weight_hh.options());
   Tensor hidden = at::empty({B, Np, D}, tokens.options());
   Tensor new_cell = at::empty({B, Np, D}, cell.options());
   Tensor act = save_gates ? at::empty({B, Np, 4 * D}, tokens.options().dtype(acc))
@@ -488,23 +420,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(const Tensor& tokens, con
     // buffer (79 MB at B=64, Np=100) costs more in first-touch page faults than the cell update
     // itself, and the block is still hot when the cell update reads it.
     const int64_t images = images_per_gemm_block(B, Np);
-    Tensor gates = at::empty({std::min(B, images) * Np, 4 * D}, w_hh.options());
+    Tensor gates = at::empty({std::min(B, images) * Np, 4 * D}, weight_hh.options());
     const Tensor xhat2d = xhat.view({B * Np, D});
     const w_t* gb = gate_bias.data_ptr<w_t>();
     acc_t* act_ptr = save_gates ? act.data_ptr<acc_t>() : nullptr;
     for (int64_t b0 = 0; b0 < B; b0 += images) {
       const int64_t rows = std::min(images, B - b0) * Np;
       Tensor block = gates.narrow(0, 0, rows);
-      at::mm_out(block, xhat2d.narrow(0, b0 * Np, rows), w_hh.t());
-      const w_t* gb_block = batched ? gb + b0 * Np * 4 * D : gb;
-      const int64_t period = batched ? rows : Np;
+      at::mm_out(block, xhat2d.narrow(0, b0 * Np, rows), weight_hh.t());
+      const w_t* gb_block = per_image ? gb + b0 * Np * 4 * D : gb;
+      const int64_t period = per_image ? rows : Np;
       const int64_t off = b0 * Np * D;
       if (save_gates) {
-        lstm_cell_forward<true, tok_t, cell_t, w_t>(
+        cell_update<true, tok_t, cell_t, w_t>(
             block.data_ptr<w_t>(), gb_block, period, cell.data_ptr<cell_t>() + off,
             hidden.data_ptr<tok_t>() + off, new_cell.data_ptr<cell_t>() + off, act_ptr + 4 * off, rows, D);
       } else {
-        lstm_cell_forward<false, tok_t, cell_t, w_t>(
+        cell_update<false, tok_t, cell_t, w_t>(
             block.data_ptr<w_t>(), gb_block, period, cell.data_ptr<cell_t>() + off,
             hidden.data_ptr<tok_t>() + off, new_cell.data_ptr<cell_t>() + off, nullptr, rows, D);
       }
@@ -514,51 +446,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(const Tensor& tokens, con
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_backward(
-    const Tensor& grad_hidden_in, const Tensor& grad_cell_in, const Tensor& xhat_in,
-    const Tensor& cell_in, const Tensor& gate_bias_in, const Tensor& w_hh_in, const Tensor& gates_in,
-    int64_t k, int64_t num_tokens) {
-  constexpr const char* fn = "lspt cpu_backward";
-  check_cpu(fn, "grad_hidden", grad_hidden_in);
-  check_cpu(fn, "grad_cell", grad_cell_in);
-  check_cpu(fn, "xhat", xhat_in);
-  check_cpu(fn, "cell", cell_in);
-  TORCH_CHECK(xhat_in.dim() == 3, fn, ": xhat must be (B, Np, D), got ", xhat_in.sizes());
-  const int64_t B = xhat_in.size(0), Np = xhat_in.size(1), D = xhat_in.size(2);
-  const int64_t T = num_tokens;
-  const auto [w, batched] = check_params(fn, gate_bias_in, w_hh_in, B, Np, D);
-  TORCH_CHECK(k >= 0, fn, ": num_prefix_tokens k must be >= 0, got ", k);
-  TORCH_CHECK(k + Np < T, fn, ": num_tokens T = ", T, " but k + Np = ", k, " + ", Np,
-              " leaves no patch token");
-  check_shape(fn, "grad_hidden", grad_hidden_in, {B, Np, D});
-  check_shape(fn, "grad_cell", grad_cell_in, {B, Np, D});
-  check_shape(fn, "cell", cell_in, {B, Np, D});
-  TORCH_CHECK(xhat_in.scalar_type() == w, fn, ": xhat (", xhat_in.scalar_type(),
-              ") must have the weights' dtype (", w, ")");
-  check_activation_dtypes(fn, "grad_hidden", grad_hidden_in.scalar_type(), "cell",
-                          cell_in.scalar_type(), w);
-  TORCH_CHECK(grad_cell_in.scalar_type() == cell_in.scalar_type(), fn, ": grad_cell (",
-              grad_cell_in.scalar_type(), ") must have the cell's dtype (", cell_in.scalar_type(), ")");
-  const ScalarType acc = acc_dtype(grad_hidden_in.scalar_type());
-  const bool saved = gates_in.numel() > 0;
-  if (saved) {
-    check_cpu(fn, "gates", gates_in);
-    check_shape(fn, "gates", gates_in, {B, Np, 4 * D});
-    TORCH_CHECK(gates_in.scalar_type() == acc, fn, ": gates (", gates_in.scalar_type(), ") must be ", acc);
-  }
-
-  const Tensor grad_hidden = grad_hidden_in.contiguous();
-  const Tensor grad_cell = grad_cell_in.contiguous();
-  const Tensor xhat = xhat_in.contiguous().view({B * Np, D});
-  const Tensor cell = cell_in.contiguous();
-  // With saved gates the gate bias is not read (ops.py passes a stride-0 stand-in): no copy.
-  const Tensor gate_bias = saved ? gate_bias_in : gate_bias_in.contiguous();
-  const Tensor w_hh = w_hh_in.contiguous();
-  const Tensor gates = saved ? gates_in.contiguous() : gates_in;
+    const Tensor& grad_hidden, const Tensor& grad_cell, const Tensor& xhat_in, const Tensor& cell,
+    const Tensor& gate_bias, const Tensor& weight_hh, const Tensor& gates, int64_t k, int64_t num_tokens) {
+  const StepSizes sz = check_backward("lspt cpu_backward", grad_hidden, grad_cell, xhat_in, cell, gate_bias,
+                                      weight_hh, gates, k, num_tokens);
+  const int64_t B = sz.B, T = sz.T, D = sz.D, Np = sz.Np;
+  const bool per_image = sz.per_image_rows;
+  TORCH_CHECK(xhat_in.is_cpu(), "lspt cpu_backward: xhat must be a CPU tensor, got one on ", xhat_in.device());
+  const ScalarType w = weight_hh.scalar_type();
+  const ScalarType acc = acc_dtype(grad_hidden.scalar_type());
+  const bool saved = gates.numel() > 0;   // else gate_bias is read (the gates are recomputed)
+  const Tensor xhat = xhat_in.view({B * Np, D});
 
   // Without saved gates: G recomputed, and pass A overwrites it with dgates (one buffer, not two).
-  Tensor dgates = saved ? at::empty({B * Np, 4 * D}, w_hh.options()) : at::mm(xhat, w_hh.t()).contiguous();
+  Tensor dgates = saved ? at::empty({B * Np, 4 * D}, weight_hh.options()) : at::mm(xhat, weight_hh.t()).contiguous();
   Tensor grad_cell_prev = at::empty({B, Np, D}, cell.options());
-  Tensor dpg = batched ? Tensor() : at::empty({Np, 4 * D}, grad_hidden.options().dtype(acc));
+  Tensor dpg = per_image ? Tensor() : at::empty({Np, 4 * D}, grad_hidden.options().dtype(acc));
   Tensor grad_tokens = at::empty({B, T, D}, grad_hidden.options());
 
   dispatch_dtypes(w, grad_hidden.scalar_type(), cell.scalar_type(), [&](auto wt, auto tt, auto ct) {
@@ -566,28 +469,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_backward(
     using tok_t = typename decltype(tt)::type;
     using cell_t = typename decltype(ct)::type;
     using acc_t = acc_type<tok_t>;
-    const int64_t period = batched ? B * Np : Np;
-    acc_t* dpg_ptr = batched ? nullptr : dpg.data_ptr<acc_t>();
+    const int64_t period = per_image ? B * Np : Np;
+    acc_t* dpg_ptr = per_image ? nullptr : dpg.data_ptr<acc_t>();
+    // With saved gates the gate bias is not read (the autograd passes a stride-0 stand-in).
+    const w_t* gb = static_cast<const w_t*>(gate_bias.data_ptr());
     if (saved) {
-      lstm_cell_backward<true, tok_t, cell_t, w_t>(
-          dgates.data_ptr<w_t>(), gates.data_ptr<acc_t>(), gate_bias.data_ptr<w_t>(), period,
-          cell.data_ptr<cell_t>(), grad_hidden.data_ptr<tok_t>(), grad_cell.data_ptr<cell_t>(),
-          grad_cell_prev.data_ptr<cell_t>(), dgates.data_ptr<w_t>(), dpg_ptr, B, Np, D);
+      cell_update_backward<true, tok_t, cell_t, w_t>(
+          dgates.data_ptr<w_t>(), gates.data_ptr<acc_t>(), gb, period, cell.data_ptr<cell_t>(),
+          grad_hidden.data_ptr<tok_t>(), grad_cell.data_ptr<cell_t>(), grad_cell_prev.data_ptr<cell_t>(),
+          dgates.data_ptr<w_t>(), dpg_ptr, B, Np, D);
     } else {
-      lstm_cell_backward<false, tok_t, cell_t, w_t>(
-          dgates.data_ptr<w_t>(), nullptr, gate_bias.data_ptr<w_t>(), period,
-          cell.data_ptr<cell_t>(), grad_hidden.data_ptr<tok_t>(), grad_cell.data_ptr<cell_t>(),
-          grad_cell_prev.data_ptr<cell_t>(), dgates.data_ptr<w_t>(), dpg_ptr, B, Np, D);
+      cell_update_backward<false, tok_t, cell_t, w_t>(
+          dgates.data_ptr<w_t>(), nullptr, gb, period, cell.data_ptr<cell_t>(), grad_hidden.data_ptr<tok_t>(),
+          grad_cell.data_ptr<cell_t>(), grad_cell_prev.data_ptr<cell_t>(), dgates.data_ptr<w_t>(), dpg_ptr, B, Np,
+          D);
     }
-    const Tensor dxhat = at::mm(dgates, gemm_right_operand(w_hh)).contiguous();  // (B*Np, D)
-    write_grad_tokens<tok_t, w_t>(dxhat.data_ptr<w_t>(), grad_tokens.data_ptr<tok_t>(), B, T, Np,
-                                  D, k);
+    const Tensor dxhat = at::mm(dgates, gemm_right_operand(weight_hh)).contiguous();  // (B*Np, D)
+    write_grad_tokens<tok_t, w_t>(dxhat.data_ptr<w_t>(), grad_tokens.data_ptr<tok_t>(), B, T, Np, D, k);
   });
 
-  Tensor grad_w_hh = at::mm(dgates.t(), xhat);  // (4D, D)
+  Tensor grad_weight_hh = at::mm(dgates.t(), xhat);  // (4D, D)
   // Per-image rows: their gradient is dgates itself; shared rows: the batch sum (in the acc dtype).
-  Tensor grad_gate_bias = batched ? dgates.view({B, Np, 4 * D}) : dpg.to(w);
-  return {grad_tokens, grad_cell_prev, grad_gate_bias, grad_w_hh};
+  Tensor grad_gate_bias = per_image ? dgates.view({B, Np, 4 * D}) : dpg.to(w);
+  return {grad_tokens, grad_cell_prev, grad_gate_bias, grad_weight_hh};
 }
 
 }  // namespace lspt

@@ -1,9 +1,10 @@
-// Fused LSPT step (METHOD.md, "One LSTM step") on CUDA.
+// Fused LSPT step on CUDA (the kernels behind backend "cuda"; docs/method.md, "One step, written out";
+// registered by csrc/bindings.cpp).
 //
 // tokens (B, T, D) = [prefix k | prompts Np | patches N]; W = the weights' dtype (GEMM precision);
 // A = the accumulation type (float, or double for fp64 tokens).
 //
-// gate_bias = P[l] @ w_ih^T + b_ih + b_hh comes in precomputed, (Np, 4D) or, under per-image prompt
+// gate_bias = P[l] @ weight_ih^T + b_ih + b_hh comes in precomputed, (Np, 4D) or, under per-image prompt
 // dropout, (B, Np, 4D) in W (the encoder computes it for every step with one GEMM per forward; see
 // lspt_kernels/ops.py). GEMM row r uses gate-bias row r % period (period = Np or B*Np).
 //
@@ -11,26 +12,28 @@
 //   1. prologue_kernel: one block per (image b, column tile): one pass over the patch tokens of
 //      image b (mean in A) and the prompt rows, writing xhat[b, p] = W(tokens[b, k+p] + mean_n
 //      tokens[b, k+Np+n]);
-//   2. G = xhat (B·Np, D) @ w_hh^T (at::mm -> cuBLAS(Lt)), (B·Np, 4D) in W, like the reference's linear.
+//   2. G = xhat (B·Np, D) @ weight_hh^T (at::mm -> cuBLAS(Lt)), (B·Np, 4D) in W, like the eager step's linear.
 //   3. epilogue_kernel: gates = G + gate bias in A, the LSTM cell update, hidden (tokens dtype) and
 //      new_cell.
 //
 // Backward, five launches (plus a ticket memset when the batch-sum is split over blocks; only xhat
 // and the incoming cell are saved: the gates are recomputed):
-//   1. G = xhat @ w_hh^T (cuBLAS);
+//   1. G = xhat @ weight_hh^T (cuBLAS);
 //   2. bwd_elementwise_kernel: recomputes the gates, writes dgates in W over G (in place: they are the
-//      input of the two cuBLAS GEMMs below, which run in W, as the reference's autograd does), the
+//      input of the two cuBLAS GEMMs below, which run in W, as the eager step's autograd does), the
 //      grad of the incoming cell, and for (Np, 4D) gate-bias rows their gradient = batch-sum of the
 //      unrounded dgates in A, stored in W (for per-image rows the gradient is dgates itself). The
 //      batch-sum is split over grid.y chunks of the batch; the last block of each column tile (atomic
 //      ticket) adds the chunks' partial sums in a fixed order, so the result is deterministic
 //      (gradcheck checks that backward is reentrant; float atomics would not be);
-//   3. dxhat = dgates @ w_hh (cuBLAS, W);   4. grad_w_hh = dgates^T @ xhat (cuBLAS, W);
+//   3. dxhat = dgates @ weight_hh (cuBLAS, W);   4. grad_weight_hh = dgates^T @ xhat (cuBLAS, W);
 //   5. tail_kernel: grad_tokens (prefix rows 0, prompt rows dxhat, patch rows sum_p dxhat / N).
 //
 // Vectorised (16-byte where the dtype allows) loads and stores when D and every pointer and stride
 // are aligned; the same kernels instantiated with VEC = 1 otherwise.
 #include "lspt_step_cuda.h"
+
+#include "checks.h"
 
 // Only c10's CUDA headers (not ATen/cuda/CUDAContext.h, which pulls in the cuBLAS/cuSPARSE/
 // cuSOLVER headers that a minimal toolkit lacks): c10::cuda::getCurrentCUDAStream is the function
@@ -262,7 +265,7 @@ epilogue_kernel(const EpilogueArgs<T, C, W, A> p) {
 // ------------------------------------------------------------------------------------------------
 template <typename T, typename C, typename W, typename A>
 struct BwdElemArgs {
-  W* gates;           // in: G = xhat @ w_hh^T; out: dgates (B*Np, 4D)
+  W* gates;           // in: G = xhat @ weight_hh^T; out: dgates (B*Np, 4D)
   const W* gb;        // gate-bias rows: (Np, 4D), or (B*Np, 4D) when batched
   const C* cell;      // incoming cell (B*Np, D)
   const T* grad_h;    // (B*Np, D)
@@ -468,36 +471,11 @@ void dispatch_dtypes(at::ScalarType t, at::ScalarType c, at::ScalarType w, F&& f
               "bfloat16 weights (torch.autocast)");
 }
 
-void check_cuda_tensor(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.defined(), "lspt cuda: ", name, " is an undefined tensor");
-  TORCH_CHECK(t.is_cuda(), "lspt cuda: ", name, " must be a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK(t.device() == device, "lspt cuda: ", name, " is on ", t.device(),
-              " but tokens/grad_hidden are on ", device, "; all tensors must be on one device");
-}
-
-void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef shape, bool contiguous = true) {
-  TORCH_CHECK(t.sizes() == shape, "lspt cuda: ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(!contiguous || t.is_contiguous(), "lspt cuda: ", name, " must be contiguous");
-}
-
-// The parameters shared by forward and backward: gate_bias (Np, 4D) or (B, Np, 4D) and w_hh (4D, D),
-// contiguous, one floating dtype. Returns whether the gate-bias rows are per image.
-bool check_params(const at::Tensor& gate_bias, const at::Tensor& w_hh, const at::Device& device,
-                  int64_t B, int64_t Np, int64_t D) {
-  check_cuda_tensor(gate_bias, "gate_bias", device);
-  check_cuda_tensor(w_hh, "w_hh", device);
-  TORCH_CHECK(D >= 1, "lspt cuda: the width D must be >= 1");
-  TORCH_CHECK(4 * D <= INT_MAX / 4, "lspt cuda: D = ", D, " is too large");
-  check_shape(w_hh, "w_hh", {4 * D, D});
-  const bool batched = gate_bias.dim() == 3;
-  TORCH_CHECK(gate_bias.sizes() == at::IntArrayRef({Np, 4 * D}) ||
-                  gate_bias.sizes() == at::IntArrayRef({B, Np, 4 * D}),
-              "lspt cuda: gate_bias must be (Np, 4D) = (", Np, ", ", 4 * D, ") or (B, Np, 4D) = (", B,
-              ", ", Np, ", ", 4 * D, "), got ", gate_bias.sizes());
-  TORCH_CHECK(gate_bias.is_contiguous(), "lspt cuda: gate_bias must be contiguous");
-  TORCH_CHECK(gate_bias.scalar_type() == w_hh.scalar_type(), "lspt cuda: gate_bias (",
-              gate_bias.scalar_type(), ") and w_hh (", w_hh.scalar_type(), ") must share one dtype");
-  return batched;
+// The kernels index rows and columns with 32-bit ints inside an image (64-bit bases per image).
+void check_int32_limits(const char* fn, int64_t B, int64_t Np, int64_t T, int64_t D) {
+  TORCH_CHECK(D >= 1 && 4 * D <= INT_MAX / 4, fn, ": the width D = ", D, " is out of range");
+  TORCH_CHECK(B * Np <= INT_MAX / 2 && T <= INT_MAX / 2, fn, ": problem too large (B * Np = ", B * Np, ", T = ", T,
+              ")");
 }
 
 bool aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
@@ -546,28 +524,18 @@ at::ScalarType acc_type() { return std::is_same<A, double>::value ? at::kDouble 
 // ------------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_forward(
     const at::Tensor& tokens, const at::Tensor& cell, const at::Tensor& gate_bias,
-    const at::Tensor& w_hh, int64_t k, bool /*save_gates: this backend recomputes the gates*/) {
-  TORCH_CHECK(tokens.defined() && tokens.is_cuda(), "lspt cuda: tokens must be a CUDA tensor, got ",
-              tokens.defined() ? tokens.device().str() : std::string("an undefined tensor"));
+    const at::Tensor& weight_hh, int64_t k, bool /*save_gates: this backend recomputes the gates*/) {
+  constexpr const char* fn = "lspt cuda_forward";
+  const StepSizes sz = check_forward(fn, tokens, cell, gate_bias, weight_hh, k);
+  const int64_t B = sz.B, T = sz.T, D = sz.D, Np = sz.Np;
+  const bool batched = sz.per_image_rows;
   const at::Device device = tokens.device();
-  TORCH_CHECK(tokens.dim() == 3, "lspt cuda: tokens must be (B, T, D), got ", tokens.sizes());
-  const int64_t B = tokens.size(0), T = tokens.size(1), D = tokens.size(2);
-  check_cuda_tensor(cell, "cell", device);
-  TORCH_CHECK(cell.dim() == 3 && cell.size(1) >= 1, "lspt cuda: cell must be (B, Np, D) with Np >= 1, got ",
-              cell.sizes());
-  const int64_t Np = cell.size(1);
-  check_shape(cell, "cell", {B, Np, D});
-  const bool batched = check_params(gate_bias, w_hh, device, B, Np, D);
-  TORCH_CHECK(tokens.stride(2) == 1 || D == 1, "lspt cuda: tokens must have stride(-1) == 1, got ",
-              tokens.strides());
-  TORCH_CHECK(k >= 0, "lspt cuda: num_prefix_tokens must be >= 0, got ", k);
-  TORCH_CHECK(k + Np < T, "lspt cuda: tokens has T=", T, " tokens but num_prefix_tokens + Np = ", k,
-              " + ", Np, " leaves no patch token (need T > k + Np)");
-  TORCH_CHECK(B * Np <= INT_MAX / 2 && T <= INT_MAX / 2, "lspt cuda: problem too large");
+  TORCH_CHECK(device.is_cuda(), fn, ": tokens must be a CUDA tensor, got one on ", device);
+  check_int32_limits(fn, B, Np, T, D);
   const int64_t N = T - k - Np;
 
   c10::cuda::CUDAGuard guard(device);
-  auto xhat = at::empty({B, Np, D}, w_hh.options());
+  auto xhat = at::empty({B, Np, D}, weight_hh.options());
   auto hidden = at::empty({B, Np, D}, tokens.options());
   auto new_cell = at::empty({B, Np, D}, cell.options());
   auto no_gates = at::empty({0}, tokens.options().dtype(
@@ -576,7 +544,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_forward(
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = sm_count();
 
-  dispatch_dtypes(tokens.scalar_type(), cell.scalar_type(), w_hh.scalar_type(),
+  dispatch_dtypes(tokens.scalar_type(), cell.scalar_type(), weight_hh.scalar_type(),
                   [&](auto t_tag, auto c_tag, auto w_tag) {
     using Tt = typename decltype(t_tag)::type;
     using Ct = typename decltype(c_tag)::type;
@@ -595,8 +563,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_forward(
                        pa.tok_st % kVecT == 0 && aligned(pa.xhat, kVecT * sizeof(Wt));
     launch_prologue(pa, vec_t ? kVecT : 1, B, sms, stream);
 
-    // 2. G = xhat @ w_hh^T (cuBLAS)
-    at::Tensor gates = at::mm(xhat.view({B * Np, D}), w_hh.t());
+    // 2. G = xhat @ weight_hh^T (cuBLAS)
+    at::Tensor gates = at::mm(xhat.view({B * Np, D}), weight_hh.t());
 
     // 3. epilogue
     EpilogueArgs<Tt, Ct, Wt, At> ea{};
@@ -627,42 +595,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_forward(
 // ------------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 cuda_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const at::Tensor& xhat,
-              const at::Tensor& cell, const at::Tensor& gate_bias, const at::Tensor& w_hh,
-              const at::Tensor& /*gates: not saved by this backend*/, int64_t k, int64_t num_tokens) {
-  TORCH_CHECK(grad_hidden.defined() && grad_hidden.is_cuda(),
-              "lspt cuda: grad_hidden must be a CUDA tensor, got ",
-              grad_hidden.defined() ? grad_hidden.device().str() : std::string("an undefined tensor"));
-  const at::Device device = grad_hidden.device();
-  TORCH_CHECK(grad_hidden.dim() == 3, "lspt cuda: grad_hidden must be (B, Np, D), got ",
-              grad_hidden.sizes());
-  const int64_t B = grad_hidden.size(0), Np = grad_hidden.size(1), D = grad_hidden.size(2);
-  const bool batched = check_params(gate_bias, w_hh, device, B, Np, D);
-  check_cuda_tensor(grad_cell, "grad_cell", device);
-  check_cuda_tensor(xhat, "xhat", device);
-  check_cuda_tensor(cell, "cell", device);
-  check_shape(grad_hidden, "grad_hidden", {B, Np, D});
-  check_shape(grad_cell, "grad_cell", {B, Np, D});
-  check_shape(xhat, "xhat", {B, Np, D});
-  check_shape(cell, "cell", {B, Np, D});
-  TORCH_CHECK(grad_cell.scalar_type() == cell.scalar_type(), "lspt cuda: grad_cell (",
-              grad_cell.scalar_type(), ") must have the cell's dtype (", cell.scalar_type(), ")");
-  TORCH_CHECK(xhat.scalar_type() == w_hh.scalar_type(), "lspt cuda: xhat (", xhat.scalar_type(),
-              ") must have the weights' dtype (", w_hh.scalar_type(), ")");
-  TORCH_CHECK(k >= 0, "lspt cuda: num_prefix_tokens must be >= 0, got ", k);
-  TORCH_CHECK(k + Np < num_tokens, "lspt cuda: num_tokens T=", num_tokens,
-              " but num_prefix_tokens + Np = ", k, " + ", Np, " leaves no patch token (need T > k + Np)");
-  TORCH_CHECK(B * Np <= INT_MAX / 2 && num_tokens <= INT_MAX / 2, "lspt cuda: problem too large");
-  const int64_t T = num_tokens, N = T - k - Np, D4 = 4 * D;
+              const at::Tensor& cell, const at::Tensor& gate_bias, const at::Tensor& weight_hh,
+              const at::Tensor& gates, int64_t k, int64_t num_tokens) {
+  constexpr const char* fn = "lspt cuda_backward";
+  const StepSizes sz =
+      check_backward(fn, grad_hidden, grad_cell, xhat, cell, gate_bias, weight_hh, gates, k, num_tokens);
+  const int64_t B = sz.B, T = sz.T, D = sz.D, Np = sz.Np;
+  const bool batched = sz.per_image_rows;
+  const at::Device device = xhat.device();
+  TORCH_CHECK(device.is_cuda(), fn, ": xhat must be a CUDA tensor, got one on ", device);
+  TORCH_CHECK(gates.numel() == 0, fn, ": this backend recomputes the gates; got saved gates");
+  check_int32_limits(fn, B, Np, T, D);
+  const int64_t N = T - k - Np, D4 = 4 * D;
 
   c10::cuda::CUDAGuard guard(device);
   auto grad_tokens = at::empty({B, T, D}, grad_hidden.options());
   auto grad_cell_prev = at::empty({B, Np, D}, cell.options());
-  if (B == 0) return {grad_tokens, grad_cell_prev, at::zeros_like(gate_bias), at::zeros_like(w_hh)};
-  at::Tensor grad_w_hh, grad_gate_bias;
+  if (B == 0) return {grad_tokens, grad_cell_prev, at::zeros_like(gate_bias), at::zeros_like(weight_hh)};
+  at::Tensor grad_weight_hh, grad_gate_bias;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = sm_count();
 
-  dispatch_dtypes(grad_hidden.scalar_type(), cell.scalar_type(), w_hh.scalar_type(),
+  dispatch_dtypes(grad_hidden.scalar_type(), cell.scalar_type(), weight_hh.scalar_type(),
                   [&](auto t_tag, auto c_tag, auto w_tag) {
     using Tt = typename decltype(t_tag)::type;
     using Ct = typename decltype(c_tag)::type;
@@ -693,10 +647,10 @@ cuda_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const 
                                    : at::empty({1}, grad_hidden.options().dtype(at::kInt));
     at::Tensor partial = at::empty({split_sum ? nchunks * Np * D4 : 1}, aopt);
 
-    // 1. recompute G = xhat @ w_hh^T (cuBLAS)
+    // 1. recompute G = xhat @ weight_hh^T (cuBLAS)
     const at::Tensor xhat2d = xhat.view({B * Np, D});
-    at::Tensor gates = at::mm(xhat2d, w_hh.t());
-    if (!batched) grad_gate_bias = at::empty({Np, D4}, w_hh.options());
+    at::Tensor gates = at::mm(xhat2d, weight_hh.t());
+    if (!batched) grad_gate_bias = at::empty({Np, D4}, weight_hh.options());
 
     // 2. dgates (over G), grad of the incoming cell, d gate_bias
     BwdElemArgs<Tt, Ct, Wt, At> ba{};
@@ -718,9 +672,9 @@ cuda_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (batched) grad_gate_bias = gates.view({B, Np, D4});
 
-    // 3., 4. dxhat = dgates @ w_hh, grad_w_hh = dgates^T @ xhat (cuBLAS)
-    at::Tensor dxhat = at::mm(gates, w_hh);
-    grad_w_hh = at::mm(gates.t(), xhat2d);
+    // 3., 4. dxhat = dgates @ weight_hh, grad_weight_hh = dgates^T @ xhat (cuBLAS)
+    at::Tensor dxhat = at::mm(gates, weight_hh);
+    grad_weight_hh = at::mm(gates.t(), xhat2d);
 
     // 5. tail: grad_tokens
     TailArgs<Tt, Wt, At> ta{};
@@ -742,7 +696,7 @@ cuda_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const 
     if (vec_t) launch(std::integral_constant<int, kVecT>{});
     else launch(std::integral_constant<int, 1>{});
   });
-  return {grad_tokens, grad_cell_prev, grad_gate_bias, grad_w_hh};
+  return {grad_tokens, grad_cell_prev, grad_gate_bias, grad_weight_hh};
 }
 
 }  // namespace lspt

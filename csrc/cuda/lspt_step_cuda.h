@@ -12,17 +12,17 @@
 
 namespace lspt {
 
-// (hidden (B,Np,D) tokens.dtype, new_cell (B,Np,D) cell.dtype, xhat (B,Np,D) w_hh.dtype, an empty
+// (hidden (B,Np,D) tokens.dtype, new_cell (B,Np,D) cell.dtype, xhat (B,Np,D) weight_hh.dtype, an empty
 //  tensor: the gates are recomputed in backward, save_gates is ignored)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_forward(
     const at::Tensor& tokens, const at::Tensor& cell, const at::Tensor& gate_bias,
-    const at::Tensor& w_hh, int64_t k, bool save_gates);
+    const at::Tensor& weight_hh, int64_t k, bool save_gates);
 
 // (grad_tokens (B,T,D) grad_hidden.dtype, grad_cell cell.dtype, grad_gate_bias (gate_bias's shape)
-//  and grad_w_hh in w_hh.dtype)
+//  and grad_weight_hh in weight_hh.dtype)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_backward(
     const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const at::Tensor& xhat,
-    const at::Tensor& cell, const at::Tensor& gate_bias, const at::Tensor& w_hh,
+    const at::Tensor& cell, const at::Tensor& gate_bias, const at::Tensor& weight_hh,
     const at::Tensor& gates, int64_t k, int64_t num_tokens);
 
 }  // namespace lspt

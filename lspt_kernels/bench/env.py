@@ -35,6 +35,8 @@ def command_line(argv: list[str] | None, sub: str = "") -> str:
 def environment(device: str, argv: list[str] | None, sub: str = "") -> dict:
     import timm
     import torch
+
+    from .. import precision
     try:
         import triton
         triton_version = triton.__version__
@@ -44,7 +46,7 @@ def environment(device: str, argv: list[str] | None, sub: str = "") -> dict:
                 triton=triton_version, timm=timm.__version__, python=platform.python_version(),
                 platform=platform.platform(), cuda=torch.version.cuda, command=command_line(argv, sub),
                 threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-                float32_matmul_precision=torch.get_float32_matmul_precision(),
+                float32_matmul_precision=precision.float32_matmul_precision(torch.device(device).type),
                 time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 

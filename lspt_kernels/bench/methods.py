@@ -69,15 +69,15 @@ def fused_backend(device: str) -> tuple[str, str | None]:
 
     import torch
 
-    from ..ops import AUTO_ORDER, resolve_backend, unavailable_reason
+    from ..backends import AUTO_ORDER, resolve, unavailable_reason
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        name = resolve_backend("auto", torch.device(device))
+        name = resolve("auto", torch.device(device))
     if name != "eager":
         return name, None
     order = AUTO_ORDER.get(torch.device(device).type, ())
     if not order:
-        return name, f"'auto' picks the eager step on {torch.device(device).type} (ops.AUTO_ORDER)"
+        return name, f"'auto' picks the eager step on {torch.device(device).type} (backends.AUTO_ORDER)"
     return name, "no fused backend: " + "; ".join(f"{n}: {short_reason(unavailable_reason(n))}" for n in order)
 
 

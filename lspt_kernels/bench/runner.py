@@ -256,8 +256,8 @@ def worker(spec_path: str, out_path: str) -> int:
     import timm  # noqa: F401  - imported before the baseline RSS, like the parent
     import torch
     if M.is_fused(spec["method"]) and spec.get("fused_backend") not in (None, "reference", "eager"):
-        from ..ops import resolve_backend
-        resolve_backend(spec["fused_backend"], torch.device(spec["device"]))   # loaded before the baseline
+        from ..backends import resolve
+        resolve(spec["fused_backend"], torch.device(spec["device"]))   # loaded before the baseline
     row = measure_memory(spec["method"], spec)
     Path(out_path).write_text(json.dumps(row))
     return 0

@@ -1,29 +1,35 @@
-"""`lspt-bench step`: one LSPT step (lspt_kernels.lspt_step) per backend at ViT-B/16 sizes.
+"""`lspt-bench step`: what LSPT's step costs, per backend: the op at ViT-B/16 sizes, its host cost, and
+the host cost of one LSPT block inside the encoder; whole encoders under torch.compile on a GPU.
 
-    lspt-bench step [--batch 8 64] [--num-prompts 10 100] [--repeats N] [--warmup N]
-                    [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+    lspt-bench step [--tables steps,host,encoder-host[,compiled]] [--batch 8 64] [--num-prompts 10 100]
+                    [--repeats N] [--warmup N] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
                     [--backends eager compile cpu ...] [--threads N] [--clock wall|thread]
                     [--json rows.json]
 
-Times the forward (no grad) and forward+backward of: the reference step in eager mode ("eager",
-`lspt_step(..., backend="reference")`, the baseline of every ratio), the same under torch.compile
+Table 'steps': the forward (no grad) and forward+backward of the eager step ("eager",
+`lspt_step(..., backend="eager")`, the baseline of every ratio), the same under torch.compile
 ("compile"), and the fused backends that run on the device ("cpu" on the CPU; "triton" and "cuda"
 on a GPU), all through the public `lspt_step`. Protocol (lspt_kernels.bench.measure): the backends
 run in interleaved rounds, one call each per round (on a GPU, or for calls shorter than a few
 milliseconds, one sample is several back-to-back calls between two clock reads); each figure is
 the median over the rounds with its quartiles; the speed-up over eager is taken round by round.
-
 Each figure is set against its floor from the cost model: FLOPs (forward 8*B*Np*D^2 + 8*Np*D^2,
 backward about twice that) over the peak GEMM rate, plus bytes (one read of the patch tokens for the
 mean; in backward the B*T*D grad_tokens write) over the copy bandwidth; both peaks are measured on
-this machine (a large mm and a large copy, best of several) and printed. A last table gives the host
-overhead per call: the same backends on tiny tensors (B 1, Np 1, N 4, D 8) with one CPU thread,
-forward+backward and no-grad forward in microseconds.
+this machine (a large mm and a large copy, best of several) and printed.
+
+Table 'host': the op's cost per call on tiny tensors (B 1, Np 1, N 4, D 8), one CPU thread,
+forward+backward and no-grad forward in microseconds, through `lspt_step` and as the encoder calls
+it per block. Table 'encoder-host' (lspt_kernels.bench.host): what a user pays per LSPT block in the
+encoder beyond VPT-deep, per-forward set-up included, in microseconds and F.linear units. Table
+'compiled' (lspt_kernels.bench.compiled): LSPT-fused and GaPT, eager / torch.compile /
+mode="reduce-overhead", train and inference, LSPT / GaPT per round.
 
 Targets: CPU - the fused forward+backward no slower than eager; GPU - the fused forward+backward
->= 3x eager and within 1.5x (cuda) / 2x (triton) of its floor. Verdicts met / missed /
-inconclusive (the spread straddles the limit). A backend that fails (e.g. an inductor compile error)
-is reported, not fatal.
+>= 3x eager and within 1.5x (cuda) / 2x (triton) of its floor; encoder host cost <= 2.0 F.linear
+units per block forward+backward, <= 0.5 under no_grad. Verdicts met / missed / inconclusive (the
+spread straddles the limit). A backend that fails (e.g. an inductor compile error) is reported, not
+fatal.
 """
 from __future__ import annotations
 
@@ -78,17 +84,17 @@ def make_inputs(batch: int, num_prompts: int, *, num_patches: int = 196, dim: in
 
 
 def step_fn(backend: str) -> Callable:
-    """The step of a benchmark backend name: "eager" (the reference step), "compile" (it under
+    """The step of a benchmark backend name: "eager" (the plain-PyTorch step), "compile" (it under
     torch.compile), or a fused backend of lspt_step."""
     import torch
 
     from ..ops import lspt_step
     if backend in ("eager", "reference"):
-        return lambda *a, k: lspt_step(*a, num_prefix_tokens=k, backend="reference")
+        return lambda *a, k: lspt_step(*a, num_prefix_tokens=k, backend="eager")
     if backend == "compile":
-        def reference(*a, k):
-            return lspt_step(*a, num_prefix_tokens=k, backend="reference")
-        return torch.compile(reference, dynamic=False)
+        def eager(*a, k):
+            return lspt_step(*a, num_prefix_tokens=k, backend="eager")
+        return torch.compile(eager, dynamic=False)
     return lambda *a, k: lspt_step(*a, num_prefix_tokens=k, backend=backend)
 
 
@@ -99,13 +105,14 @@ def make_callables(backend: str, inputs, num_prefix_tokens: int = 1, api: str = 
     forward, not per step)."""
     import torch
     if api == "encoder":
-        from .. import ops
+        from ..eager import gate_bias_rows
+        from ..ops import fused_step
         tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh = inputs
         with torch.no_grad():
-            gate_bias = ops.gate_bias_rows(prompt, w_ih, b_ih, b_hh)
+            gate_bias = gate_bias_rows(prompt, w_ih, b_ih, b_hh)
         inputs = (tokens, cell, gate_bias.requires_grad_(), w_hh)
         name = "eager" if backend == "reference" else backend
-        step = lambda *a, k: ops.fused_step(*a, k, name, torch.is_grad_enabled())  # noqa: E731
+        step = lambda *a, k: fused_step(*a, k, name, torch.is_grad_enabled())  # noqa: E731
     else:
         step = step_fn(backend)
     tokens = inputs[0]
@@ -131,12 +138,12 @@ def default_backends(device: str) -> list[str]:
 
 def unavailable(backend: str, device: str) -> str | None:
     """Why `backend` cannot be timed on `device` (None when it can)."""
-    from .. import ops
+    from ..backends import unavailable_reason
     if backend in ("eager", "compile"):
         return None
     if backend not in ("cpu", "triton", "cuda"):
         return "unknown backend (choose from eager, compile, cpu, triton, cuda)"
-    why = ops.unavailable_reason(backend)
+    why = unavailable_reason(backend)
     if why:
         from .methods import short_reason
         return short_reason(why)
@@ -391,11 +398,22 @@ def format_host_overhead(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+TABLES = ("steps", "host", "encoder-host", "compiled")
+DEFAULT_TABLES = ("steps", "host", "encoder-host")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lspt-bench step",
                                 description="The fused LSPT step per backend at ViT-B/16 sizes, against eager and "
-                                            "torch.compile, with the cost-model floor and the host overhead; "
-                                            "interleaved rounds, median and quartiles.")
+                                            "torch.compile, with the cost-model floor; the host cost of the op and "
+                                            "of one LSPT block inside the encoder; whole encoders compiled. "
+                                            "Interleaved rounds, median and quartiles.")
+    p.add_argument("--tables", default=",".join(DEFAULT_TABLES),
+                   help="comma-separated subset of " + ",".join(TABLES) + ": 'steps' the step per backend at "
+                        "ViT-B/16 sizes; 'host' the op's host cost on tiny tensors; 'encoder-host' the host cost "
+                        "per LSPT block inside the encoder (F.linear units); 'compiled' LSPT-fused and GaPT "
+                        "encoders eager / torch.compile / reduce-overhead (GPU; minutes of compiling) "
+                        "(default: %(default)s)")
     p.add_argument("--batch", type=int, nargs="+", default=[8, 64], help="batch sizes (default: 8 64)")
     p.add_argument("--num-prompts", type=int, nargs="+", default=[10, 100], help="Np values (default: 10 100)")
     p.add_argument("--repeats", type=int, default=10, help="interleaved rounds (default: %(default)s)")
@@ -408,16 +426,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clock", choices=["wall", "thread"], default="wall",
                    help="CPU only: 'thread' = time.thread_time with --threads 1 (immune to other load; "
                         "default: %(default)s)")
-    p.add_argument("--no-host-overhead", action="store_true", help="skip the tiny-tensor host-overhead table")
     p.add_argument("--json", type=Path, default=None, help="also write meta, peaks, rows and targets here")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str]):
     import torch
-    argv = sys.argv[1:] if argv is None else list(argv)
     p = build_parser()
     args = p.parse_args(argv)
+    args.tables = [t.strip() for t in args.tables.split(",") if t.strip()]
+    bad = [t for t in args.tables if t not in TABLES]
+    if bad or not args.tables:
+        p.error(f"--tables: unknown {', '.join(bad) or '(none given)'} (choose from {', '.join(TABLES)})")
     if args.repeats < 1 or args.warmup < 1:
         p.error("--repeats and --warmup must be >= 1")
     if args.threads is not None and args.threads < 1:
@@ -428,42 +448,84 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--clock thread needs --device cpu --threads 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device")
+    if "compiled" in args.tables and args.device != "cuda":
+        p.error("--tables compiled needs --device cuda (mode='reduce-overhead' is CUDA graphs)")
     if any(v < 1 for v in args.batch + args.num_prompts):
         p.error("--batch and --num-prompts values must be >= 1")
     known = {"eager", "compile", "cpu", "triton", "cuda", "reference"}
     bad = [b for b in args.backends or [] if b not in known]
     if bad:
         p.error(f"--backends: unknown {', '.join(bad)} (choose from eager, compile, cpu, triton, cuda)")
+    return args
+
+
+def _step_tables(args) -> dict:
+    """The 'steps' and 'host' tables: {peaks, rows, host_overhead}."""
+    out = dict(peaks=None, rows=[], host_overhead=[])
+    if "steps" in args.tables:
+        dtype = _torch_dtype(args.dtype)
+        clock = time.thread_time if args.clock == "thread" else time.perf_counter
+        peaks = out["peaks"] = measure_peaks(args.device, dtype, clock=clock)
+        print(f"peaks measured here: {peaks['flops_per_s'] / 1e9:.0f} GFLOP/s, {peaks['bytes_per_s'] / 1e9:.1f} "
+              f"GB/s ({peaks['how']})")
+        print(f"shape: ViT-B/16 N={VIT_B16['num_patches']} D={VIT_B16['dim']} k={VIT_B16['num_prefix_tokens']}; "
+              f"{args.repeats} interleaved rounds after {args.warmup} warm-up calls\n", flush=True)
+        out["rows"] = run(args.batch, args.num_prompts, device=args.device, dtype=dtype, repeats=args.repeats,
+                          warmup=args.warmup, backends=args.backends, peaks=peaks, clock=args.clock, **VIT_B16)
+        print(format_table(out["rows"]), flush=True)
+    if "host" in args.tables:
+        out["host_overhead"] = host_overhead(args.device, args.backends, repeats=args.repeats)
+        print("\n" + format_host_overhead(out["host_overhead"]), flush=True)
+    return out
+
+
+def _encoder_tables(args) -> dict:
+    """The 'encoder-host' and 'compiled' tables: {encoder_host, compiled}."""
+    from . import compiled, host
+    out = dict(encoder_host=[], compiled=[])
+    if "encoder-host" in args.tables:
+        # the encoder's backends on the CPU (the host cost is the question; "compile" is a whole-model mode)
+        wanted = [b for b in args.backends or host.DEFAULT_BACKENDS if b in ("cpu", "eager", "reference")]
+        names = list(dict.fromkeys("eager" if b == "reference" else b for b in wanted)) or list(host.DEFAULT_BACKENDS)
+        out["encoder_host"] = host.encoder_host_overhead(names, repeats=args.repeats, warmup=args.warmup)
+        print("\n" + host.format_table(out["encoder_host"]), flush=True)
+    if "compiled" in args.tables:
+        out["compiled"] = compiled.run(args.device, batch=max(args.batch), num_prompts=min(args.num_prompts),
+                                       dtype={"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[args.dtype],
+                                       repeats=args.repeats, warmup=args.warmup)
+        print("\n" + compiled.format_table(out["compiled"]), flush=True)
+    return out
+
+
+def _print_targets(targets: list[dict]) -> None:
+    if not targets:
+        return
+    print("\nTargets (met / missed / inconclusive: the quartiles straddle the limit):")
+    for t in targets:
+        where = (f"{t['backend']}, B{t['batch']} Np{t['num_prompts']} {t['dtype']}" if "batch" in t
+                 else t["backend"])
+        print(f"  [{t['verdict']}] {t['target']} ({where}): "
+              + ("n/a" if t.get("median") is None else
+                 f"{t['median']:.2f} [{t['q1']:.2f}-{t['q3']:.2f}] over {t['n']} rounds"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from . import host
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parse_args(argv)
     load_start = loadavg()
     meta = environment(args.device, argv, sub="step")
     meta.update(loadavg_start=load_start, repeats=args.repeats, warmup=args.warmup, clock=args.clock,
-                shape=VIT_B16, timing="interleaved rounds; median and quartiles; per-round speed-ups")
-    dtype = _torch_dtype(args.dtype)
-    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+                shape=VIT_B16, tables=args.tables,
+                timing="interleaved rounds; median and quartiles; per-round speed-ups")
     print(f"device: {args.device} ({meta['device_name']}); torch {torch.__version__}; threads "
           f"{torch.get_num_threads()}; {os.cpu_count()} CPUs; dtype {args.dtype}")
     print(load_line(load_start, "at start"), flush=True)
-    peaks = measure_peaks(args.device, dtype, clock=clock)
-    print(f"peaks measured here: {peaks['flops_per_s'] / 1e9:.0f} GFLOP/s, {peaks['bytes_per_s'] / 1e9:.1f} GB/s "
-          f"({peaks['how']})")
-    print(f"shape: ViT-B/16 N={VIT_B16['num_patches']} D={VIT_B16['dim']} k={VIT_B16['num_prefix_tokens']}; "
-          f"{args.repeats} interleaved rounds after {args.warmup} warm-up calls\n", flush=True)
-    rows = run(args.batch, args.num_prompts, device=args.device, dtype=dtype, repeats=args.repeats,
-               warmup=args.warmup, backends=args.backends, peaks=peaks, clock=args.clock, **VIT_B16)
-    print(format_table(rows))
-    overhead = []
-    if not args.no_host_overhead:
-        overhead = host_overhead(args.device, args.backends, repeats=args.repeats)
-        print()
-        print(format_host_overhead(overhead))
-    targets = evaluate_step_targets(rows)
-    if targets:
-        print("\nTargets (met / missed / inconclusive: the quartiles straddle the limit):")
-        for t in targets:
-            where = f"{t['backend']}, B{t['batch']} Np{t['num_prompts']} {t['dtype']}"
-            print(f"  [{t['verdict']}] {t['target']} ({where}): "
-                  + ("n/a" if t.get("median") is None else
-                     f"{t['median']:.2f} [{t['q1']:.2f}-{t['q3']:.2f}] over {t['n']} rounds"))
+    results = {**_step_tables(args), **_encoder_tables(args)}
+    targets = evaluate_step_targets(results["rows"]) + host.evaluate_targets(results["encoder_host"])
+    _print_targets(targets)
     meta["loadavg_end"] = loadavg()
     meta["load_warning"] = load_warning(load_start, meta["loadavg_end"])
     print("\n" + load_line(meta["loadavg_end"], "at the end"))
@@ -471,7 +533,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {meta['load_warning']}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(meta=meta, peaks=peaks, rows=rows, host_overhead=overhead,
-                                             targets=targets), indent=1, default=str))
+        args.json.write_text(json.dumps(dict(meta=meta, **results, targets=targets), indent=1, default=str))
         print(f"wrote {args.json}")
     return 0

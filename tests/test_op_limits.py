@@ -1,10 +1,10 @@
-"""The fused op at its limits: each either works or fails with a clear error (issue 9, item 3).
+"""The fused op at its limits: each either works or fails with a clear error.
 
-- double backward through a fused backend: a clear error naming the eager step (which supports it);
+- double backward through a fused backend: a clear error naming the eager step (which supports it),
+  from the C++ autograd and from the Python one alike;
 - torch.func.grad / vmap: run the eager step (same maths) with one warning;
 - Triton interpreted on the CPU with bfloat16: refused (the interpreter has no bf16 arithmetic);
-- meta tensors (lspt_step, and an encoder moved to 'meta'): shapes propagate, forward and backward;
-- FlopCounterMode counts the fused op's GEMMs like the eager step's.
+- Triton's 32-bit offsets: a batch whose B*Np*4D reaches 2^31 runs in chunks of whole images.
 """
 from __future__ import annotations
 
@@ -16,14 +16,15 @@ import torch
 from helpers import make_vit
 from test_step import TINY, make_inputs, upstream
 
-from lspt_kernels import GaPTEncoder, LSPTEncoder, VPTEncoder, ops
-from lspt_kernels.ops import lspt_step, step_reference
+from lspt_kernels import LSPTEncoder, backends, ops
+from lspt_kernels.eager import gate_bias_rows, lspt_step_eager
+from lspt_kernels.ops import lspt_step
 
 K = TINY[4]
 
 
 def _need(backend):
-    why = ops.unavailable_reason(backend)
+    why = backends.unavailable_reason(backend)
     if why is not None:
         pytest.skip(f"{backend} backend unavailable: {why}")
 
@@ -35,13 +36,21 @@ def _step(backend):
 # ------------------------------------------------------------------------------------------------
 # Double backward
 # ------------------------------------------------------------------------------------------------
-def test_double_backward_through_fused_op_is_a_clear_error():
+@pytest.mark.parametrize("device", ["cpu", "meta"], ids=["cpp-autograd", "python-autograd"])
+def test_double_backward_through_fused_op_is_a_clear_error(device):
+    """The cpu backend's autograd is C++ (csrc/autograd.cpp); meta tensors, which no extension
+    registers, run the Python formula (lspt_kernels/ops.py): both refuse a second derivative alike."""
     _need("cpu")
-    inputs = make_inputs(TINY)
+    inputs = tuple(t.detach().to(device).requires_grad_() for t in make_inputs(TINY))
     hidden, new_cell = _step("cpu")(*inputs)
+    if device == "meta":
+        g_w = torch.autograd.grad((hidden ** 2).sum() + new_cell.sum(), inputs[4], create_graph=True)[0]
+        with pytest.raises(RuntimeError, match=r"no double backward.*backend='eager'"):
+            g_w.sum().backward()
+        return
     # create_graph=True itself works: first-order gradients equal the eager step's ...
     g_w = torch.autograd.grad((hidden ** 2).sum() + new_cell.sum(), inputs[4], create_graph=True)[0]
-    h_ref, c_ref = step_reference(*inputs, num_prefix_tokens=K)
+    h_ref, c_ref = lspt_step_eager(*inputs, num_prefix_tokens=K)
     g_ref = torch.autograd.grad((h_ref ** 2).sum() + c_ref.sum(), inputs[4], create_graph=True)[0]
     torch.testing.assert_close(g_w, g_ref, atol=1e-5, rtol=1e-5)
     # ... differentiating those gradients again is what the fused backward cannot do.
@@ -126,7 +135,7 @@ def test_interpreted_triton_refuses_bf16():
         _step("triton")(*inputs)
     # the registered op called directly is refused too
     tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh = (t.detach() for t in inputs)
-    gate_bias = ops.gate_bias_rows(prompt, w_ih, b_ih, b_hh)
+    gate_bias = gate_bias_rows(prompt, w_ih, b_ih, b_hh)
     with pytest.raises(TypeError, match="Triton interpreter.*bfloat16"):
         torch.ops.lspt.step_fwd(tokens, cell, gate_bias, w_hh, K, False, "triton")
     # bf16 reached through autocast (fp32 tensors, bf16 GEMM) is refused as well
@@ -139,89 +148,44 @@ def test_interpreted_triton_still_runs_fp16():
     _need_interpreted_triton()
     inputs = make_inputs(TINY, torch.float16)
     hidden, _ = _step("triton")(*inputs)
-    ref, _ = step_reference(*inputs, num_prefix_tokens=K)
+    ref, _ = lspt_step_eager(*inputs, num_prefix_tokens=K)
     torch.testing.assert_close(hidden, ref, atol=2e-3, rtol=2e-3)
 
 
-# ------------------------------------------------------------------------------------------------
-# Meta tensors
-# ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["auto", "reference", "cpu", "triton", "cuda"])
-@pytest.mark.parametrize("cell_dtype", [None, torch.float32], ids=["same", "cell32"])
-def test_lspt_step_on_meta_tensors(backend, cell_dtype):
-    """Shapes and dtypes propagate (a fused backend through the op's fake kernel, which loads nothing),
-    forward and backward."""
-    dtype = torch.float16
-    inputs = tuple(t.detach().to("meta").requires_grad_()
-                   for t in make_inputs(TINY, dtype, cell_dtype=cell_dtype))
-    hidden, new_cell = lspt_step(*inputs, num_prefix_tokens=K, backend=backend)
-    B, n_p, _, D, _ = TINY
-    assert hidden.device.type == "meta" and hidden.shape == (B, n_p, D) and hidden.dtype == dtype
-    assert new_cell.shape == (B, n_p, D) and new_cell.dtype == (cell_dtype or dtype)
-    grads = torch.autograd.grad((hidden.sum(), new_cell.sum()), inputs)
-    for g, t in zip(grads, inputs):
-        assert g.device.type == "meta" and g.shape == t.shape and g.dtype == t.dtype
-
-
-@pytest.mark.parametrize("make", [
-    lambda v: LSPTEncoder(v, 3, 5, backend="cpu"),
-    lambda v: LSPTEncoder(v, 3, 5),
-    lambda v: LSPTEncoder(v, 3, 5, lpc="gru", backend="reference"),
-    lambda v: GaPTEncoder(v, 3, 5),
-    lambda v: VPTEncoder(v, 3, 5),
-], ids=["lspt-cpu", "lspt-auto", "lspt-gru", "gapt", "vpt-deep"])
-def test_encoder_on_meta(make):
-    enc = make(make_vit()).to("meta")
-    logits = enc(torch.empty(2, 3, 32, 32, device="meta"))
-    assert logits.device.type == "meta" and logits.shape == (2, 5)
-    logits.sum().backward()
-    for p in enc.trainable_parameters():
-        assert p.grad is not None and p.grad.device.type == "meta" and p.grad.shape == p.shape
 
 
 # ------------------------------------------------------------------------------------------------
-# FLOPs
+# Triton's 32-bit offsets
 # ------------------------------------------------------------------------------------------------
-def _flops(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-@pytest.mark.parametrize("device", ["cpu", "meta"])
-def test_flop_counter_counts_the_fused_op(device):
-    if device == "cpu":
-        _need("cpu")
-    B, n_p, _, D, _ = TINY
-    inputs = tuple(t.detach().to(device).requires_grad_() for t in make_inputs(TINY))
-    forward = 8 * B * n_p * D * D + 8 * n_p * D * D            # docs/method.md's cost model
+@pytest.mark.parametrize("per_image", [False, True], ids=["shared-rows", "per-image-rows"])
+def test_triton_chunks_a_batch_past_its_index_limit(monkeypatch, per_image):
+    """B*Np*4D >= 2^31 (batch 8192 at Np 100, D 768) used to be refused; the launchers now split the
+    batch into chunks of whole images. Checked with the limit lowered so that 7 images make 4 chunks:
+    forward and every gradient equal the unchunked kernels' and the eager step's."""
+    _need_interpreted_triton()
+    from lspt_kernels import triton_kernels as tk
+    B, n_p, N, D, k = 7, 9, 4, 8, 1           # a chunk: 2 images' 2*9*32 = 576 offsets (> 4D*D = 256)
+    tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh = make_inputs((B, n_p, N, D, k))
+    if per_image:
+        prompt = prompt * torch.rand(B, n_p, D, generator=torch.Generator().manual_seed(4))
+    grads = upstream((B, n_p, N, D, k), torch.float32, torch.float32, "cpu")
+    params = (tokens, cell, w_ih, w_hh, b_ih, b_hh)
     out = {}
-    for backend in ("reference", "cpu"):
-        fwd = _flops(lambda: out.__setitem__(backend, _step(backend)(*inputs)))
-        h, c = out[backend]
-        bwd = _flops(lambda: torch.autograd.grad((h.sum(), c.sum()), inputs))
-        out[backend] = (fwd, bwd)
-    assert out["reference"][0] == out["cpu"][0] == forward
-    assert out["reference"][1] == 2 * forward              # eager: dX and dW of both products
-    assert out["cpu"][1] == 2 * forward                    # the cpu backend saves its gates: no recompute
+    for name, limit in (("whole", tk.INDEX_LIMIT), ("chunked", 2 * n_p * 4 * D), ("eager", None)):
+        monkeypatch.setattr(tk, "INDEX_LIMIT", limit or tk.INDEX_LIMIT)
+        if name == "chunked":
+            assert tk.image_chunks(B, n_p, D) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+        gb = gate_bias_rows(prompt, w_ih, b_ih, b_hh)
+        h, c = ops.fused_step(tokens, cell, gb, w_hh, k, "eager" if name == "eager" else "triton")
+        out[name] = [h, c, *torch.autograd.grad((h, c), params, grads)]
+    for g, w, r in zip(out["chunked"], out["whole"], out["eager"]):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
-def test_flop_counter_counts_the_gate_recompute(monkeypatch):
-    """A backend that recomputes the gates in backward (the GPU ones) does one W_hh product more."""
-    _need("cpu")
-    monkeypatch.setattr(ops, "SAVES_GATES", ())
-    B, n_p, _, D, _ = TINY
-    inputs = make_inputs(TINY)
-    forward = 8 * B * n_p * D * D + 8 * n_p * D * D
-    h, c = _step("cpu")(*inputs)
-    bwd = _flops(lambda: torch.autograd.grad((h.sum(), c.sum()), inputs))
-    assert bwd == 2 * forward + 8 * B * n_p * D * D
-
-
-def test_flop_counter_on_an_encoder():
-    """A whole LSPT forward counts the same FLOPs with the fused step as with the eager one."""
-    _need("cpu")
-    images = torch.randn(2, 3, 32, 32)
-    counts = {b: _flops(lambda: LSPTEncoder(make_vit(), 3, 5, backend=b)(images)) for b in ("reference", "cpu")}
-    assert counts["cpu"] == counts["reference"] > 0
+def test_triton_refuses_what_no_chunk_fixes(monkeypatch):
+    _need_interpreted_triton()
+    from lspt_kernels import triton_kernels as tk
+    monkeypatch.setattr(tk, "INDEX_LIMIT", 3 * 4 * 8 - 1)     # one image's Np*4D rows alone reach it
+    with pytest.raises(ValueError, match=r"one image's Np\*4D or the weight's 4D\*D"):
+        tk.image_chunks(2, 3, 8)
