@@ -36,7 +36,11 @@ import torch.nn as nn
 from .backbones import checkpoint_filter, is_eva
 
 __all__ = ["load_backbone_checkpoint", "load_release_checkpoint", "backbone_state_dict", "save_tuned_file",
-           "load_tuned_file", "read_tuned_metadata", "is_mae_checkpoint", "is_mae_file", "as_path", "CONFIG_KEY"]
+           "load_tuned_file", "read_tuned_metadata", "is_mae_checkpoint", "is_mocov3_checkpoint", "is_mae_file",
+           "as_path", "CONFIG_KEY"]
+
+# What the official MoCo v3 file prefixes its encoder's keys with.
+MOCOV3_PREFIX = "module.base_encoder."
 
 # The metadata entry of a tuned file that holds `encoder.config()` (method and structural options).
 CONFIG_KEY = "lspt_kernels"
@@ -114,9 +118,8 @@ def backbone_state_dict(obj: dict, source: str = "checkpoint") -> dict[str, torc
         sd = _strip_ddp_prefix(obj["model"])
         sd = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")}
     elif "state_dict" in obj and isinstance(obj["state_dict"], dict):             # MoCo v3, or plain
-        prefix = "module.base_encoder."
-        raw = obj["state_dict"]
-        if any(isinstance(k, str) and k.startswith(prefix) for k in raw):
+        prefix, raw = MOCOV3_PREFIX, obj["state_dict"]
+        if is_mocov3_checkpoint(obj):
             sd = {k[len(prefix):]: v for k, v in raw.items()
                   if k.startswith(prefix) and "momentum" not in k}
         else:
@@ -138,6 +141,13 @@ def backbone_state_dict(obj: dict, source: str = "checkpoint") -> dict[str, torc
 def is_mae_checkpoint(obj: dict) -> bool:
     """An MAE pre-training file keeps its weights under 'model' (facebookresearch/mae main_pretrain.py)."""
     return "model" in obj and isinstance(obj["model"], dict)
+
+
+def is_mocov3_checkpoint(obj: dict) -> bool:
+    """The official MoCo v3 file (facebookresearch/moco-v3) keeps its weights under 'state_dict', keyed
+    'module.base_encoder.*' (the momentum encoder beside them)."""
+    sd = obj.get("state_dict")
+    return isinstance(sd, dict) and any(isinstance(k, str) and k.startswith(MOCOV3_PREFIX) for k in sd)
 
 
 def is_mae_file(path) -> bool:

@@ -202,7 +202,7 @@ def detect_backbone(checkpoint: str | None) -> str | None:
         return None
     import torch
 
-    from ..checkpoints import is_mae_checkpoint
+    from ..checkpoints import is_mae_checkpoint, is_mocov3_checkpoint
     try:
         obj = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     except Exception:           # legacy (non-zip) files cannot be memory-mapped
@@ -215,9 +215,7 @@ def detect_backbone(checkpoint: str | None) -> str | None:
         return "other"
     if is_mae_checkpoint(obj):
         return "mae"
-    sd = obj.get("state_dict")
-    # The official MoCo v3 file (facebookresearch/moco-v3): {'state_dict': {'module.base_encoder.*': ...}}.
-    if isinstance(sd, dict) and any(isinstance(k, str) and k.startswith("module.base_encoder.") for k in sd):
+    if is_mocov3_checkpoint(obj):
         return "mocov3"
     return "other"
 
