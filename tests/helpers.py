@@ -132,3 +132,13 @@ def assert_parity(enc, ref, images, atol=1e-5, rtol=1e-5):
     for n, g, rg in zip(names, grads, ref_grads):
         assert rg.abs().max() > 0, f"reference gradient of {n} is zero: the comparison would be empty"
         torch.testing.assert_close(g, rg, atol=atol, rtol=rtol, msg=lambda m: f"{n}: {m}")
+
+
+def need_backend(name: str) -> None:
+    """Skip the calling test, with the reason, where the op's backend `name` cannot run here."""
+    import pytest
+
+    from lspt_kernels.backends import unavailable_reason
+    why = unavailable_reason(name)
+    if why is not None:
+        pytest.skip(f"{name} backend unavailable: {why}")

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import make_vit
+from helpers import make_vit, need_backend
 from test_encoders import NC, NP, _images, assert_parity
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -15,19 +15,13 @@ from lspt_kernels import LSPTEncoder, VPTEncoder
 from lspt_kernels.backends import unavailable_reason
 
 
-def _require_cpu():
-    why = unavailable_reason("cpu")
-    if why is not None:
-        pytest.skip(f"cpu backend unavailable: {why}")
-
-
 @pytest.mark.parametrize("backend", ["eager", "cpu"])
 @pytest.mark.parametrize("options", [dict(), dict(shared_lstm=False)], ids=["shared", "per-block-cells"])
 def test_fused_encoder_matches_reference(small_vit, backend, options):
     """The hoisted form (gate bias for all steps before the loop, then the step op) equals the
     paper's plain per-step form in python/lspt_reference: logits and every gradient."""
     if backend == "cpu":
-        _require_cpu()
+        need_backend("cpu")
     enc = LSPTEncoder(small_vit, NP, NC, backend=backend, **options)
     assert enc.fused
     assert_parity(enc, R.ReferenceLSPT(small_vit, NP, NC, **options), _images(small_vit))
@@ -45,7 +39,7 @@ def test_fused_path_with_prompt_dropout(backend, shared_lstm):
     """Per-image prompt dropout runs on the fused path (no fallback) with the same masks, drawn in
     the same order, as the plain PyTorch path: same logits and gradients for the same seed."""
     if backend == "cpu":
-        _require_cpu()
+        need_backend("cpu")
     vit = make_vit()
     fused = LSPTEncoder(vit, NP, NC, backend=backend, prompt_dropout=0.5, shared_lstm=shared_lstm).train()
     plain = LSPTEncoder(vit, NP, NC, prompt_dropout=0.5, shared_lstm=shared_lstm).train()
@@ -68,7 +62,7 @@ def test_fused_path_with_prompt_dropout(backend, shared_lstm):
 def test_fused_encoder_under_autocast():
     """bf16 autocast on the CPU: the hoisted gate GEMM and the step run in bf16, the cell in fp32;
     the cpu backend agrees with the eager one to bf16 precision, gradients included."""
-    _require_cpu()
+    need_backend("cpu")
     vit = make_vit()
     encs = [LSPTEncoder(vit, NP, NC, backend=b) for b in ("cpu", "eager")]
     encs[1].load_state_dict(encs[0].state_dict())
@@ -119,7 +113,7 @@ def test_dispatched_ops_per_step_within_budget(dropout):
     checks, backend) must not be repeated per block, and the op's autograd adds no op of its own
     (it is C++: a Python autograd.Function's output detaches would show up here). Counted as the
     slope over depth (3 vs 5 blocks) of LSPT minus VPT-deep, so the per-forward constant drops out."""
-    _require_cpu()
+    need_backend("cpu")
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     p = 0.5 if dropout else 0.0
     per_step = {}
@@ -154,7 +148,7 @@ def _train_steps(model, compiled, steps=3, dropout=False):
 def test_compiled_fused_step_no_graph_breaks_no_recompiles(dropout):
     """torch.compile(fullgraph=True) over the fused encoder: one graph, compiled once, across training
     steps whose parameters change (aot_eager traces forward and backward like inductor does)."""
-    _require_cpu()
+    need_backend("cpu")
     from torch._dynamo.testing import CompileCounterWithBackend
     torch._dynamo.reset()
     model = LSPTEncoder(make_vit(), NP, NC, backend="cpu", prompt_dropout=dropout).train()

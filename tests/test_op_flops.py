@@ -3,20 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_vit
+from helpers import make_vit, need_backend
 from test_step import TINY, make_inputs
 
-from lspt_kernels import LSPTEncoder, backends, ops
+from lspt_kernels import LSPTEncoder, ops
 from lspt_kernels.eager import gate_bias_rows
 from lspt_kernels.ops import lspt_step
 
 K = TINY[4]
-
-
-def _need(backend):
-    why = backends.unavailable_reason(backend)
-    if why is not None:
-        pytest.skip(f"{backend} backend unavailable: {why}")
 
 
 def _step(backend):
@@ -33,7 +27,7 @@ def _flops(fn) -> int:
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_flop_counter_counts_the_fused_op(device):
     if device == "cpu":
-        _need("cpu")
+        need_backend("cpu")
     B, n_p, _, D, _ = TINY
     inputs = tuple(t.detach().to(device).requires_grad_() for t in make_inputs(TINY))
     forward = 8 * B * n_p * D * D + 8 * n_p * D * D            # docs/method.md's cost model
@@ -51,7 +45,7 @@ def test_flop_counter_counts_the_fused_op(device):
 def test_flop_counter_counts_the_gate_recompute():
     """A forward that saved no gates (the GPU backends never do; the cpu one with save_gates=False)
     recomputes them in backward: one W_hh product more."""
-    _need("cpu")
+    need_backend("cpu")
     B, n_p, _, D, _ = TINY
     tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh = inputs = make_inputs(TINY)
     forward = 8 * B * n_p * D * D + 8 * n_p * D * D
@@ -62,7 +56,7 @@ def test_flop_counter_counts_the_gate_recompute():
 
 def test_flop_counter_on_an_encoder():
     """A whole LSPT forward counts the same FLOPs with the fused step as with the eager one."""
-    _need("cpu")
+    need_backend("cpu")
     images = torch.randn(2, 3, 32, 32)
     counts = {b: _flops(lambda: LSPTEncoder(make_vit(), 3, 5, backend=b)(images)) for b in ("reference", "cpu")}
     assert counts["cpu"] == counts["reference"] > 0

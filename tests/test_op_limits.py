@@ -13,20 +13,14 @@ import warnings
 
 import pytest
 import torch
-from helpers import make_vit
+from helpers import make_vit, need_backend
 from test_step import TINY, make_inputs, upstream
 
-from lspt_kernels import LSPTEncoder, backends, ops
+from lspt_kernels import LSPTEncoder, ops
 from lspt_kernels.eager import gate_bias_rows, lspt_step_eager
 from lspt_kernels.ops import lspt_step
 
 K = TINY[4]
-
-
-def _need(backend):
-    why = backends.unavailable_reason(backend)
-    if why is not None:
-        pytest.skip(f"{backend} backend unavailable: {why}")
 
 
 def _step(backend):
@@ -40,7 +34,7 @@ def _step(backend):
 def test_double_backward_through_fused_op_is_a_clear_error(device):
     """The cpu backend's autograd is C++ (csrc/autograd.cpp); meta tensors, which no extension
     registers, run the Python formula (lspt_kernels/ops.py): both refuse a second derivative alike."""
-    _need("cpu")
+    need_backend("cpu")
     inputs = tuple(t.detach().to(device).requires_grad_() for t in make_inputs(TINY))
     hidden, new_cell = _step("cpu")(*inputs)
     if device == "meta":
@@ -70,7 +64,7 @@ def fresh_warning(monkeypatch):
 
 
 def test_func_grad_runs_the_eager_step(fresh_warning):
-    _need("cpu")
+    need_backend("cpu")
     tokens, cell, prompt, w_ih, w_hh, b_ih, b_hh = (t.detach() for t in make_inputs(TINY))
     gh, gc = upstream(TINY, torch.float32, torch.float32, "cpu")
 
@@ -98,7 +92,7 @@ def test_func_grad_runs_the_eager_step(fresh_warning):
 def test_vmap_and_per_sample_grads_over_an_encoder(fresh_warning):
     """Per-sample gradients (vmap over grad over functional_call), the usual torch.func use, through an
     LSPTEncoder whose fused step is on: equal to one autograd backward per image."""
-    _need("cpu")
+    need_backend("cpu")
     enc = LSPTEncoder(make_vit(), 3, 5, backend="cpu")
     params = {n: p.detach() for n, p in enc.named_parameters() if p.requires_grad}
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -125,7 +119,7 @@ def _need_interpreted_triton():
         pytest.skip("a GPU is visible: Triton is compiled, not interpreted")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("TRITON_INTERPRET=1 is not set")
-    _need("triton")
+    need_backend("triton")
 
 
 def test_interpreted_triton_refuses_bf16():

@@ -9,19 +9,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
-from helpers import make_vit
+from helpers import make_vit, need_backend
 
-from lspt_kernels import LSPTEncoder, backends
+from lspt_kernels import LSPTEncoder
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _require_cpu():
-    why = backends.unavailable_reason("cpu")
-    if why is not None:
-        pytest.skip(f"cpu backend unavailable: {why}")
 
 
 def _run_fresh(code: str, tmp_path: Path) -> str:
@@ -35,7 +28,7 @@ def _run_fresh(code: str, tmp_path: Path) -> str:
 
 
 def test_direct_op_call_in_a_fresh_process(tmp_path):
-    _require_cpu()
+    need_backend("cpu")
     out = _run_fresh("""
         import torch
         import lspt_kernels.ops as ops          # defines the op; loads no backend
@@ -64,7 +57,7 @@ def test_direct_op_call_in_a_fresh_process(tmp_path):
 
 def test_export_save_load_in_a_fresh_process(tmp_path):
     """torch.export -> save -> load in a new process -> run: matches eager."""
-    _require_cpu()
+    need_backend("cpu")
     model = LSPTEncoder(make_vit(), 3, 5, backend="cpu").eval()
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -93,7 +86,7 @@ def test_compile_fullgraph_in_a_fresh_process(tmp_path):
     with the op: the backend loads outside Dynamo's trace (no graph break), forward and backward equal
     the eager encoder's. aot_eager traces forward and backward as inductor does, without its C++
     compile time (tests/test_compile.py runs inductor)."""
-    _require_cpu()
+    need_backend("cpu")
     out = _run_fresh("""
         import sys, torch
         sys.path.insert(0, %r)

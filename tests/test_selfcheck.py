@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import make_vit
+from helpers import make_vit, need_backend
 from test_step import TINY, make_inputs
 
 from lspt_kernels import LSPTEncoder, backends, ops, selfcheck
@@ -45,9 +45,7 @@ def fp32_precision():
 
 
 def _need(backend):
-    why = backends.unavailable_reason(backend)
-    if why is not None:
-        pytest.skip(f"{backend} backend unavailable: {why}")
+    need_backend(backend)
     if backend == "triton" and (torch.cuda.is_available() or not backends.triton_interpreted()):
         pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1, no GPU)")
 

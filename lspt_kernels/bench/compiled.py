@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from .measure import Timer, interleaved_rounds, per_round_ratios, short_error, summarize
+from .targets import put_summary
 
 MODES = ("eager", "default", "reduce-overhead")
 METHODS = ("lspt-fused", "gapt")
@@ -53,7 +54,7 @@ def run(device: str = "cuda", *, model: str = "vit_base_patch16_224", batch: int
         for name, err in errors.items():
             rows[name]["skipped"] = f"failed: {err}"
         for name, ts in times.items():
-            _put(rows[name], key, summarize(ts), 1e3)
+            put_summary(rows[name], key, summarize(ts), 1e3)
             rows[name][f"{key}_all"] = [t * 1e3 for t in ts]
     for name, row in rows.items():
         row["first_call_s"] = first.get(name)
@@ -61,17 +62,10 @@ def run(device: str = "cuda", *, model: str = "vit_base_patch16_224", batch: int
         lspt, gapt = rows.get(f"lspt-fused:{mode}"), rows.get(f"gapt:{mode}")
         if lspt and gapt and "skipped" not in lspt and "skipped" not in gapt:
             for key in ("train_ms", "infer_ms"):
-                _put(lspt, f"{key}_over_gapt", summarize(per_round_ratios(lspt[f"{key}_all"], gapt[f"{key}_all"])))
+                ratios = per_round_ratios(lspt[f"{key}_all"], gapt[f"{key}_all"])
+                put_summary(lspt, f"{key}_over_gapt", summarize(ratios))
     return list(rows.values())
 
-
-def _put(row: dict, key: str, s: dict | None, scale: float = 1.0) -> None:
-    if s is None:
-        return
-    row[key] = s["median"] * scale
-    for k in ("q1", "q3", "min", "max"):
-        row[f"{key}_{k}"] = s[k] * scale
-    row[f"{key}_n"] = s["n"]
 
 
 def _spread(r: dict, key: str, fmt: str) -> str:

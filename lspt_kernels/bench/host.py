@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 
 from .measure import per_round_ratios, short_error, summarize, verdict
+from .targets import get_summary, put_summary
 
 ENCODER_HOST = dict(depth=12, dim=16, heads=1, img=16, patch=8, num_prompts=1, batch=1)
 TARGETS = dict(fwd_bwd=2.0, fwd=0.5)          # F.linear units per LSPT block
@@ -135,25 +136,13 @@ def encoder_host_overhead(backends=DEFAULT_BACKENDS, repeats: int = 15, warmup: 
             continue
         for direction in ("fwd_bwd", "fwd"):
             per_block = [(a - b) / steps for a, b in zip(times[f"{backend}:{direction}"], times[f"vpt:{direction}"])]
-            _put(row, f"{direction}_us", summarize([v * 1e6 for v in per_block]))
-            _put(row, f"{direction}_units", summarize(per_round_ratios(per_block, unit)))
-        _put(row, "linear_us", summarize([v * 1e6 for v in unit]))
+            put_summary(row, f"{direction}_us", summarize([v * 1e6 for v in per_block]))
+            put_summary(row, f"{direction}_units", summarize(per_round_ratios(per_block, unit)))
+        put_summary(row, "linear_us", summarize([v * 1e6 for v in unit]))
         rows.append(row)
     return rows
 
 
-def _put(row: dict, key: str, s: dict | None) -> None:
-    if s is None:
-        return
-    row[key] = s["median"]
-    for k in ("q1", "q3", "min", "max", "n"):
-        row[f"{key}_{k}"] = s[k]
-
-
-def _summary(row: dict, key: str) -> dict | None:
-    if row.get(key) is None:
-        return None
-    return dict(median=row[key], **{k: row[f"{key}_{k}"] for k in ("q1", "q3", "min", "max", "n")})
 
 
 def evaluate_targets(rows: list[dict]) -> list[dict]:
@@ -163,7 +152,7 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
         if r.get("skipped") or r["backend"] == "eager":
             continue
         for direction, what in (("fwd_bwd", "forward+backward"), ("fwd", "no_grad forward")):
-            s = _summary(r, f"{direction}_units")
+            s = get_summary(r, f"{direction}_units")
             limit = TARGETS[direction]
             out.append(dict(backend=r["backend"], target=f"encoder host cost per LSPT block beyond VPT-deep, {what} "
                             f"<= {limit:g} F.linear units", limit=limit, verdict=verdict(s, limit),

@@ -44,6 +44,7 @@ from typing import Callable
 
 from .env import environment, load_line, load_warning, loadavg
 from .measure import Timer, interleaved_rounds, per_round_ratios, short_error, summarize, sync, verdict
+from .targets import get_summary, put_summary
 
 VIT_B16 = dict(num_patches=196, dim=768, num_prefix_tokens=1)
 HOST_OVERHEAD = dict(batch=1, num_prompts=1, num_patches=4, dim=8, num_prefix_tokens=1)
@@ -195,14 +196,6 @@ def floors(B: int, n_p: int, N: int, D: int, k: int, elt: int, peaks: dict) -> t
     return fwd, fwd_bwd
 
 
-def _put(row: dict, key: str, s: dict | None, scale: float = 1.0) -> None:
-    if s is None:
-        return
-    row[key] = s["median"] * scale
-    for k in ("q1", "q3", "min", "max"):
-        row[f"{key}_{k}"] = s[k] * scale
-    row[f"{key}_n"] = s["n"]
-
 
 def _time_backends(backends: list[str], inputs, device: str, repeats: int, warmup: int, timer: Timer,
                    k: int, min_sample_s: float, api: str = "lspt_step") -> tuple[dict, dict, dict]:
@@ -270,13 +263,13 @@ def run(batches=(8, 64), num_prompts=(10, 100), *, device: str = "cpu", dtype=No
                     continue
                 for direction, floor in (("fwd", floor_fwd), ("fwd_bwd", floor_fb)):
                     ts = times[direction].get(backend)
-                    _put(row, f"{direction}_ms", summarize(ts), 1e3)
+                    put_summary(row, f"{direction}_ms", summarize(ts), 1e3)
                     row[f"{direction}_ms_all"] = [t * 1e3 for t in ts]
                     row[f"{direction}_inner"] = inner.get(f"{backend}:{direction}", 1)
                     eager = times[direction].get("eager")
                     if eager:
-                        _put(row, f"{direction}_speedup", summarize(per_round_ratios(eager, ts)))
-                    _put(row, f"{direction}_of_floor", summarize([t / floor for t in ts]))
+                        put_summary(row, f"{direction}_speedup", summarize(per_round_ratios(eager, ts)))
+                    put_summary(row, f"{direction}_of_floor", summarize([t / floor for t in ts]))
                 rows.append(row)
     return rows
 
@@ -306,7 +299,7 @@ def host_overhead(device: str = "cpu", backends: list[str] | None = None, repeat
                     rows.append({**row, "skipped": skipped[backend]})
                     continue
                 for direction in ("fwd_bwd", "fwd"):
-                    _put(row, f"{direction}_us", summarize(times[direction][backend]), 1e6)
+                    put_summary(row, f"{direction}_us", summarize(times[direction][backend]), 1e6)
                     row[f"{direction}_inner"] = inner.get(f"{backend}:{direction}", 1)
                 rows.append(row)
         return rows
@@ -331,7 +324,7 @@ def evaluate_step_targets(rows: list[dict]) -> list[dict]:
         if r.get("skipped") or r["backend"] in ("eager", "compile", "reference"):
             continue
         setting = dict(backend=r["backend"], batch=r["batch"], num_prompts=r["num_prompts"], dtype=r["dtype"])
-        sp = _summary(r, "fwd_bwd_speedup")
+        sp = get_summary(r, "fwd_bwd_speedup")
         if r["device"] == "cpu":
             limit = STEP_TARGETS["cpu_speedup"]
             out.append(dict(setting, target="fused forward+backward no slower than eager (speed-up >= 1)",
@@ -348,11 +341,6 @@ def evaluate_step_targets(rows: list[dict]) -> list[dict]:
                                 limit=limit, verdict=verdict(s, limit), **_stats(s)))
     return out
 
-
-def _summary(r: dict, key: str) -> dict | None:
-    if r.get(key) is None:
-        return None
-    return dict(median=r[key], **{k: r[f"{key}_{k}"] for k in ("q1", "q3", "min", "max", "n")})
 
 
 def _stats(s: dict | None) -> dict:

@@ -21,13 +21,14 @@ SEG_FLOOR_NOTE = " (the backbone's floor: the heads' time lowers the whole step'
 STATS = ("q1", "q3", "min", "max", "n")
 
 
-def put_summary(row: dict, key: str, s: dict | None) -> None:
-    """row[key] = median, row[key_q1] ... row[key_n] (flat, for the CSV)."""
+def put_summary(row: dict, key: str, s: dict | None, scale: float = 1.0) -> None:
+    """row[key] = median, row[key_q1] ... row[key_n] (flat, for the CSV); `scale` converts the values'
+    unit (e.g. 1e3 for seconds to milliseconds), not the count."""
     if s is None:
         return
-    row[key] = s["median"]
+    row[key] = s["median"] * scale
     for k in STATS:
-        row[f"{key}_{k}"] = s[k]
+        row[f"{key}_{k}"] = s[k] if k == "n" else s[k] * scale
 
 
 def get_summary(row: dict, key: str) -> dict | None:
