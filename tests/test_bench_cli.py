@@ -260,18 +260,24 @@ def test_cli_run_from_a_directory_with_a_decoy_package(tmp_path):
     assert row["status"] == "ok" and row["peak_memory_gb"] is not None
 
 
-def test_grad_checkpointing_option(tmp_path, capsys, monkeypatch):
-    """--grad-checkpointing both: every setting with and without it, the encoder's
-    set_grad_checkpointing(True) called; the gradient-checkpointing memory/time targets evaluated."""
+@pytest.fixture
+def checkpointing_calls(monkeypatch):
+    """The `enable` argument of every PromptEncoder.set_grad_checkpointing call made in the test."""
     from lspt_kernels.encoders import PromptEncoder
-    calls = []
-    real = PromptEncoder.set_grad_checkpointing
+    calls, real = [], PromptEncoder.set_grad_checkpointing
 
     def recording(self, enable=True, **kw):
         calls.append(enable)
         return real(self, enable, **kw)
 
     monkeypatch.setattr(PromptEncoder, "set_grad_checkpointing", recording)
+    return calls
+
+
+def test_grad_checkpointing_option(tmp_path, capsys, checkpointing_calls):
+    """--grad-checkpointing both: every setting with and without it, the encoder's
+    set_grad_checkpointing(True) called; the gradient-checkpointing memory/time targets evaluated."""
+    calls = checkpointing_calls
     out = tmp_path / "out"
     rc = B.main([*TINY, "--device", "cpu", "--in-process", "--grad-checkpointing", "both", "--no-plot",
                  "--methods", "gapt,lspt-fused", "--output", str(out)])
@@ -374,19 +380,11 @@ def test_segmentation_defaults(device, expected):
     assert cls["img_size"] is None and cls["num_classes"] == 200 and cls["methods"] == B.bench_methods()
 
 
-def test_segmentation_grad_checkpointing(tmp_path, capsys, monkeypatch):
+def test_segmentation_grad_checkpointing(tmp_path, capsys, checkpointing_calls):
     """--grad-checkpointing both with --task segmentation: the encoders run checkpointed, the step computes
     the same loss, and each checkpointed row gets its memory and time over the plain run (no
     classification-calibrated target)."""
-    from lspt_kernels.encoders import PromptEncoder
-    calls = []
-    real = PromptEncoder.set_grad_checkpointing
-
-    def recording(self, enable=True, **kw):
-        calls.append(enable)
-        return real(self, enable, **kw)
-
-    monkeypatch.setattr(PromptEncoder, "set_grad_checkpointing", recording)
+    calls = checkpointing_calls
     out = tmp_path / "out"
     rc = B.main([*SEG_TINY, "--in-process", "--grad-checkpointing", "both", "--no-plot", "--methods", "gapt,lspt",
                  "--output", str(out)])
