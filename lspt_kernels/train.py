@@ -112,14 +112,26 @@ class TrainParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # long: the option table, read top to bottom
     p = TrainParser(
         prog="lspt-train", formatter_class=HelpFormatter,
         description="Tune prompts (LSPT, GaPT, VPT), adapters or a linear probe on a frozen timm ViT: classification "
                     "with the official VPT/GaPT recipe, or semantic segmentation (SETR-PUP heads) with SETR's ADE20K "
                     "recipe. Multi-GPU: torchrun --standalone --nproc_per_node=N --no-python lspt-train ARGS (or "
                     "python -m torch.distributed.run ... -m lspt_kernels.train ARGS).")
-    d = p.add_argument_group("data")
+    _data_options(p.add_argument_group("data"))
+    _model_options(p.add_argument_group("model"))
+    _optimisation_options(p.add_argument_group("optimisation"))
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: cuda when available)")
+    r.add_argument("--amp", default="auto", help="auto (bf16 on a GPU, none on the CPU) | bf16 | fp16 | none")
+    r.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--output", required=True, help="output directory")
+    r.add_argument("--resume", action="store_true", help="continue the run saved in --output")
+    return p
+
+
+def _data_options(d) -> None:
     d.add_argument("--data", required=True, help="dataset root: imagefolder (train/ val/ [test/]), VTAB-1k lists "
                    "(train800.txt ...) or FGVC json (train.json ...); segmentation: ADEChallengeData2016 (or its "
                    "parent) or images/{train,val} + annotations/{train,val} PNG label maps")
@@ -136,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "layout: label 0 is 'other' (ignored) and k is class k - 1 (default: false; ADE20K: true)")
     d.add_argument("--ignore-index", type=int, default=None, help="segmentation: the label value the loss and the "
                    f"metrics skip (default: {TASK_OPTIONS['segmentation']['ignore_index']})")
-    m = p.add_argument_group("model")
+
+
+def _model_options(m) -> None:
     m.add_argument("--model", required=True, help="timm VisionTransformer name, e.g. vit_base_patch16_224")
     m.add_argument("--img-size", type=int, default=None, help="classification: image size (default: the model's)")
     add_model_kwargs_option(m)
@@ -167,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "// 3 (SETR's (2048, 512) and 341 at 512)")
     m.add_argument("--head-channels", type=int, default=None, help="segmentation: conv width of the SETR-PUP and "
                    "auxiliary heads (default: SETR's 256)")
-    o = p.add_argument_group("optimisation")
+
+
+def _optimisation_options(o) -> None:
     o.add_argument("--epochs", type=int, default=None, help="classification: total epochs (official "
                    f"base-prompt.yaml) (default: {TASK_OPTIONS['classification']['epochs']})")
     o.add_argument("--warmup-epochs", type=int, default=None, help="classification: linear warm-up from lr 0 (per "
@@ -195,14 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--limit-train-batches", type=int, default=None,
                    help="classification: stop every epoch after this many batches (smoke runs, throughput "
                         "measurements)")
-    r = p.add_argument_group("runtime")
-    r.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: cuda when available)")
-    r.add_argument("--amp", default="auto", help="auto (bf16 on a GPU, none on the CPU) | bf16 | fp16 | none")
-    r.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model")
-    r.add_argument("--output", required=True, help="output directory")
-    r.add_argument("--resume", action="store_true", help="continue the run saved in --output")
-    return p
 
 
 @dataclass

@@ -81,16 +81,16 @@ def resolve_task_options(args: argparse.Namespace) -> None:
     if args.task is None:
         args.task = detect_task(args.data)
     own = TASK_OPTIONS[args.task]
-    for option in {k for table in TASK_OPTIONS.values() for k in table}:
-        value = getattr(args, option)
-        if option in own:
-            if value is None:
-                setattr(args, option, own[option])
-        elif value is not None:
-            other = next(t for t in TASKS if t != args.task)
-            hint = " (--crop-size sets the backbone's size)" if option == "img_size" else ""
-            raise UsageError(f"--{option.replace('_', '-')} applies to --task {other} only; this run is "
-                             f"--task {args.task} ({WHY[args.task]}){hint}")
+    other = next(t for t in TASKS if t != args.task)
+    foreign = [k for k in TASK_OPTIONS[other] if k not in own and getattr(args, k) is not None]
+    if foreign:
+        names = ", ".join(f"--{k.replace('_', '-')}" for k in foreign)
+        hint = " (--crop-size sets the backbone's size)" if "img_size" in foreign else ""
+        raise UsageError(f"{names} {'applies' if len(foreign) == 1 else 'apply'} to --task {other} only; this run is "
+                         f"--task {args.task} ({WHY[args.task]}){hint}")
+    for option, default in own.items():
+        if getattr(args, option) is None:
+            setattr(args, option, default)
 
 
 def make_task(args):
