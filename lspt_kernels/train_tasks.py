@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -63,15 +64,21 @@ WHY = {"classification": "classification counts --epochs", "segmentation": "segm
 def detect_task(data) -> str:
     """The task of a --data folder: "segmentation" when it has a segmentation layout
     (`seg.detect_segmentation_layout`), else "classification" (whose loader names what is wrong with a
-    folder that has neither). A folder with both is a UsageError asking for --task."""
+    folder that has neither). A folder with both, or with an images/ or annotations/ folder but neither
+    layout (a segmentation dataset not laid out as expected), is a UsageError."""
     segmentation = detect_segmentation_layout(data) is not None
     try:
         detect_layout(data)
         classification = True
-    except DataError:
+    except (DataError, OSError):
         classification = False
     if segmentation and classification:
         raise UsageError(f"--data {data} holds both a classification and a segmentation layout: pass --task")
+    if not (segmentation or classification) and any((Path(data) / d).is_dir() for d in ("images", "annotations")):
+        raise UsageError(f"--data {data} has an images/ or annotations/ folder but no segmentation layout: expected "
+                         "images/{train,val} and annotations/{train,val} (generic) or "
+                         "ADEChallengeData2016/{images,annotations}/{training,validation} (ade20k); pass --task "
+                         "classification if it is a classification dataset")
     return "segmentation" if segmentation else "classification"
 
 
@@ -127,9 +134,13 @@ def _loader_generator(args, position: int) -> torch.Generator:
 
 
 class Task:
-    """The interface `train.py` uses (both tasks implement every method). Class attributes: name; unit,
-    the log's progress key; round_name; metric, the log key of the validation score (a percentage, higher is
-    better); metric_label, its words."""
+    """What `train.py` asks of a task, built from the resolved command line. Class attributes: name; unit,
+    the log's position key ("epoch" | "iteration"); round_name; metric, the log key of the validation score
+    (a percentage, higher is better); metric_label, its words. Both tasks implement: check_numbers,
+    load_data, check_data, backbone_kwargs, build_model, encoder_of, effective_lr, optimizer (-> optimizer,
+    scheduler or None), records (-> this task's identity and record entries), datasets, total, round_end,
+    span, train_loader, step (-> loss, images, correct, counted), validate, continue_schedule, log_row,
+    log_line."""
 
     name = unit = round_name = metric = metric_label = ""
 

@@ -240,6 +240,14 @@ def test_resume_with_another_eval_interval_continues_at_the_saved_iteration(data
     assert [r["iteration"] for r in _log(out)] == [3, 6, 8]
 
 
+def test_grad_checkpointing_trains_to_the_same_tensors(data, finished, tmp_path):
+    """--grad-checkpointing recomputes the blocks in backward: memory, not results, changes."""
+    assert lspt_train.main(_args(data, tmp_path / "gc", "--grad-checkpointing")) == 0
+    a, b = load_file(str(finished / "last.safetensors")), load_file(str(tmp_path / "gc" / "last.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_ddp_two_cpu_processes(data, tmp_path):
     """torchrun, 2 processes (gloo): each trains its half of every batch (BatchNorm per process on the CPU),
     both validate half the images with rank 0's statistics, and the file evaluates to the logged mIoU."""
@@ -322,8 +330,11 @@ def test_option_errors(data, tmp_path, capsys, case):
     (["--task", "classification"], "--iters, --eval-interval, --crop-size, --head-channels apply to --task "
                                    "segmentation only; this run is --task classification"),
     (["--reduce-zero-label", "maybe"], "argument --reduce-zero-label: expected true or false"),
+    (["--data", "{broken}"], r"--data \S+broken has an images/ or annotations/ folder but no segmentation layout"),
 ])
-def test_options_of_the_other_task_are_refused(data, tmp_path, capsys, extra, pattern):
+def test_parse_errors(data, tmp_path, capsys, extra, pattern):
+    (tmp_path / "broken" / "images" / "train").mkdir(parents=True)               # no annotations/
+    extra = [e.format(broken=tmp_path / "broken") for e in extra]
     with pytest.raises(SystemExit) as exc:
         lspt_train.main(_args(data, tmp_path / "o", *extra))
     assert exc.value.code == 2 and re.search(pattern, capsys.readouterr().err)
