@@ -62,7 +62,8 @@ def train_step(model, optimizer: torch.optim.Optimizer, images: Tensor, labels: 
     """One iteration: the poly learning rates of `iteration` (0-based), forward in training mode (main
     and auxiliary logits), the weighted loss, backward, the update. `model` may be a DDP wrapper.
     Returns {"loss": float, "lr": the first group's lr, "correct": int, "labelled": int}: the pixels the
-    main logits classify right, out of the labelled ones (mmseg's training accuracy, acc_seg). A loss
+    main logits classify right, out of the labelled ones (mmseg's training accuracy acc_seg, over the labelled
+    pixels as later mmseg versions; SETR's divides by all of them). A loss
     that is NaN or inf raises FloatingPointError before anything is updated."""
     module = _unwrap(model)
     model.train()
@@ -70,13 +71,15 @@ def train_step(model, optimizer: torch.optim.Optimizer, images: Tensor, labels: 
     with _autocast(images.device, amp_dtype):
         outputs = model(images)
     loss = module.loss(outputs, labels)
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise FloatingPointError(f"the training loss is {value} at iteration {iteration + 1}")
-    with torch.no_grad():
+    with torch.no_grad():          # mmseg's decode head computes this accuracy in every iteration too
         main = outputs[0] if isinstance(outputs, tuple) else outputs
         labelled = labels != module.ignore_index
-        correct = int(((main.argmax(1) == labels) & labelled).sum())
+        correct = ((main.argmax(1) == labels) & labelled).sum()
+        value, correct, labelled = torch.stack([loss.detach().double(), correct.double(),
+                                                labelled.sum().double()]).tolist()    # one host sync
+    correct, labelled = int(correct), int(labelled)
+    if not math.isfinite(value):
+        raise FloatingPointError(f"the training loss is {value} at iteration {iteration + 1}")
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -85,7 +88,7 @@ def train_step(model, optimizer: torch.optim.Optimizer, images: Tensor, labels: 
     else:
         loss.backward()
         optimizer.step()
-    return {"loss": value, "lr": optimizer.param_groups[0]["lr"], "correct": correct, "labelled": int(labelled.sum())}
+    return {"loss": value, "lr": optimizer.param_groups[0]["lr"], "correct": correct, "labelled": labelled}
 
 
 def evaluate(model, dataset, config: InferenceConfig = InferenceConfig(), *, device=None,
