@@ -135,6 +135,16 @@ def test_train_writes_the_log_files_and_heads(finished, capsys):
     assert (finished / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("method", ["vpt-shallow", "vpt-deep", "gapt", "adapter", "linear"])
+def test_every_method_trains_and_evaluates(data, tmp_path, capsys, method):
+    out = tmp_path / method
+    assert lspt_train.main(_replace(_args(data, out, method=method, iters=2), "--eval-interval", "2")) == 0
+    logged = _log(out)[-1]["val_miou"]
+    capsys.readouterr()
+    assert lspt_eval.main(["--data", str(data), "--tuned", str(out / "last.safetensors")]) == 0
+    assert f": mIoU {logged:.2f}%" in capsys.readouterr().out.splitlines()[0]
+
+
 def test_eval_single_scale_reproduces_the_logged_miou(data, finished, capsys):
     best = max(_log(finished), key=lambda r: r["val_miou"])
     assert lspt_eval.main(["--data", str(data), "--tuned", str(finished / "best.safetensors")]) == 0
