@@ -15,7 +15,10 @@
 - Tuned files: `backbone_spec` (the backbone a file was tuned on: the flags, else what lspt-train
   recorded in it, its entries' types checked once), `load_backbone`, `backbone_mismatch` (flags or
   weights that make a backbone another one than the file's), `load_tuned_encoder` and `rebuild_encoder`
-  (the encoder of a tuned file, ready to run).
+  (the encoder of a tuned file, ready to run); `tuned_task`, `load_tuned_model` and `rebuild_model` for
+  either kind of file (an encoder, or a segmentation file's SegmentationModel), `tuned_inference` (the
+  test-time windows lspt-train recorded in a segmentation file).
+- `HelpFormatter`: argparse's defaults formatter, silent about None defaults (their help says what they mean).
 """
 from __future__ import annotations
 
@@ -38,12 +41,17 @@ import torch
 from .checkpoints import load_backbone_checkpoint, read_tuned_metadata
 from .data import IMAGENET_MEAN, IMAGENET_STD, LAYOUTS
 from .encoders import build_encoder, check_vit
+from .seg.data import SEG_LAYOUTS
+from .seg.inference import InferenceConfig
+from .seg.model import TASK as SEGMENTATION
+from .seg.model import load_segmentation_model
 
 __all__ = ["UsageError", "error_message", "check_number", "parse_bool", "resolve_device", "check_output_dir",
            "OutputLock", "cpu_supports_bf16", "check_amp", "autocast_context", "add_model_kwargs_option",
            "model_kwargs_from_args", "parse_model_kwargs", "build_backbone", "backbone_fingerprint", "TRAIN_RECORD",
            "train_record", "backbone_spec", "load_backbone", "backbone_mismatch", "load_tuned_encoder",
-           "rebuild_encoder"]
+           "rebuild_encoder", "amp_dtype", "HelpFormatter", "tuned_task", "load_tuned_model", "rebuild_model",
+           "tuned_inference"]
 
 # The metadata entry in which lspt-train records the backbone and data of a tuned file (model, img_size,
 # model_kwargs, seed, checkpoint, classes, layout, mean, std, eval_batch_size, amp, epoch, val_acc).
@@ -88,6 +96,14 @@ def check_number(option: str, value, *, ge=None, gt=None, le=None, lt=None) -> N
     kind = "" if isinstance(value, int) and not isinstance(value, bool) else "a finite number "
     what = kind + " and ".join(f"{op} {b}" for op, b in bounds)
     raise UsageError(f"{option} must be {what.strip()}, got {value!r}")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's ArgumentDefaultsHelpFormatter, except that an option whose default is None gets no
+    "(default: None)": its help says what happens without it (e.g. "the model's", or a default per task)."""
+
+    def _get_help_string(self, action):
+        return (action.help or "") if action.default is None else super()._get_help_string(action)
 
 
 TRUE_WORDS = ("true", "1", "yes")
@@ -212,11 +228,16 @@ def check_amp(amp: str, device: torch.device) -> str:
     return amp
 
 
+def amp_dtype(amp: str) -> torch.dtype | None:
+    """The autocast dtype of an --amp setting checked by `check_amp`; None for "none"."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+
 def autocast_context(device: torch.device, amp: str):
     """The autocast region of an --amp setting checked by `check_amp` ("none": no autocast)."""
     if amp == "none":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=amp_dtype(amp))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -340,7 +361,7 @@ RECORD_ENTRIES = {
     "checkpoint": (lambda v: v is None or (isinstance(v, str) and bool(v)), "a file path (or null)"),
     "classes": (lambda v: isinstance(v, list) and bool(v) and all(isinstance(c, str) for c in v),
                 "a non-empty list of class names"),
-    "layout": (lambda v: v in LAYOUTS, f"one of {', '.join(LAYOUTS)}"),
+    "layout": (lambda v: v in LAYOUTS + SEG_LAYOUTS, f"one of {', '.join(LAYOUTS + SEG_LAYOUTS)}"),
     "mean": (_is_numbers, "a list of numbers"),
     "std": (lambda v: _is_numbers(v) and all(x > 0 for x in v), "a list of numbers > 0"),
     "eval_batch_size": (lambda v: _is_int(v, 1), "an int >= 1"),
@@ -348,6 +369,13 @@ RECORD_ENTRIES = {
     "epoch": (lambda v: _is_int(v, 0), "an int >= 0"),
     "val_acc": (lambda v: v is None or _is_numbers([v]), "a number (or null)"),
     "backbone_sha256": (lambda v: isinstance(v, str) and bool(v), "a hex digest"),
+    # segmentation: the labels' coding, the test-time windows and resize, the progress in iterations
+    "reduce_zero_label": (lambda v: isinstance(v, bool), "true or false"),
+    "stride": (lambda v: _is_int(v, 1), "an int >= 1"),
+    "scale": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x, 1) for x in v),
+              "a list of two ints >= 1 (long, short)"),
+    "iteration": (lambda v: _is_int(v, 0), "an int >= 0"),
+    "val_miou": (lambda v: v is None or _is_numbers([v]), "a number (or null)"),
 }
 
 
@@ -479,6 +507,10 @@ def rebuild_encoder(path, model: str | None = None, img_size: int | None = None,
     the overrides), the tuned tensors loaded. Returns (encoder, encoder config, lspt-train's record).
     A backbone other than the recorded one (`backbone_mismatch`) is reported through `warn(message)`
     (default: a RuntimeWarning)."""
+    return _rebuild(path, model, img_size, checkpoint, warn, load_tuned_encoder)
+
+
+def _rebuild(path, model, img_size, checkpoint, warn, load):
     config, record = train_record(path)
     spec = backbone_spec([path], model=model, img_size=img_size, checkpoint=checkpoint)
     vit = load_backbone(spec)
@@ -486,7 +518,45 @@ def rebuild_encoder(path, model: str | None = None, img_size: int | None = None,
     if mismatch:
         if warn is None:
             import warnings
-            warnings.warn(mismatch, RuntimeWarning, stacklevel=2)
+            warnings.warn(mismatch, RuntimeWarning, stacklevel=3)
         else:
             warn(mismatch)
-    return load_tuned_encoder(path, vit), config, record
+    return load(path, vit), config, record
+
+
+def tuned_task(config: dict) -> str:
+    """The task of a tuned file from its config (`train_record`'s first value): "segmentation" for a
+    SegmentationModel's file, "classification" for an encoder's."""
+    return SEGMENTATION if config.get("task") == SEGMENTATION else "classification"
+
+
+def load_tuned_model(path, vit):
+    """The model a tuned file was written from, rebuilt around `vit` with the file's tensors loaded: the
+    encoder (`load_tuned_encoder`), or for a segmentation file its SegmentationModel (heads included). A
+    file that does not fit `vit` is a UsageError naming --tuned."""
+    config, _ = train_record(path)
+    if tuned_task(config) != SEGMENTATION:
+        return load_tuned_encoder(path, vit)
+    try:
+        return load_segmentation_model(path, vit)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--tuned {exc}") from None
+
+
+def rebuild_model(path, model: str | None = None, img_size: int | None = None, checkpoint=None, warn=None):
+    """`rebuild_encoder` for either kind of tuned file: (the encoder or SegmentationModel, its config,
+    lspt-train's record)."""
+    return _rebuild(path, model, img_size, checkpoint, warn, load_tuned_model)
+
+
+def tuned_inference(model, record: dict, multi_scale: bool = False) -> InferenceConfig:
+    """How lspt-eval and lspt-viz infer with a segmentation file's model: sliding windows of the backbone's
+    size with the stride and resize scale lspt-train recorded (`InferenceConfig.for_crop`'s when it recorded
+    none, or for a backbone built at another size); multi_scale: SETR's ratios, each also flipped."""
+    crop = model.encoder.vit.patch_embed.img_size[0]
+    recorded = record.get("img_size") == crop and "stride" in record and "scale" in record
+    config = InferenceConfig.for_crop(crop, **(dict(stride=record["stride"], scale=tuple(record["scale"]))
+                                               if recorded else {}))
+    if not multi_scale:
+        return config
+    return InferenceConfig.multi_scale(crop_size=config.crop_size, stride=config.stride, scale=config.scale)

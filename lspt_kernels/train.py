@@ -1,22 +1,29 @@
-"""`lspt-train`: tune LSPT (or a baseline) on a dataset with the official VPT/GaPT recipe.
+"""`lspt-train`: tune LSPT (or a baseline) on a classification dataset with the official VPT/GaPT recipe, or
+on a segmentation dataset with SETR-PUP's (`--task segmentation`, detected from the data layout).
 
-The recipe (docs/training.md cites the official files): SGD with momentum 0.9, weight decay 0, a
+Classification (docs/training.md cites the official files): SGD with momentum 0.9, weight decay 0, a
 per-epoch schedule with linear warm-up from 0 then cosine decay to 0, the learning rate given for a batch
-of 256 and scaled by batch / 256, prompt dropout 0.1, GaPT's head init. One process, or data-parallel
-under torchrun (DDP over the tuned parameters only; gloo on the CPU, NCCL on GPUs; rank 0 writes).
+of 256 and scaled by batch / 256, prompt dropout 0.1, GaPT's head init. Segmentation (docs/segmentation.md):
+SETR-PUP and its auxiliary heads on the prompt-tuned encoder, SGD momentum 0.9, lr 0.001 with the heads at
+10x, poly decay per iteration, 160k iterations of batch 16, validated every 16k. One process, or
+data-parallel under torchrun (DDP over the tuned parameters only; gloo on the CPU, NCCL on GPUs, where the
+heads' BatchNorm becomes SyncBatchNorm; rank 0 writes).
 
 The run is a sequence of stages, as in timm's train.py, each a function of its own: `setup` (check the
-command line, build the encoder, data and optimizer), `resume` (restore a saved run, or seed a new one),
-then per epoch `train_one_epoch`, `validate` and `save_epoch` / `save_state`; `train` runs them in order.
+command line, build the model, data and optimizer), `resume` (restore a saved run, or seed a new one),
+then per round (an epoch, or an evaluation interval of iterations) `train_one_epoch`, `validate` and
+`save_epoch` / `save_state`; `train` runs them in order. What differs between the tasks is a Task object
+(`lspt_kernels.train_tasks`): data, model, optimizer and schedule, one step, the validation score.
 
-Output directory: last.safetensors and best.safetensors (tuned parameters only, written by
-`encoder.save_tuned` with the encoder config and the training record inside, so `lspt-eval` rebuilds the
-encoder from the file), resume.pt (parameters, optimizer, scheduler, RNG states, epoch: written at the
-start and after every epoch, atomically), log.jsonl, curves.png, config.json.
+Output directory: last.safetensors and best.safetensors (tuned parameters only, with the heads for
+segmentation, written by `save_tuned` with the config and the training record inside, so `lspt-eval` rebuilds
+the model from the file), resume.pt (parameters, optimizer, scheduler, RNG states, position: written at
+the start and after every round, atomically), log.jsonl, curves.png, config.json.
 
-Reproducibility: each epoch's shuffling and worker seeds come from (seed, epoch); the global RNGs (prompt
-dropout, main-process augmentation) are saved with every epoch's resume state, so `--resume` on the CPU ends
-bit-for-bit where an uninterrupted run ends.
+Reproducibility: each epoch's shuffling and worker seeds come from (seed, epoch), each segmentation crop's
+augmentation from (seed, its place in the sample stream); the global RNGs (prompt dropout, main-process
+augmentation) are saved with every round's resume state, so `--resume` on the CPU ends bit-for-bit where an
+uninterrupted run ends.
 """
 from __future__ import annotations
 
@@ -24,7 +31,6 @@ import argparse
 import contextlib
 import errno
 import json
-import math
 import os
 import random
 import sys
@@ -35,17 +41,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .backbones import is_eva
 from .cli_helpers import (
     TRAIN_RECORD,
+    HelpFormatter,
     OutputLock,
     UsageError,
     add_model_kwargs_option,
-    autocast_context,
     backbone_fingerprint,
-    build_backbone,
     check_amp,
     check_number,
     check_output_dir,
@@ -54,9 +58,9 @@ from .cli_helpers import (
     parse_bool,
     resolve_device,
 )
-from .data import IMAGENET_MEAN, IMAGENET_STD, DatasetSpec, ImageDataset, build_transform, load_dataset
-from .encoders import METHODS, METHODS_WITHOUT_PROMPTS, from_timm
-from .evaluate import evaluate
+from .data import IMAGENET_MEAN, IMAGENET_STD
+from .encoders import METHODS, METHODS_WITHOUT_PROMPTS
+from .train_tasks import TASK_OPTIONS, TASKS, Task, make_task, resolve_task_options, warmup_cosine
 
 __all__ = ["build_parser", "main", "train", "warmup_cosine", "Run", "setup", "resume", "wrap_model",
            "train_one_epoch", "validate", "save_epoch", "save_state"]
@@ -75,50 +79,82 @@ METHOD_OPTIONS = {
     "reduction_factor": (("adapter",), "reduction_factor"),
     "adapter_init": (("adapter",), "adapter_init"),
 }
-# What makes a saved run the same run: a --resume that differs in any of these is refused. backbone_seed is
-# the seed of a random backbone (None with --checkpoint), backbone_sha256 the fingerprint of its weights.
-IDENTITY = ("method", "model", "img_size", "model_kwargs", "checkpoint", "backbone_seed", "backbone_sha256",
-            "num_classes", "classes", "encoder")
-# What a resume.pt holds (save_state); a file without one of them is not a state this tool wrote.
+# What a resume.pt holds (save_state); a file without one of them is not a state this tool wrote. "epoch" is
+# the position: epochs done, or iterations done for segmentation.
 STATE_KEYS = ("epoch", "identity", "settings", "best_acc", "best_epoch", "tuned", "optimizer", "scheduler", "scaler",
               "rng")
 # The files of a run in its output folder: a new run refuses a folder holding any of them.
 RUN_FILES = ("config.json", "resume.pt", "log.jsonl", "last.safetensors", "best.safetensors")
 # Settings a --resume may change (with a warning that the result will differ from an uninterrupted run).
 RESUMABLE_CHANGES = ("epochs", "warmup_epochs", "batch_size", "lr", "seed", "momentum", "weight_decay",
-                     "prompt_dropout", "world_size", "amp", "limit_train_batches")
+                     "prompt_dropout", "world_size", "amp", "limit_train_batches", "iters", "eval_interval",
+                     "head_lr_mult", "min_lr", "poly_power")
 
-_on_step = None        # test hook: called as _on_step(epoch, step, loss) after every optimizer step
+_on_step = None        # test hook: called as _on_step(position, step, loss) after every optimizer step
 
 
-def warmup_cosine(warmup: int, total: int):
-    """The official per-epoch factor (KMnP/vpt src/solver/lr_scheduler.py WarmupCosineSchedule): linear
-    from 0 over `warmup` epochs, then half a cosine down to 0 at `total`."""
-    def factor(epoch: int) -> float:
-        if epoch < warmup:
-            return epoch / max(1.0, warmup)
-        progress = (epoch - warmup) / max(1, total - warmup)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    return factor
+def _defaults(option: str) -> str:
+    """The per-task defaults of an option, for its help."""
+    return "; ".join(f"{task} {TASK_OPTIONS[task][option]}" for task in TASKS if option in TASK_OPTIONS[task])
+
+
+class TrainParser(argparse.ArgumentParser):
+    """lspt-train's parser: after parsing, the task is known (--task, or detected from --data) and every
+    option left at None gets that task's default (`train_tasks.resolve_task_options`); an option of the other
+    task is an error."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        try:
+            resolve_task_options(parsed)
+        except UsageError as exc:
+            self.error(str(exc))
+        return parsed, extras
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lspt-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Tune prompts (LSPT, GaPT, VPT), adapters or a linear probe on a frozen timm ViT with the "
-                    "official VPT/GaPT recipe. Multi-GPU: torchrun --standalone --nproc_per_node=N --no-python "
-                    "lspt-train ARGS (or python -m torch.distributed.run ... -m lspt_kernels.train ARGS).")
-    d = p.add_argument_group("data")
-    d.add_argument("--data", required=True, help="dataset root: imagefolder (train/ val/ [test/]), VTAB-1k "
-                   "lists (train800.txt ...) or FGVC json (train.json ...)")
-    d.add_argument("--layout", default=None, help="imagefolder | vtab | fgvc (default: detected)")
+    p = TrainParser(
+        prog="lspt-train", formatter_class=HelpFormatter,
+        description="Tune prompts (LSPT, GaPT, VPT), adapters or a linear probe on a frozen timm ViT: classification "
+                    "with the official VPT/GaPT recipe, or semantic segmentation (SETR-PUP heads) with SETR's ADE20K "
+                    "recipe. Multi-GPU: torchrun --standalone --nproc_per_node=N --no-python lspt-train ARGS (or "
+                    "python -m torch.distributed.run ... -m lspt_kernels.train ARGS).")
+    _data_options(p.add_argument_group("data"))
+    _model_options(p.add_argument_group("model"))
+    _optimisation_options(p.add_argument_group("optimisation"))
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: cuda when available)")
+    r.add_argument("--amp", default="auto", help="auto (bf16 on a GPU, none on the CPU) | bf16 | fp16 | none")
+    r.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--output", required=True, help="output directory")
+    r.add_argument("--resume", action="store_true", help="continue the run saved in --output")
+    return p
+
+
+def _data_options(d) -> None:
+    d.add_argument("--data", required=True, help="dataset root: imagefolder (train/ val/ [test/]), VTAB-1k lists "
+                   "(train800.txt ...) or FGVC json (train.json ...); segmentation: ADEChallengeData2016 (or its "
+                   "parent) or images/{train,val} + annotations/{train,val} PNG label maps")
+    d.add_argument("--task", default=None, choices=TASKS, help="default: segmentation when --data has a segmentation "
+                   "layout, else classification")
+    d.add_argument("--layout", default=None, help="imagefolder | vtab | fgvc; segmentation: ade20k | generic "
+                   "(default: detected)")
     d.add_argument("--train-split", default="train", help="train | trainval (VTAB-1k's train800val200)")
-    d.add_argument("--val-split", default="val", help="val | test: the split evaluated after every epoch")
+    d.add_argument("--val-split", default="val", help="val | test: the split evaluated after every round")
     d.add_argument("--workers", type=int, default=2, help="data-loader processes per training process")
-    m = p.add_argument_group("model")
+    d.add_argument("--num-classes", type=int, default=None, help="segmentation, generic layout: the classes (default: "
+                   "classes.txt in --data, else the largest train label + 1; ADE20K: 150)")
+    d.add_argument("--reduce-zero-label", type=parse_bool, default=None, metavar="BOOL", help="segmentation, generic "
+                   "layout: label 0 is 'other' (ignored) and k is class k - 1 (default: false; ADE20K: true)")
+    d.add_argument("--ignore-index", type=int, default=None, help="segmentation: the label value the loss and the "
+                   f"metrics skip (default: {TASK_OPTIONS['segmentation']['ignore_index']})")
+
+
+def _model_options(m) -> None:
     m.add_argument("--model", required=True, help="timm VisionTransformer or Eva name, e.g. vit_base_patch16_224, "
                    "vit_base_patch16_dinov3, eva02_base_patch14_224")
-    m.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
+    m.add_argument("--img-size", type=int, default=None, help="classification: image size (default: the model's)")
     add_model_kwargs_option(m)
     m.add_argument("--checkpoint", default=None, help="backbone weights: MAE / MoCo v3 / plain state dict file "
                    "for a ViT; for an Eva a file of its release (DINOv3, EVA-02, ...), read by timm's checkpoint "
@@ -128,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prompt-dropout", type=float, default=RECIPE["prompt_dropout"],
                    help="dropout on the prompt tokens, one mask per image (official GaPT run.sh)")
     m.add_argument("--head-init", default=RECIPE["head_init"], choices=("official", "torch"),
-                   help="official: GaPT's kaiming-normal fan_out weight, bias -log(99); torch: nn.Linear's")
+                   help="classification: official: GaPT's kaiming-normal fan_out weight, bias -log(99); torch: "
+                        "nn.Linear's")
     m.add_argument("--gate-init", type=float, default=None, help="gapt: initial gate logit magnitude")
     m.add_argument("--cspc", default=None, help="lspt: mean | kmeans | none")
     m.add_argument("--lpc", default=None, help="lspt: lstm | gru | transformer | none")
@@ -140,50 +177,69 @@ def build_parser() -> argparse.ArgumentParser:
                    "| eager/reference)")
     m.add_argument("--reduction-factor", type=int, default=None, help="adapter: hidden width D // this")
     m.add_argument("--adapter-init", default=None, help="adapter: official | zero-up")
-    m.add_argument("--pool", default=None, help="features the head sees (the encoders' POOLS; default: chosen by "
-                   "from_timm from the checkpoint, e.g. MAE's average pooling)")
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=100, help="total epochs (official base-prompt.yaml)")
-    o.add_argument("--warmup-epochs", type=int, default=10, help="linear warm-up from lr 0 (per epoch, as the "
-                   "official schedule)")
-    o.add_argument("--batch-size", type=int, default=64, help="global batch (split over the processes)")
-    o.add_argument("--lr", type=float, default=0.4, help="base learning rate for a batch of 256; the run uses "
-                   "lr * batch_size / 256")
+    m.add_argument("--pool", default=None, help="classification: features the head sees (the encoders' POOLS; "
+                   "default: chosen by from_timm from the checkpoint, e.g. MAE's average pooling)")
+    m.add_argument("--crop-size", type=int, default=None, help="segmentation: training crop and sliding window side, "
+                   "the backbone's size (default: 512); the resize scale is (4 crop, crop), the window stride 2 crop "
+                   "// 3 (SETR's (2048, 512) and 341 at 512)")
+    m.add_argument("--head-channels", type=int, default=None, help="segmentation: conv width of the SETR-PUP and "
+                   "auxiliary heads (default: SETR's 256)")
+
+
+def _optimisation_options(o) -> None:
+    o.add_argument("--epochs", type=int, default=None, help="classification: total epochs (official "
+                   f"base-prompt.yaml) (default: {TASK_OPTIONS['classification']['epochs']})")
+    o.add_argument("--warmup-epochs", type=int, default=None, help="classification: linear warm-up from lr 0 (per "
+                   f"epoch, as the official schedule) (default: {TASK_OPTIONS['classification']['warmup_epochs']})")
+    o.add_argument("--iters", type=int, default=None, help="segmentation: total iterations (SETR's schedule_160k) "
+                   f"(default: {TASK_OPTIONS['segmentation']['iters']})")
+    o.add_argument("--eval-interval", type=int, default=None, help="segmentation: validate, save and log every N "
+                   f"iterations (and at the end) (default: {TASK_OPTIONS['segmentation']['eval_interval']})")
+    o.add_argument("--batch-size", type=int, default=None, help=f"global batch, split over the processes (default: "
+                   f"{_defaults('batch_size')})")
+    o.add_argument("--lr", type=float, default=None, help="classification: the base learning rate for a batch of 256, "
+                   "the run uses lr * batch_size / 256; segmentation: the encoder's lr as given, the heads' x "
+                   f"--head-lr-mult (default: {_defaults('lr')})")
+    o.add_argument("--head-lr-mult", type=float, default=None, help="segmentation: the heads' lr over --lr "
+                   f"(SETR's lr_mult) (default: {TASK_OPTIONS['segmentation']['head_lr_mult']:g})")
+    o.add_argument("--min-lr", type=float, default=None, help="segmentation: the poly schedule's final lr, for every "
+                   f"parameter group (default: {TASK_OPTIONS['segmentation']['min_lr']:g})")
+    o.add_argument("--poly-power", type=float, default=None, help="segmentation: the poly schedule's power "
+                   f"(default: {TASK_OPTIONS['segmentation']['poly_power']:g})")
     o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay (GaPT run.sh: 0)")
-    o.add_argument("--seed", type=int, default=42, help="backbone init (without --checkpoint), prompts, "
-                   "shuffling, dropout")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay (GaPT run.sh, SETR's ViT "
+                   "configs: 0)")
+    o.add_argument("--seed", type=int, default=42, help="backbone init (without --checkpoint), prompts, heads, "
+                   "shuffling, augmentation, dropout")
     o.add_argument("--limit-train-batches", type=int, default=None,
-                   help="stop every epoch after this many batches (smoke runs, throughput measurements)")
-    r = p.add_argument_group("runtime")
-    r.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: cuda when available)")
-    r.add_argument("--amp", default="auto", help="auto (bf16 on a GPU, none on the CPU) | bf16 | fp16 | none")
-    r.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward")
-    r.add_argument("--compile", action="store_true", help="torch.compile the encoder")
-    r.add_argument("--output", required=True, help="output directory")
-    r.add_argument("--resume", action="store_true", help="continue the run saved in --output")
-    return p
+                   help="classification: stop every epoch after this many batches (smoke runs, throughput "
+                        "measurements)")
 
 
 @dataclass
 class Run:
     """What `setup` builds and the later stages read and update (timm's train.py keeps these as locals of
-    its main). `model` is the encoder as it is trained: wrapped in DDP and/or torch.compile by `wrap_model`."""
+    its main). `module` is what is tuned and saved: the encoder (classification) or the SegmentationModel
+    around it; `model` is it as it is trained: wrapped in DDP and/or torch.compile by `wrap_model`. Positions
+    (start_epoch, best_epoch) count epochs, or iterations for segmentation; best_acc is the best validation
+    score so far (top-1 or mIoU, in %)."""
     args: argparse.Namespace
     out: Path
     rank: int
     world: int
     device: torch.device
     amp: str
-    spec: DatasetSpec
-    encoder: nn.Module
+    task: Task
+    spec: object            # data.DatasetSpec | seg.data.SegmentationSpec
+    module: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None    # None: the task sets the lr per step (segmentation)
     scaler: torch.amp.GradScaler
-    train_ds: ImageDataset
-    val_loader: torch.utils.data.DataLoader
+    train_ds: torch.utils.data.Dataset
+    val_ds: torch.utils.data.Dataset
+    val_loader: torch.utils.data.DataLoader | None
     sampler: torch.utils.data.DistributedSampler | None
-    identity: dict          # IDENTITY: what --resume must find unchanged
+    identity: dict          # what --resume must find unchanged (_records)
     settings: dict          # every setting of the run (config.json)
     record: dict            # what the tuned files record under TRAIN_RECORD (lspt-eval rebuilds from it)
     model: nn.Module | None = None
@@ -191,6 +247,11 @@ class Run:
     best_acc: float = -1.0
     best_epoch: int = 0
     rows: list[dict] = field(default_factory=list)
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The prompt-tuned encoder (the module itself for classification)."""
+        return self.task.encoder_of(self.module)
 
     @property
     def effective_lr(self) -> float:
@@ -253,16 +314,16 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # Linux reports KiB
 
 
-def _plot_curves(rows: list[dict], path: Path) -> None:
+def _plot_curves(rows: list[dict], path: Path, task: Task) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    epochs = [r["epoch"] for r in rows]
+    x = [r[task.unit] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.plot(epochs, [r["train_loss"] for r in rows], marker="o")
-    a.set_xlabel("epoch"), a.set_ylabel("train loss"), a.grid(alpha=0.3)
-    b.plot(epochs, [r["val_acc"] for r in rows], marker="o", color="tab:green")
-    b.set_xlabel("epoch"), b.set_ylabel("val top-1 (%)"), b.grid(alpha=0.3)
+    a.plot(x, [r["train_loss"] for r in rows], marker="o")
+    a.set_xlabel(task.unit), a.set_ylabel("train loss"), a.grid(alpha=0.3)
+    b.plot(x, [r[task.metric] for r in rows], marker="o", color="tab:green")
+    b.set_xlabel(task.unit), b.set_ylabel(f"{task.metric_label} (%)"), b.grid(alpha=0.3)
     fig.tight_layout()
     _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
@@ -294,19 +355,15 @@ def _encoder_options(args) -> dict:
     return kw
 
 
-def _check_numbers(args) -> None:
-    """Every numeric option finite and in its range (NaN and inf pass argparse's float), and a warm-up that
-    ends before the run does."""
-    bounds = dict(epochs=dict(ge=1), batch_size=dict(ge=1), warmup_epochs=dict(ge=0), workers=dict(ge=0),
-                  lr=dict(gt=0), momentum=dict(ge=0, lt=1), weight_decay=dict(ge=0), prompt_dropout=dict(ge=0, lt=1),
-                  seed=dict(ge=0, lt=2**31), limit_train_batches=dict(ge=1), img_size=dict(ge=1), gate_init={})
+def _check_numbers(args, task: Task) -> None:
+    """Every numeric option finite and in its range (NaN and inf pass argparse's float), then the task's own
+    (e.g. a warm-up that ends before the run does)."""
+    bounds = dict(batch_size=dict(ge=1), workers=dict(ge=0), lr=dict(gt=0), momentum=dict(ge=0, lt=1),
+                  weight_decay=dict(ge=0), prompt_dropout=dict(ge=0, lt=1), seed=dict(ge=0, lt=2**31), gate_init={})
     for name, bound in bounds.items():
         if getattr(args, name) is not None:
             check_number(f"--{name.replace('_', '-')}", getattr(args, name), **bound)
-    if args.warmup_epochs >= args.epochs:
-        raise UsageError(f"--warmup-epochs {args.warmup_epochs} must be less than --epochs {args.epochs}: the warm-up "
-                         f"starts at lr 0 and reaches --lr only after {args.warmup_epochs} epoch(s), so this run would "
-                         f"never train at the lr asked for (e.g. --warmup-epochs {args.epochs // 10})")
+    task.check_numbers()
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
 
@@ -335,24 +392,10 @@ def _setup_distributed(device_arg: str | None):
         device = torch.device("cuda", local)
     if not dist.is_initialized():
         import datetime
-        # Rank 0 alone evaluates (so the logged accuracy is exactly what lspt-eval reports); the others
-        # wait for it at the next collective, which a large val split can keep busy past the 30 min default.
+        # Rank 0 alone evaluates classification runs (so the logged accuracy is exactly what lspt-eval reports);
+        # the others wait for it at the next collective, which a large val split can keep busy past 30 min.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=4))
     return rank, world, device
-
-
-def _build_encoder(args, num_classes: int, model_kwargs: dict, enc_kwargs: dict):
-    """The backbone (seeded, so lspt-eval can rebuild a random one), then the encoder around it."""
-    vit = build_backbone(args.model, args.img_size, model_kwargs, args.seed)
-    torch.manual_seed(args.seed)
-    try:
-        encoder = from_timm(vit, checkpoint=args.checkpoint, method=args.method, num_classes=num_classes,
-                            **enc_kwargs)
-    except TypeError as exc:          # an option this version of the encoders does not take
-        raise UsageError(f"--method {args.method} does not take these options {sorted(enc_kwargs)}: {exc}") from None
-    if args.grad_checkpointing:
-        encoder.set_grad_checkpointing(True)
-    return encoder
 
 
 def _normalisation(vit, checkpoint) -> tuple[tuple, tuple]:
@@ -365,84 +408,63 @@ def _normalisation(vit, checkpoint) -> tuple[tuple, tuple]:
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-def _records(args, encoder, spec: DatasetSpec, model_kwargs: dict, amp: str, device, world: int):
-    """(identity, settings, record): what --resume compares, config.json, and the tuned files' record."""
+def _records(args, task: Task, module, spec, model_kwargs: dict, amp: str, device, world: int):
+    """(identity, settings, record): what makes a saved run this run (a --resume that differs in any entry is
+    refused: backbone_seed is the seed of a random backbone, None with --checkpoint; backbone_sha256 the
+    fingerprint of its weights), config.json, and the tuned files' record."""
+    encoder = task.encoder_of(module)
     img_size = encoder.vit.patch_embed.img_size[0]
     mean, std = _normalisation(encoder.vit, args.checkpoint)
-    identity = dict(method=args.method, model=args.model, img_size=img_size, model_kwargs=model_kwargs,
+    own_identity, own_record = task.records(spec, world)
+    identity = dict(task=task.name, method=args.method, model=args.model, img_size=img_size, model_kwargs=model_kwargs,
                     checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
                     backbone_seed=None if args.checkpoint else args.seed,
                     backbone_sha256=backbone_fingerprint(encoder.vit), num_classes=spec.num_classes,
-                    classes=spec.classes, encoder=encoder.config())
-    settings = dict(vars(args), img_size=img_size, layout=spec.layout, amp=amp, device=str(device),
-                    world_size=world, effective_lr=args.lr * args.batch_size / 256, mean=list(mean), std=list(std),
-                    num_classes=spec.num_classes, model_kwargs=model_kwargs, encoder=encoder.config(),
-                    trainable_params=encoder.parameter_report()["trainable"],
+                    classes=spec.classes, encoder=module.config(), **own_identity)
+    others = {k for t, table in TASK_OPTIONS.items() if t != task.name for k in table} - set(TASK_OPTIONS[task.name])
+    given = {k: v for k, v in vars(args).items() if k not in others}          # the other task's options are None
+    settings = dict(given, img_size=img_size, layout=spec.layout, amp=amp, device=str(device),
+                    world_size=world, effective_lr=task.effective_lr(), mean=list(mean), std=list(std),
+                    num_classes=spec.num_classes, model_kwargs=model_kwargs, encoder=module.config(),
+                    trainable_params=sum(p.numel() for p in module.trainable_parameters()),
                     versions=dict(torch=str(torch.__version__), timm=str(__import__("timm").__version__)))
     record = dict(model=args.model, img_size=img_size, model_kwargs=model_kwargs, seed=args.seed,
                   checkpoint=identity["checkpoint"], backbone_sha256=identity["backbone_sha256"], classes=spec.classes,
-                  layout=spec.layout, mean=list(mean), std=list(std), eval_batch_size=args.batch_size // world, amp=amp)
+                  layout=spec.layout, mean=list(mean), std=list(std), amp=amp, **own_record)
     return identity, settings, record
-
-
-def _check_batches(batch_size: int, images: int, world: int) -> None:
-    """Every process gets at least one full batch per epoch. With several processes the loader drops an
-    incomplete batch (as the official one), and DistributedSampler gives each process ceil(images / world)."""
-    if images < world:
-        raise UsageError(f"the train split has {images} image(s), fewer than the {world} processes: use fewer "
-                         "processes (--nproc_per_node) or more data")
-    per_process, share = batch_size // world, -(-images // world)
-    if world > 1 and share < per_process:
-        raise UsageError(f"--batch-size {batch_size} over {world} processes is {per_process} images per process and "
-                         f"step, but the {images} train images give each process {share}: no full batch (incomplete "
-                         f"batches are dropped with several processes); use --batch-size <= {world * share}")
-
-
-def _data(args, spec: DatasetSpec, record: dict, rank: int, world: int, device):
-    """(train dataset, val loader, distributed sampler or None)."""
-    img_size, mean, std = record["img_size"], record["mean"], record["std"]
-    train_ds = ImageDataset(spec.splits[args.train_split], build_transform(spec.layout, img_size, mean, std, True))
-    val_ds = ImageDataset(spec.splits[args.val_split], build_transform(spec.layout, img_size, mean, std, False))
-    sampler = None
-    if world > 1:
-        sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                                      seed=args.seed)
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=args.batch_size // world, shuffle=False,
-                                             num_workers=args.workers, pin_memory=device.type == "cuda")
-    return train_ds, val_loader, sampler
 
 
 def setup(args) -> Run:
     """Set-up: check the command line (every check that needs no disk first), start the processes, build
-    the encoder, the data and the optimizer; rank 0 checks --output before anything is written."""
-    _check_numbers(args)
+    the model, the data and the optimizer; rank 0 checks --output before anything is written. `args` comes
+    from `build_parser()`, which has resolved the task and its defaults."""
+    task = make_task(args)
+    _check_numbers(args, task)
     enc_kwargs = _encoder_options(args)
-    model_kwargs = model_kwargs_from_args(args)
+    img_size, model_kwargs = task.backbone_kwargs(model_kwargs_from_args(args))
     rank, world, device = _setup_distributed(args.device)
     amp = check_amp(args.amp, device)
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} is the global batch: it must be divisible by the "
                          f"{world} processes")
-    spec = load_dataset(args.data, args.layout)
+    spec = task.load_data()
     for split in (args.train_split, args.val_split):
         if split not in spec.splits:
             raise UsageError(f"split {split!r} not found in {args.data} (layout {spec.layout}; has "
                              f"{sorted(spec.splits)})")
-    _check_batches(args.batch_size, len(spec.splits[args.train_split]), world)
-    encoder = _build_encoder(args, spec.num_classes, model_kwargs, enc_kwargs).to(device)
+    task.check_data(spec, world)
+    module = task.build_model(spec, model_kwargs, enc_kwargs).to(device)
     out = Path(args.output)
     if rank == 0:
         _check_output(out, args.resume)
-    identity, settings, record = _records(args, encoder, spec, model_kwargs, amp, device, world)
-    lr = settings["effective_lr"]
-    optimizer = torch.optim.SGD(encoder.trainable_parameters(), lr=lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_epochs, args.epochs))
+    identity, settings, record = _records(args, task, module, spec, model_kwargs, amp, device, world)
+    optimizer, scheduler = task.optimizer(module, settings["effective_lr"])
     scaler = torch.amp.GradScaler("cuda", enabled=(amp == "fp16"))
-    train_ds, val_loader, sampler = _data(args, spec, record, rank, world, device)
-    return Run(args=args, out=out, rank=rank, world=world, device=device, amp=amp, spec=spec, encoder=encoder,
-               optimizer=optimizer, scheduler=scheduler, scaler=scaler, train_ds=train_ds, val_loader=val_loader,
-               sampler=sampler, identity=identity, settings=settings, record=record)
+    train_ds, val_ds, val_loader, sampler = task.datasets(spec, record, rank, world, device)
+    return Run(args=args, out=out, rank=rank, world=world, device=device, amp=amp, task=task, spec=spec,
+               module=module, optimizer=optimizer, scheduler=scheduler, scaler=scaler, train_ds=train_ds,
+               val_ds=val_ds, val_loader=val_loader, sampler=sampler, identity=identity, settings=settings,
+               record=record)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -452,28 +474,17 @@ def _check_same_run(run: Run, state: dict) -> None:
     """Refuse another run's state; warn about changed hyper-parameters. An entry the saved identity lacks
     (a state written before it was recorded) is not compared."""
     saved = state["identity"]
-    diff = [f"{k}: saved {saved.get(k)!r}, now {run.identity[k]!r}" for k in IDENTITY
+    diff = [f"{k}: saved {saved.get(k)!r}, now {run.identity[k]!r}" for k in run.identity
             if k in saved and saved[k] != run.identity[k]]
     if diff:
         raise UsageError(f"--resume: {run.out} holds a different run; " + "; ".join(diff[:4]) +
                          " (use the saved settings, or another --output)")
-    changed = {k: (state["settings"].get(k), run.settings[k]) for k in RESUMABLE_CHANGES
-               if state["settings"].get(k) != run.settings[k]}
+    changed = {k: (state["settings"].get(k), run.settings.get(k)) for k in RESUMABLE_CHANGES
+               if state["settings"].get(k) != run.settings.get(k)}
     if changed:
         run.say("lspt-train: warning: resuming with changed settings " +
                 ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) +
                 "; the run will not match an uninterrupted one", file=sys.stderr)
-
-
-def _continue_schedule(run: Run, epoch: int) -> None:
-    """The saved groups carry the saved lr / momentum / decay: recompute them from this command line, so a
-    resume with more --epochs continues on the new schedule (unchanged settings give the same numbers)."""
-    args, lr = run.args, run.effective_lr
-    factor = warmup_cosine(args.warmup_epochs, args.epochs)(epoch)
-    run.scheduler.base_lrs = [lr] * len(run.optimizer.param_groups)
-    for g in run.optimizer.param_groups:
-        g.update(initial_lr=lr, lr=lr * factor, momentum=args.momentum, weight_decay=args.weight_decay)
-    run.scheduler._last_lr = [g["lr"] for g in run.optimizer.param_groups]
 
 
 def _damaged(path: Path, what: str) -> UsageError:
@@ -499,18 +510,20 @@ def _load_state(path: Path) -> dict:
 
 
 def _restore(run: Run, state: dict, path: Path) -> None:
-    """The saved tuned parameters, optimizer, scheduler, grad scaler and RNG streams into the run's own."""
-    params = dict(run.encoder.named_parameters())
-    own = {n: tuple(params[n].shape) for n in run.encoder.tuned_state_dict()}
+    """The saved tuned tensors (parameters, and the heads' BatchNorm statistics), optimizer, scheduler, grad
+    scaler and RNG streams into the run's own."""
+    own = {n: tuple(t.shape) for n, t in run.module.tuned_state_dict().items()}
     saved = {n: tuple(t.shape) if isinstance(t, torch.Tensor) else None for n, t in state["tuned"].items()}
     if saved != own:
         raise _damaged(path, f"holds tuned tensors {saved} where this run has {own}")
+    targets = run.module.state_dict(keep_vars=True)
     try:
         with torch.no_grad():
             for n, t in state["tuned"].items():
-                params[n].copy_(t)
+                targets[n].copy_(t)
         run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
+        if run.scheduler is not None:
+            run.scheduler.load_state_dict(state["scheduler"])
         run.scaler.load_state_dict(state["scaler"])
         rngs = state["rng"]
         if len(rngs) == run.world:
@@ -523,8 +536,9 @@ def _restore(run: Run, state: dict, path: Path) -> None:
         raise _damaged(path, f"has an optimizer, scheduler, scaler or RNG state that does not fit ({exc})") from None
 
 
-def _read_log(path: Path, upto: int) -> list[dict]:
-    """The rows of log.jsonl up to epoch `upto`; a damaged line is an error naming the file and line."""
+def _read_log(path: Path, upto: int, key: str = "epoch") -> list[dict]:
+    """The rows of log.jsonl up to position `upto` (the rows' `key`: epoch, or iteration); a damaged line is an
+    error naming the file and line."""
     rows = []
     for n, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
@@ -533,16 +547,16 @@ def _read_log(path: Path, upto: int) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             row = exc.msg
-        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+        if not isinstance(row, dict) or not isinstance(row.get(key), int):
             raise UsageError(f"--resume: {path}:{n} is not a log row ({str(row)[:60]}; got {line[:40]!r}): delete that "
-                             "line (that epoch's row is then missing from the log), or the whole file")
+                             "line (that row is then missing from the log), or the whole file")
         rows.append(row)
-    return [r for r in rows if r["epoch"] <= upto]
+    return [r for r in rows if r[key] <= upto]
 
 
 def resume(run: Run) -> None:
-    """Resume: with --resume, restore the tuned parameters, optimizer, scheduler, grad scaler, RNG streams,
-    best epoch and log of the run saved in --output (refusing another run's state, and a damaged one);
+    """Resume: with --resume, restore the tuned tensors, optimizer, scheduler, grad scaler, RNG streams,
+    position, best score and log of the run saved in --output (refusing another run's state, and a damaged one);
     without it, seed this process's own RNG streams (prompt dropout, augmentation)."""
     args = run.args
     if not args.resume:
@@ -555,92 +569,76 @@ def resume(run: Run) -> None:
     state = _load_state(path)
     _check_same_run(run, state)
     _restore(run, state, path)
-    _continue_schedule(run, state["epoch"])
+    run.task.continue_schedule(run, state["epoch"])
     run.start_epoch, run.best_acc, run.best_epoch = state["epoch"], state["best_acc"], state["best_epoch"]
     log = run.out / "log.jsonl"
     if log.is_file():
-        run.rows = _read_log(log, run.start_epoch)
+        run.rows = _read_log(log, run.start_epoch, run.task.unit)
 
 
 def wrap_model(run: Run) -> None:
-    """The model the epochs train: the encoder in DDP over several processes (only the tuned parameters take
-    part: the backbone's have requires_grad=False; the encoder has no buffers to keep in sync), compiled
-    with --compile."""
-    model = run.encoder
+    """The model the rounds train: the module in DDP over several processes (only the tuned parameters take
+    part: the backbone's have requires_grad=False; the segmentation heads' BatchNorm statistics are rank 0's,
+    broadcast at every forward, and on GPUs the BatchNorm layers become SyncBatchNorm, statistics over the
+    global batch as SETR's SyncBN), compiled with --compile."""
+    model = run.module
     if run.world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(run.encoder, device_ids=[run.device.index] if run.device.type == "cuda"
-                                        else None)
+        model = sync_batchnorm(run.module, run.device)
+        model = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     run.model = torch.compile(model) if run.args.compile else model
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module` with its BatchNorm layers as SyncBatchNorm (same parameters and statistics, same state-dict
+    names) on a GPU; unchanged on the CPU, where SyncBatchNorm does not run (each process then normalises its
+    own share of the batch)."""
+    if device.type != "cuda":
+        return module
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
 
 
 # ---------------------------------------------------------------------------------------------------
 # one epoch
 # ---------------------------------------------------------------------------------------------------
-def _epoch_loader(run: Run, epoch: int) -> torch.utils.data.DataLoader:
-    if run.sampler is not None:
-        run.sampler.set_epoch(epoch)
-    g = torch.Generator()
-    g.manual_seed(run.args.seed * 100003 + epoch)        # shuffling and worker seeds: a function of (seed, epoch)
-    return torch.utils.data.DataLoader(
-        run.train_ds, batch_size=run.args.batch_size // run.world, shuffle=run.sampler is None, sampler=run.sampler,
-        generator=g, num_workers=run.args.workers, pin_memory=run.device.type == "cuda",
-        drop_last=run.world > 1)                         # as the official loader with several GPUs
-
-
-def _train_step(run: Run, images, labels, epoch: int, step: int):
-    """Forward, cross-entropy, backward and optimizer step on one batch (on the device): (loss, logits)."""
-    with autocast_context(run.device, run.amp):
-        logits = run.model(images)
-    loss = F.cross_entropy(logits.float(), labels)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"the training loss is {loss.item()} at epoch {epoch + 1} step "
-                                 f"{step + 1}: lower --lr (the last good state is in {run.out})")
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    return loss, logits
-
-
 def train_one_epoch(run: Run, epoch: int) -> dict:
-    """Train one epoch (`epoch` counts from 0; at most --limit-train-batches batches). Returns, over all
-    processes: train_loss, train_acc (%), the lr of the epoch, images_per_s (from the end of the first step,
-    so loader start-up and lazy initialisation are left out) and epoch_time_s."""
-    loader = _epoch_loader(run, epoch)
-    limit = run.args.limit_train_batches
-    steps = len(loader) if limit is None else min(len(loader), limit)
-    lr = run.optimizer.param_groups[0]["lr"]
+    """Train one round from position `epoch` (epochs done, counted from 0; for segmentation the iterations
+    done, the round running to the next multiple of --eval-interval; classification runs at most
+    --limit-train-batches batches). Returns, over all processes: train_loss, train_acc (% of images, or of
+    labelled pixels), the lr at the round's end, images_per_s (from the end of the first step, so loader
+    start-up and lazy initialisation are left out) and epoch_time_s."""
+    task = run.task
+    loader, steps = task.train_loader(run, epoch)
     run.model.train()
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     bar = None
     if sys.stderr.isatty() and run.rank == 0:
         from tqdm import tqdm
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{run.args.epochs}", leave=False, dynamic_ncols=True)
-    # Running sums stay on the device: no host sync per step.
+        bar = tqdm(total=steps, desc=f"{task.span(epoch)}/{task.total}", leave=False, dynamic_ncols=True)
+    # Running sums stay on the device: no host sync per step (the segmentation step syncs for its own checks).
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     correct_sum = torch.zeros((), dtype=torch.int64, device=run.device)
+    counted_sum = torch.zeros((), dtype=torch.int64, device=run.device)
     seen = seen1 = 0
     t0 = t1 = time.perf_counter()
-    for step, (images, labels) in enumerate(loader):
+    for step, batch in enumerate(loader):
         if step >= steps:
             break
-        images = images.to(run.device, non_blocking=True)
-        labels = labels.to(run.device, non_blocking=True)
-        loss, logits = _train_step(run, images, labels, epoch, step)
-        n = labels.numel()
-        loss_sum += loss.detach().double() * n
+        loss, n, correct, counted = task.step(run, batch, epoch, step)
+        loss_sum += loss.double() * n
         seen += n
         if step == 0:
             if run.device.type == "cuda":
                 torch.cuda.synchronize(run.device)
             t1, seen1 = time.perf_counter(), seen
-        correct_sum += (logits.detach().argmax(-1) == labels).sum()
+        correct_sum += correct
+        counted_sum += counted
         if _on_step is not None:
-            _on_step(epoch, step, loss.detach())
+            _on_step(epoch, step, loss)
         if bar is not None:
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct_sum.item() / seen:.1f}%",
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
+                            acc=f"{100 * correct_sum.item() / max(1, counted_sum.item()):.1f}%",
                             img_s=f"{seen * run.world / (time.perf_counter() - t0):.1f}")
             bar.update(1)
     if run.device.type == "cuda":
@@ -649,49 +647,45 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     if bar is not None:
         bar.close()
     timed, timed_s = (seen - seen1, t0 + elapsed - t1) if seen > seen1 else (seen, elapsed)
-    totals = torch.tensor([loss_sum.item(), float(seen), float(correct_sum.item()), float(timed)], dtype=torch.float64)
+    totals = torch.tensor([loss_sum.item(), float(seen), float(correct_sum.item()), float(timed),
+                           float(counted_sum.item())], dtype=torch.float64)
     if run.world > 1:
         import torch.distributed as dist
         dist.all_reduce(totals)
-    return dict(train_loss=totals[0].item() / totals[1].item(), train_acc=100 * totals[2].item() / totals[1].item(),
-                lr=lr, images_per_s=totals[3].item() / timed_s, epoch_time_s=elapsed)
+    return dict(train_loss=totals[0].item() / totals[1].item(),
+                train_acc=100 * totals[2].item() / max(1.0, totals[4].item()),
+                lr=run.optimizer.param_groups[0]["lr"], images_per_s=totals[3].item() / timed_s, epoch_time_s=elapsed)
 
 
 def validate(run: Run) -> float | None:
-    """Validate: top-1 (%) on the --val-split, on rank 0 alone (the others return None), so the logged
-    accuracy is exactly what lspt-eval reports for the saved file."""
-    if run.rank != 0:
-        return None
-    return evaluate(run.encoder, run.val_loader, run.device, run.amp)[0]
+    """Validate: the task's score on the --val-split, what lspt-eval reports for the saved file: top-1 (%) on
+    rank 0 alone (the others return None), or single-scale mIoU (%) over all processes."""
+    return run.task.validate(run)
 
 
 # ---------------------------------------------------------------------------------------------------
 # save
 # ---------------------------------------------------------------------------------------------------
-def _save_tuned(run: Run, name: str, epoch: int, acc: float) -> None:
-    record = {TRAIN_RECORD: dict(run.record, epoch=epoch, val_acc=acc)}
-    _atomic_write(run.out / name, lambda p: run.encoder.save_tuned(p, metadata=record))
+def _save_tuned(run: Run, name: str, epoch: int, score: float) -> None:
+    record = {TRAIN_RECORD: dict(run.record, **run.task.progress(epoch, score))}
+    _atomic_write(run.out / name, lambda p: run.module.save_tuned(p, record))
 
 
 def save_epoch(run: Run, epoch: int, stats: dict, val_acc: float | None) -> None:
-    """Save after epoch `epoch` (counted from 1), on rank 0: the log row (log.jsonl), last.safetensors,
-    best.safetensors when val top-1 rose (strictly), curves.png and the epoch's line; every process then
-    holds rank 0's best epoch."""
+    """Save after the round that ends at position `epoch` (epochs done, counted from 1; iterations done for
+    segmentation), on rank 0: the log row (log.jsonl), last.safetensors, best.safetensors when the validation
+    score (`val_acc`: top-1, or mIoU) rose (strictly), curves.png and the round's line; every process then
+    holds rank 0's best."""
     if run.rank == 0:
-        row = dict(epoch=epoch, train_loss=stats["train_loss"], train_acc=stats["train_acc"], val_acc=val_acc,
-                   lr=stats["lr"], images_per_s=stats["images_per_s"], peak_memory_gb=_peak_memory_gb(run.device),
-                   epoch_time_s=stats["epoch_time_s"])
+        row = run.task.log_row(epoch, stats, val_acc, _peak_memory_gb(run.device))
         run.rows.append(row)
         _atomic_write(run.out / "log.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in run.rows)))
         _save_tuned(run, "last.safetensors", epoch, val_acc)
         if val_acc > run.best_acc:
             run.best_acc, run.best_epoch = val_acc, epoch
             _save_tuned(run, "best.safetensors", epoch, val_acc)
-        _plot_curves(run.rows, run.out / "curves.png")
-        print(f"epoch {epoch}/{run.args.epochs}  train_loss {row['train_loss']:.4f}  "
-              f"train_acc {row['train_acc']:.1f}%  val_acc {val_acc:.2f}%  lr {row['lr']:.3g}  "
-              f"{row['images_per_s']:.1f} img/s  "
-              f"peak {row['peak_memory_gb']:.2f} GB", flush=True)
+        _plot_curves(run.rows, run.out / "curves.png", run.task)
+        print(run.task.log_line(row), flush=True)
     if run.world > 1:
         import torch.distributed as dist
         best = [run.best_acc, run.best_epoch]
@@ -700,8 +694,8 @@ def save_epoch(run: Run, epoch: int, stats: dict, val_acc: float | None) -> None
 
 
 def save_state(run: Run, epoch: int) -> None:
-    """Save the resume state after epoch `epoch` (0: before the first) to resume.pt, atomically: tuned
-    parameters, optimizer, scheduler, grad scaler, the RNG states of every process, best so far."""
+    """Save the resume state at position `epoch` (0: before the first round) to resume.pt, atomically: tuned
+    tensors, optimizer, scheduler, grad scaler, the RNG states of every process, best so far."""
     if run.world == 1:
         rngs = [_rng_state()]
     else:
@@ -718,8 +712,9 @@ def save_state(run: Run, epoch: int) -> None:
         return
     state = dict(epoch=epoch, identity=run.identity, settings=run.settings, best_acc=run.best_acc,
                  best_epoch=run.best_epoch,
-                 tuned={n: t.detach().cpu().clone() for n, t in run.encoder.tuned_state_dict().items()},
-                 optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+                 tuned={n: t.detach().cpu().clone() for n, t in run.module.tuned_state_dict().items()},
+                 optimizer=run.optimizer.state_dict(),
+                 scheduler=run.scheduler.state_dict() if run.scheduler is not None else None,
                  scaler=run.scaler.state_dict(), rng=rngs)
     _atomic_write(run.out / "resume.pt", lambda p: _torch_save(state, p))
 
@@ -739,43 +734,49 @@ def _announce(run: Run) -> None:
     if args.checkpoint is None:
         run.say(f"note: no --checkpoint: the backbone is randomly initialised (seed {args.seed})")
     if args.resume:
-        run.say(f"resuming {run.out} after epoch {run.start_epoch} (best val {run.best_acc:.2f}% at epoch "
-                f"{run.best_epoch})")
+        run.say(f"resuming {run.out} after {run.task.after(run.start_epoch)} (best {run.task.metric_label} "
+                f"{run.best_acc:.2f}% at {run.task.after(run.best_epoch)})")
 
 
-def _check_finite(run: Run, epoch: int) -> None:
-    """After an epoch's updates, before anything of it is saved: tuned parameters with NaN or inf (an lr or
-    momentum that made the run diverge within the epoch) stop the run, so no file ever holds them and a NaN
-    model's argmax never becomes a "best" accuracy."""
-    bad = [n for n, t in run.encoder.tuned_state_dict().items() if not bool(torch.isfinite(t).all())]
+def _check_finite(run: Run, start: int, end: int) -> None:
+    """After a round's updates, before anything of it is saved: tuned tensors with NaN or inf (an lr or
+    momentum that made the run diverge within the round) stop the run, so no file ever holds them and a NaN
+    model's argmax never becomes a "best" score."""
+    bad = [n for n, t in run.module.tuned_state_dict().items() if not bool(torch.isfinite(t).all())]
     if bad:
-        raise FloatingPointError(f"the run diverged: the tuned parameters {bad[:5]} hold NaN or inf after epoch "
-                                 f"{epoch}; nothing of that epoch was saved: lower --lr (the state after epoch "
-                                 f"{epoch - 1} is in {run.out / 'resume.pt'})")
+        task = run.task
+        raise FloatingPointError(f"the run diverged: the tuned parameters {bad[:5]} hold NaN or inf after "
+                                 f"{task.after(end)}; nothing of that {task.round_name} was saved: lower --lr (the "
+                                 f"state after {task.after(start)} is in {run.out / 'resume.pt'})")
 
 
 def _run_epochs(run: Run) -> int:
-    """The epochs from run.start_epoch; Ctrl-C returns 130 with the last completed epoch's state on disk."""
-    epoch = run.start_epoch
+    """The rounds from run.start_epoch; Ctrl-C returns 130 with the last completed round's state on disk."""
+    task, position = run.task, run.start_epoch
     try:
-        for epoch in range(run.start_epoch, run.args.epochs):
-            stats = train_one_epoch(run, epoch)
-            _check_finite(run, epoch + 1)
-            run.scheduler.step()
-            save_epoch(run, epoch + 1, stats, validate(run))
-            save_state(run, epoch + 1)
+        while position < task.total:
+            end = task.round_end(position)
+            stats = train_one_epoch(run, position)
+            _check_finite(run, position, end)
+            if run.scheduler is not None:
+                run.scheduler.step()
+            save_epoch(run, end, stats, validate(run))
+            save_state(run, end)
+            position = end
     except KeyboardInterrupt:
         if run.rank == 0:
-            print(f"\nlspt-train: interrupted in epoch {epoch + 1}; {run.out}/resume.pt holds the state after epoch "
-                  f"{_saved_epoch(run.out)}: continue with the same command and --resume", file=sys.stderr, flush=True)
+            saved = _saved_epoch(run.out)
+            print(f"\nlspt-train: interrupted in {task.span(position)}; {run.out}/resume.pt holds the state after "
+                  f"{task.after(saved) if isinstance(saved, int) else saved}: continue with the same command and "
+                  "--resume", file=sys.stderr, flush=True)
         return 130
     return 0
 
 
 def train(args) -> int:
     """lspt-train end to end: set-up, then, with --output locked by rank 0 for the life of the run (a second
-    run on it is refused), resume and per epoch train_one_epoch, validate, save. Ctrl-C exits with status
-    130, the state of the last completed epoch on disk."""
+    run on it is refused), resume and per round train_one_epoch, validate, save. Ctrl-C exits with status
+    130, the state of the last completed round on disk."""
     run = setup(args)
     with OutputLock(run.out) if run.rank == 0 else contextlib.nullcontext():
         if run.rank == 0:
@@ -788,16 +789,18 @@ def train(args) -> int:
         if _run_epochs(run) == 130:
             return 130
         if run.world > 1:
-            _check_in_sync(run.encoder, run.world)
-    run.say(f"best val accuracy: {run.best_acc:.2f}% (epoch {run.best_epoch}) -> {run.out / 'best.safetensors'}")
+            _check_in_sync(run.module, run.world)
+    run.say(f"best {run.task.metric_label}: {run.best_acc:.2f}% ({run.task.after(run.best_epoch)}) -> "
+            f"{run.out / 'best.safetensors'}")
     return 0
 
 
-def _check_in_sync(encoder, world: int) -> None:
-    """DDP keeps every process's tuned parameters equal; a divergence (e.g. a parameter DDP did not see) would
-    make rank 0's files describe only part of the run, so it is an error."""
+def _check_in_sync(module, world: int) -> None:
+    """DDP keeps every process's tuned parameters equal (and the last validation gave every process rank 0's
+    BatchNorm statistics); a divergence (e.g. a parameter DDP did not see) would make rank 0's files describe
+    only part of the run, so it is an error."""
     import torch.distributed as dist
-    flat = torch.cat([t.detach().float().flatten().cpu() for t in encoder.tuned_state_dict().values()])
+    flat = torch.cat([t.detach().float().flatten().cpu() for t in module.tuned_state_dict().values()])
     stats = torch.stack([flat.sum(), flat.abs().sum(), flat.square().sum()]).double()
     low, high = stats.clone(), stats.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
@@ -818,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return train(args)
-    except (ValueError, FloatingPointError) as exc:     # UsageError, DataError and the encoders' checks
+    except (ValueError, FloatingPointError) as exc:     # UsageError, DataError and the models' checks
         print(f"lspt-train: error: {error_message(exc)}", file=sys.stderr, flush=True)
         return 2
     except OSError as exc:

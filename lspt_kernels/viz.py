@@ -21,6 +21,10 @@ to the mean attention of the tokens the pooled feature is built from, every toke
 (prompts and patches, as timm's avg pool averages x[:, num_prefix_tokens:]); the result records it.
 The linear probe has no prompts: its similarity maps are undefined (a ValueError says so), its
 attention maps from CLS are the frozen backbone's.
+
+Segmentation files (written by `lspt-train --task segmentation`): lspt-viz draws each file's predicted
+mask over each image instead (`draw_masks`; single-scale sliding-window inference at the image's own size,
+as lspt-eval), and summary.json gives the share of the image each class takes.
 """
 from __future__ import annotations
 
@@ -44,13 +48,17 @@ from .cli_helpers import (
     check_output_dir,
     load_backbone,
     load_tuned_encoder,
+    load_tuned_model,
     model_kwargs_from_args,
     resolve_device,
+    train_record,
+    tuned_inference,
+    tuned_task,
 )
 from .data import IMAGENET_MEAN, IMAGENET_STD, open_image
 
 __all__ = ["KINDS", "SOURCES", "block_maps", "similarity_maps", "attention_maps", "summarize",
-           "load_image", "draw_rows", "build_parser", "main"]
+           "load_image", "draw_rows", "palette", "predict_mask", "draw_masks", "build_parser", "main"]
 
 KINDS = ("similarity", "attention")
 SOURCES = ("cls", "prompts")
@@ -288,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-block similarity (prompts vs patches) and attention maps of tuned encoders, "
                     "overlaid on images: the paper's forgetting figures for your own model. One PNG per "
                     "image and kind (rows: the tuned files in the order given, columns: blocks) and "
-                    "summary.json with per-block scalars.")
+                    "summary.json with per-block scalars. Segmentation files: one PNG per image with each "
+                    "file's predicted mask overlaid, and summary.json with each class's share of the image.")
     p.add_argument("--tuned", action="append", required=True, metavar="FILE",
                    help="a .safetensors file written by encoder.save_tuned (repeat: rows in this order, "
                         "e.g. GaPT first, then LSPT)")
@@ -426,6 +435,8 @@ def _run(args) -> int:
     device = resolve_device(args.device)
     out_dir = check_output_dir(args.output)
     tuned = [Path(f) for f in args.tuned]
+    if _segmentation_files(tuned):
+        return _run_segmentation(args, tuned, device, out_dir)
     spec = backbone_spec(tuned, args.model, model_kwargs_from_args(args), args.img_size, args.checkpoint, args.seed)
     vit = _backbone(spec, device)
     size = tuple(vit.patch_embed.img_size)
@@ -440,6 +451,112 @@ def _run(args) -> int:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     for p in written:
         print(p)
+    print(out_dir / "summary.json")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Segmentation files: predicted masks
+# ------------------------------------------------------------------------------------------------
+def palette(num_classes: int) -> Tensor:
+    """(num_classes, 3) uint8 colours, one per class, far apart for neighbouring indices (hues stepped by the
+    golden ratio, two brightness levels), the same for every run."""
+    import colorsys
+    colours = [colorsys.hsv_to_rgb((k * 0.618034) % 1.0, 0.75, 0.95 if k % 2 == 0 else 0.7) for k in range(num_classes)]
+    return (torch.tensor(colours) * 255).round().to(torch.uint8)
+
+
+def predict_mask(model, image: Tensor, config=None) -> Tensor:
+    """The (H, W) int64 class map a SegmentationModel predicts for one normalised (3, H, W) image at its own size
+    (`seg.inference`, single-scale sliding windows of the model's crop by default, as lspt-eval)."""
+    from .seg import InferenceConfig, inference
+    config = config or InferenceConfig.for_crop(model.encoder.vit.patch_embed.img_size[0])
+    was_training = model.training
+    model.eval()
+    try:
+        probs = inference(model, image[None], model.num_classes, config, model.align_corners)
+    finally:
+        model.train(was_training)
+    return probs.argmax(1)[0].cpu()
+
+
+def draw_masks(image, rows: list[tuple[str, Tensor]], path, class_names: list[str], title: str = "",
+               alpha: float = 0.5, legend: int = 16) -> Path:
+    """One PNG: the image, then per (label, (H, W) class map) the map's colours (`palette`) blended over it with
+    `alpha`; a legend names the `legend` classes that take the most pixels over all maps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    image = torch.as_tensor(image)
+    colours = palette(len(class_names))
+    area = torch.bincount(torch.cat([m.flatten() for _, m in rows]), minlength=len(class_names))
+    shown = [int(k) for k in area.argsort(descending=True)[:legend] if area[k] > 0]
+    fig, axes = plt.subplots(1, len(rows) + 1, figsize=(2.6 * (len(rows) + 1), 3.2), squeeze=False,
+                             layout="constrained")
+    axes[0, 0].imshow(image.numpy())
+    axes[0, 0].set_title("input", fontsize=8)
+    for ax, (label, mask) in zip(axes[0, 1:], rows):
+        blended = image.float() * (1 - alpha) + colours[mask].float() * alpha
+        ax.imshow(blended.round().to(torch.uint8).numpy())
+        ax.set_title(label, fontsize=8)
+    for ax in axes[0]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.legend(handles=[Patch(color=(colours[k].float() / 255).tolist(), label=class_names[k]) for k in shown],
+               loc="outside lower center", ncol=min(len(shown), 6), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _segmentation_files(tuned: list[Path]) -> bool:
+    """Whether the --tuned files are segmentation files (all of them; a mix is refused)."""
+    tasks = [tuned_task(train_record(f)[0]) for f in tuned]
+    if len(set(tasks)) > 1:
+        raise UsageError("--tuned: " + ", ".join(f"{f} ({t})" for f, t in zip(tuned, tasks)) + " mix segmentation "
+                         "and classification files; lspt-viz draws one kind per run")
+    return tasks[0] == "segmentation"
+
+
+def _run_segmentation(args, tuned: list[Path], device: torch.device, out_dir: Path) -> int:
+    """lspt-viz on segmentation files: per image, each file's predicted mask over it; summary.json."""
+    import numpy as np
+
+    from .seg.data import normalize
+    if args.kind != "both" or args.source != "cls":
+        raise UsageError("--kind and --from choose the per-block maps of classification files; for segmentation "
+                         "files lspt-viz draws the predicted masks")
+    spec = backbone_spec(tuned, args.model, model_kwargs_from_args(args), args.img_size, args.checkpoint, args.seed)
+    vit = _backbone(spec, device)
+    models = [load_tuned_model(f, vit).to(device) for f in tuned]
+    labels = _labels([m.encoder.method for m in models], tuned)
+    record = spec["record"]
+    names = record.get("classes") if len(record.get("classes") or []) == models[0].num_classes else \
+        [str(k) for k in range(models[0].num_classes)]
+    stems, summary = _image_names([Path(f) for f in args.image]), []
+    for stem, image_path in zip(stems, args.image):
+        try:
+            pixels = np.array(open_image(image_path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(f"--image: {exc}") from None
+        x = normalize(pixels, spec["mean"], spec["std"]).to(device)
+        masks = [predict_mask(m, x, tuned_inference(m, record)) for m in models]
+        print(draw_masks(torch.from_numpy(pixels), list(zip(labels, masks)), out_dir / f"{stem}_segmentation.png",
+                         names, title=f"{_short_path(image_path)}: predicted classes"))
+        for f, m, label, mask in zip(tuned, models, labels, masks):
+            share = torch.bincount(mask.flatten(), minlength=m.num_classes).double() / mask.numel()
+            summary.append(dict(tuned=str(f), method=m.encoder.method, label=label, image=str(image_path),
+                                size=list(mask.shape), class_shares={names[int(k)]: float(share[k])
+                                                                     for k in share.argsort(descending=True)
+                                                                     if share[k] > 0}))
+    (out_dir / "summary.json").write_text(json.dumps(dict(model=spec["model"], model_kwargs=spec["model_kwargs"],
+                                                          seed=spec["seed"], checkpoint=spec["checkpoint"],
+                                                          kind="segmentation", results=summary), indent=2))
     print(out_dir / "summary.json")
     return 0
 

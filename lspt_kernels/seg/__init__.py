@@ -15,6 +15,7 @@ from .data import (
     TrainTransform,
     detect_segmentation_layout,
     load_segmentation_dataset,
+    write_label_map,
 )
 from .engine import build_optimizer, evaluate, poly_lr, train_step
 from .heads import AuxHead, PUPHead
@@ -25,4 +26,5 @@ from .model import SegmentationModel, default_feature_blocks, load_segmentation_
 __all__ = ["SegmentationModel", "load_segmentation_model", "default_feature_blocks", "PUPHead", "AuxHead",
            "InferenceConfig", "MS_RATIOS", "inference", "slide_inference", "IoUAccumulator",
            "detect_segmentation_layout", "load_segmentation_dataset", "SegmentationDataset", "TrainTransform",
-           "EvalTransform", "IterationSampler", "build_optimizer", "poly_lr", "train_step", "evaluate"]
+           "EvalTransform", "IterationSampler", "write_label_map", "build_optimizer", "poly_lr", "train_step",
+           "evaluate"]

@@ -29,8 +29,8 @@ from ..data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, ope
 from .inference import as_pair, rescale_size
 
 __all__ = ["ADE20K_CLASSES", "SEG_LAYOUTS", "SegmentationSpec", "detect_segmentation_layout",
-           "load_segmentation_dataset", "read_label_map", "prepare_label", "TrainTransform",
-           "EvalTransform", "SegmentationDataset", "IterationSampler", "photometric_distortion"]
+           "load_segmentation_dataset", "read_label_map", "write_label_map", "prepare_label", "normalize",
+           "TrainTransform", "EvalTransform", "SegmentationDataset", "IterationSampler", "photometric_distortion"]
 
 SEG_LAYOUTS = ("ade20k", "generic")
 ADE20K_SPLITS = {"train": "training", "val": "validation"}
@@ -76,6 +76,21 @@ def read_label_map(path) -> np.ndarray:
         raise DataError(f"cannot read label map {path}: {type(exc).__name__}: {exc}") from None
 
 
+def write_label_map(path, label) -> None:
+    """Write an (H, W) map of class indices as a single-channel PNG that `read_label_map` reads back: 8-bit
+    (mode L) when every value fits, else 16-bit (mode I;16). Values must be in [0, 65535]."""
+    from PIL import Image
+    label = np.asarray(label)
+    if label.ndim != 2 or label.dtype.kind not in "iu":
+        raise ValueError(f"a label map must be an (H, W) integer array, got {label.dtype} {label.shape}")
+    if label.size and (label.min() < 0 or label.max() > 65535):
+        raise ValueError(f"label values must be in [0, 65535] for a PNG, got {label.min()}..{label.max()}")
+    if not label.size or label.max() <= 255:
+        Image.fromarray(label.astype(np.uint8), mode="L").save(path, format="PNG")
+    else:
+        Image.fromarray(label.astype(np.uint16)).save(path, format="PNG")
+
+
 def prepare_label(raw: np.ndarray, num_classes: int, reduce_zero_label: bool, ignore_index: int, where) -> np.ndarray:
     """reduce_zero_label (mmseg's LoadAnnotations): 0 -> ignore_index, k -> k - 1, ignore_index kept; then
     every value must be a class in [0, num_classes) or ignore_index, else a DataError naming `where`."""
@@ -108,6 +123,10 @@ class SegmentationSpec:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def image_dir(self, split: str) -> Path:
+        """The folder of a split's images (their paths relative to it name their label maps)."""
+        return self.root / "images" / (ADE20K_SPLITS[split] if self.layout == "ade20k" else split)
+
     def summary(self) -> str:
         counts = ", ".join(f"{s} {len(v)}" for s, v in self.splits.items())
         return (f"data: {self.root} (layout {self.layout}, segmentation): {self.num_classes} classes, "
@@ -124,6 +143,10 @@ def detect_segmentation_layout(root) -> tuple[str, Path] | None:
     if all((root / kind / "train").is_dir() for kind in ("images", "annotations")):
         return "generic", root
     return None
+
+
+def _wanted(split: str, splits) -> bool:
+    return splits is None or split in splits
 
 
 def _pairs(image_dir: Path, label_dir: Path) -> list[tuple[str, str]]:
@@ -167,45 +190,49 @@ def _generic_classes(root: Path, train: list[tuple[str, str]], reduce_zero_label
 
 
 def load_segmentation_dataset(root, layout: str | None = None, *, num_classes: int | None = None,
-                              reduce_zero_label: bool | None = None, ignore_index: int = 255) -> SegmentationSpec:
-    """The image / label-map pairs of every split of a segmentation dataset. ADE20K fixes 150 classes
-    and reduce_zero_label=True (passing other values is an error); the generic layout takes them as
-    options (reduce_zero_label default False)."""
+                              reduce_zero_label: bool | None = None, ignore_index: int = 255,
+                              splits=None) -> SegmentationSpec:
+    """The image / label-map pairs of every split of a segmentation dataset (or only of `splits`, so
+    another split's problems do not stop an evaluation). ADE20K fixes 150 classes and reduce_zero_label=True
+    (passing other values is an error); the generic layout takes them as options (reduce_zero_label default
+    False; without num_classes or a classes.txt, the train split's labels give the classes and it is read)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"--data {root}: no such directory")
-    found = detect_segmentation_layout(root)
+    detected = detect_segmentation_layout(root)
     if layout is not None and layout not in SEG_LAYOUTS:
         raise DataError(f"segmentation layout must be one of {SEG_LAYOUTS}, got {layout!r}")
-    if found is None or (layout is not None and found[0] != layout):
+    if detected is None or (layout is not None and detected[0] != layout):
         raise DataError(f"--data {root} is not a {layout or 'segmentation'} dataset: expected "
                         "ADEChallengeData2016/{images,annotations}/{training,validation} (ade20k) or "
                         "{images,annotations}/{train,val} with PNG label maps (generic)")
-    layout, base = found
+    layout, base = detected
     if layout == "ade20k":
         if num_classes not in (None, len(ADE20K_CLASSES)) or reduce_zero_label is False:
             raise DataError(f"{base}: ADE20K has {len(ADE20K_CLASSES)} classes and reduce_zero_label=True (label 0 "
                             f"is 'other'), got num_classes={num_classes}, reduce_zero_label={reduce_zero_label}")
-        splits = {s: _pairs(base / "images" / d, base / "annotations" / d)
-                  for s, d in ADE20K_SPLITS.items() if (base / "images" / d).is_dir()}
-        return SegmentationSpec(layout, base, list(ADE20K_CLASSES), splits, True, ignore_index)
+        found = {s: _pairs(base / "images" / d, base / "annotations" / d)
+                 for s, d in ADE20K_SPLITS.items() if (base / "images" / d).is_dir() and _wanted(s, splits)}
+        return SegmentationSpec(layout, base, list(ADE20K_CLASSES), found, True, ignore_index)
     reduce_zero_label = bool(reduce_zero_label)
-    splits = {}
+    counts_classes = num_classes is None and not (base / "classes.txt").is_file()     # from the train labels
+    wanted = None if splits is None else {*splits, *(("train",) if counts_classes else ())}
+    found = {}
     for split in GENERIC_SPLITS:
-        if (base / "images" / split).is_dir():
+        if (base / "images" / split).is_dir() and _wanted(split, wanted):
             if not (base / "annotations" / split).is_dir():
                 raise DataError(f"{base / 'images' / split} has no annotation folder {base / 'annotations' / split}")
-            splits[split] = _pairs(base / "images" / split, base / "annotations" / split)
+            found[split] = _pairs(base / "images" / split, base / "annotations" / split)
     if num_classes is not None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise DataError(f"num_classes must be an int >= 1, got {num_classes!r}")
         classes = [str(i) for i in range(num_classes)]
     else:
-        classes = _generic_classes(base, splits["train"], reduce_zero_label, ignore_index)
+        classes = _generic_classes(base, found["train"], reduce_zero_label, ignore_index)
     if 0 <= ignore_index < len(classes):
         raise DataError(f"ignore_index {ignore_index} is one of the {len(classes)} classes; choose a value outside "
                         f"[0, {len(classes)}) (255 by convention)")
-    return SegmentationSpec(layout, base, classes, splits, reduce_zero_label, ignore_index)
+    return SegmentationSpec(layout, base, classes, found, reduce_zero_label, ignore_index)
 
 
 # --- transforms ---------------------------------------------------------------------------------------
@@ -283,7 +310,8 @@ def photometric_distortion(img: np.ndarray, rng: np.random.Generator, brightness
     return img
 
 
-def _normalize(image: np.ndarray, mean, std) -> torch.Tensor:
+def normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """A uint8 RGB image (H, W, 3) as the float (3, H, W) tensor the model takes: / 255, then (x - mean) / std."""
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
     return x.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
 
@@ -326,7 +354,7 @@ class TrainTransform:
             image, label = image[:, ::-1], label[:, ::-1]
         if self.photometric:
             image = photometric_distortion(np.ascontiguousarray(image), rng)
-        x = _normalize(image, self.mean, self.std)
+        x = normalize(image, self.mean, self.std)
         h, w = label.shape
         ch, cw = max(self.crop_size[0], h), max(self.crop_size[1], w)
         padded = torch.full((ch, cw), self.ignore_index, dtype=torch.int64)
@@ -341,7 +369,7 @@ class EvalTransform:
         self.mean, self.std = mean, std
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng=None):
-        return _normalize(image, self.mean, self.std), torch.from_numpy(label)
+        return normalize(image, self.mean, self.std), torch.from_numpy(label)
 
 
 # --- dataset and sampler ------------------------------------------------------------------------------

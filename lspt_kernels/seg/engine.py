@@ -10,6 +10,7 @@ multiplier), set before iteration i's update.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor
@@ -60,13 +61,25 @@ def train_step(model, optimizer: torch.optim.Optimizer, images: Tensor, labels: 
                scaler: torch.amp.GradScaler | None = None) -> dict:
     """One iteration: the poly learning rates of `iteration` (0-based), forward in training mode (main
     and auxiliary logits), the weighted loss, backward, the update. `model` may be a DDP wrapper.
-    Returns {"loss": float, "lr": the first group's lr}."""
+    Returns {"loss": float, "lr": the first group's lr, "correct": int, "labelled": int}: the pixels the
+    main logits classify right, out of the labelled ones (mmseg's training accuracy acc_seg, over the labelled
+    pixels as later mmseg versions; SETR's divides by all of them). A loss
+    that is NaN or inf raises FloatingPointError before anything is updated."""
     module = _unwrap(model)
     model.train()
     set_poly_lr(optimizer, iteration, total, power, min_lr)
     with _autocast(images.device, amp_dtype):
         outputs = model(images)
     loss = module.loss(outputs, labels)
+    with torch.no_grad():          # mmseg's decode head computes this accuracy in every iteration too
+        main = outputs[0] if isinstance(outputs, tuple) else outputs
+        labelled = labels != module.ignore_index
+        correct = ((main.argmax(1) == labels) & labelled).sum()
+        value, correct, labelled = torch.stack([loss.detach().double(), correct.double(),
+                                                labelled.sum().double()]).tolist()    # one host sync
+    correct, labelled = int(correct), int(labelled)
+    if not math.isfinite(value):
+        raise FloatingPointError(f"the training loss is {value} at iteration {iteration + 1}")
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -75,7 +88,7 @@ def train_step(model, optimizer: torch.optim.Optimizer, images: Tensor, labels: 
     else:
         loss.backward()
         optimizer.step()
-    return {"loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"]}
+    return {"loss": value, "lr": optimizer.param_groups[0]["lr"], "correct": correct, "labelled": labelled}
 
 
 def evaluate(model, dataset, config: InferenceConfig = InferenceConfig(), *, device=None,
@@ -91,8 +104,10 @@ def evaluate(model, dataset, config: InferenceConfig = InferenceConfig(), *, dev
     was_training = module.training
     module.eval()
     meter = IoUAccumulator(module.num_classes, module.ignore_index, device)
+    # Its own generator for the workers' base seed: evaluating never draws from the global RNG (a training run's
+    # dropout stream is the same whether or not, and how often, it evaluates).
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(rank, len(dataset), world_size),
-                                         num_workers=workers)
+                                         num_workers=workers, generator=torch.Generator())
     if progress:
         from tqdm import tqdm
         loader = tqdm(loader, desc="eval", unit="img", disable=rank != 0)

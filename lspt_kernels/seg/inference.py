@@ -24,9 +24,21 @@ from torch import Tensor
 
 from .heads import upsample
 
-__all__ = ["InferenceConfig", "MS_RATIOS", "as_pair", "rescale_size", "slide_inference", "inference"]
+__all__ = ["InferenceConfig", "MS_RATIOS", "as_pair", "protocol_scale", "protocol_stride", "rescale_size",
+           "slide_inference", "inference"]
 
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)      # SETR's *_MS.py configs: img_ratios
+
+
+def protocol_scale(crop: int) -> tuple[int, int]:
+    """The (long, short) resize scale of the ADE20K protocol for a square crop: (2048, 512) at the protocol's
+    crop 512, (4 crop, crop) for another crop (the same proportions)."""
+    return 4 * crop, crop
+
+
+def protocol_stride(crop: int) -> int:
+    """The sliding window's stride for a square crop: 341 at 512 (PUP.py's test_cfg), 2 crop // 3 for another."""
+    return max(1, 2 * crop // 3)
 
 
 def as_pair(name: str, value) -> tuple[int, int]:
@@ -66,6 +78,12 @@ class InferenceConfig:
         object.__setattr__(self, "ratios", tuple(float(r) for r in ratios))
         if self.min_short_side is not None:
             as_pair("min_short_side", self.min_short_side)
+
+    @classmethod
+    def for_crop(cls, crop: int, **options) -> "InferenceConfig":
+        """The SS protocol for square training crops of side `crop`: windows of the crop, `protocol_stride`
+        and `protocol_scale` (at 512: crop 512, stride 341, scale (2048, 512), the defaults)."""
+        return cls(**{"crop_size": crop, "stride": protocol_stride(crop), "scale": protocol_scale(crop), **options})
 
     @classmethod
     def multi_scale(cls, **options) -> "InferenceConfig":

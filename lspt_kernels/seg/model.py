@@ -12,7 +12,6 @@ config() and every head option, so `load_segmentation_model` rebuilds the model 
 """
 from __future__ import annotations
 
-import json
 import math
 
 import torch
@@ -175,19 +174,10 @@ class SegmentationModel(nn.Module):
     def save_tuned(self, path, extra_metadata: dict | None = None) -> None:
         """Write `tuned_state_dict()` to a safetensors file, `config()` as JSON under "lspt_kernels";
         extra_metadata: more entries (name -> JSON-serialisable value, e.g. a training record). `path`:
-        str or os.PathLike, '~' expanded; its directory must exist."""
-        from safetensors.torch import save_file
-
-        from ..checkpoints import as_path
-        path = as_path(path)
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
-        meta = {k: json.dumps(v) for k, v in (extra_metadata or {}).items()}
-        if "lspt_kernels" in meta:
-            raise ValueError("extra_metadata must not hold 'lspt_kernels' (the model's own config goes there)")
-        meta["lspt_kernels"] = json.dumps(self.config())
-        tensors = {n: t.contiguous().cpu() for n, t in self.tuned_state_dict().items()}
-        save_file(tensors, str(path), metadata=meta)
+        str or os.PathLike, '~' expanded; its directory must exist. Written as the encoders' files are
+        (`checkpoints.save_tuned_file`), so a failed write (a full disk) is the OSError of that write."""
+        from ..checkpoints import save_tuned_file
+        save_tuned_file(self, path, extra_metadata)
 
     def load_tuned(self, path) -> None:
         """Load a file written by `save_tuned` into this model: its task, method, encoder options and head
