@@ -43,3 +43,22 @@ def lspt_step_eager(tokens: Tensor, cell: Tensor, prompt: Tensor, weight_ih: Ten
     PyTorch, without its input checks or autocast handling."""
     return step_eager(tokens, cell, gate_bias_rows(prompt, weight_ih, bias_ih, bias_hh), weight_hh,
                       num_prefix_tokens)
+
+
+def grouped_step_eager(tokens: Tensor, cell: Tensor, gate_bias: Tensor, weight_hh: Tensor, offsets: Tensor,
+                       num_prefix_tokens: int = 1) -> tuple[Tensor, Tensor]:
+    """The step of a batch whose rows are grouped by task (multi-task inference): rows
+    offsets[g]:offsets[g+1] use weight_hh[g]. weight_hh (G, 4D, D), gate_bias (B, Np, 4D) (each row's
+    own task's rows, gathered), offsets (G + 1,) int64 from 0 to B, non-decreasing (a group may be
+    empty). One `step_eager` per non-empty group: the reference of the grouped op's kernels."""
+    bounds = offsets.tolist()
+    hidden, new_cell = [], []
+    for g in range(weight_hh.shape[0]):
+        lo, hi = bounds[g], bounds[g + 1]
+        if hi > lo:
+            h, c = step_eager(tokens[lo:hi], cell[lo:hi], gate_bias[lo:hi], weight_hh[g], num_prefix_tokens)
+            hidden.append(h)
+            new_cell.append(c)
+    if not hidden:   # an empty batch
+        return tokens.new_empty(cell.shape), torch.empty_like(cell)
+    return torch.cat(hidden), torch.cat(new_cell)

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from . import backends, selfcheck
 from .contract import check_step_inputs
-from .eager import gate_bias_rows, step_eager
+from .eager import gate_bias_rows, grouped_step_eager, step_eager
 from .precision import autocast_enabled, autocast_off
 
 _lib = torch.library.Library("lspt", "FRAGMENT")
@@ -295,3 +295,15 @@ def lspt_step(tokens: Tensor, cell: Tensor, prompt: Tensor, weight_ih: Tensor, w
     backend = resolve_backend(backend, tokens.device, tokens.dtype, cell.dtype, weight_hh.dtype, tokens.shape[-1],
                               num_prefix_tokens, False, selfcheck.token_layout(tokens))
     return fused_step(tokens, cell, gate_bias, weight_hh, num_prefix_tokens, backend, torch.is_grad_enabled())
+
+
+def grouped_step(tokens: Tensor, cell: Tensor, gate_bias: Tensor, weight_hh: Tensor, offsets: Tensor,
+                 num_prefix_tokens: int, backend: str) -> tuple[Tensor, Tensor]:
+    """The step of a batch whose rows are grouped by task (MultiTaskEncoder; inference only): rows
+    offsets[g]:offsets[g+1] use weight_hh[g] (G, 4D, D); gate_bias (B, Np, 4D) holds each row's own
+    task's rows; offsets (G + 1,) int64 on the tokens' device, 0 = offsets[0] <= ... <= offsets[G] = B.
+    Returns (hidden (B, Np, D) tokens.dtype, new_cell (B, Np, D) cell.dtype).
+
+    For now every backend runs the eager grouped step (`eager.grouped_step_eager`)."""
+    with autocast_off(tokens.device.type):
+        return grouped_step_eager(tokens, cell, gate_bias, weight_hh, offsets, num_prefix_tokens)
