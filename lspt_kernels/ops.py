@@ -35,6 +35,21 @@ Kernel contract (what every backend's forward/backward receives and returns):
         -> grad_tokens (B,T,D) grad_hidden.dtype, grad_cell (cell.dtype), grad_gate_bias (gate_bias's
            shape, W), grad_weight_hh (W)
 
+Grouped step (multi-task inference), `lspt::grouped_step` / `grouped_step`:
+
+    grouped_step(tokens (B,T,D) [stride(-1) == 1], cell (B,Np,D) contiguous, gate_bias (B,Np,4D)
+                 contiguous W (each row's own task's rows, gathered), weight_hh (G,4D,D) contiguous W,
+                 offsets (G+1,) int64 on the tokens' device, k, backend)
+        -> hidden (B,Np,D) tokens.dtype, new_cell (B,Np,D) cell.dtype
+
+Rows offsets[g]:offsets[g+1] use weight_hh[g], 0 = offsets[0] <= ... <= offsets[G] = B (a group may
+be empty): each group's product is one segment of a grouped GEMM (Punica's SGMV). The kernels read
+offsets on the device and clamp every segment to [0, B]; `grouped_step` also checks the values on the
+host outside torch.compile / export (one sync per call). Inference only: there is no backward, and a
+call whose inputs require grad under grad mode raises GROUPED_INFERENCE_ONLY. The dtype rules are the
+single-task op's. The reference is `eager.grouped_step_eager`; `resolve_grouped_backend` resolves a
+backend with the grouped self-check.
+
 dtypes: gate_bias and weight_hh share one dtype W (the GEMM precision). Either every tensor is W, or
 the cell is fp32 (the cell state is carried in fp32), or additionally tokens are fp32 with W
 low-precision (torch.autocast). Means and gate math are always computed in fp32 (fp64 for fp64).
