@@ -262,14 +262,13 @@ def test_python_registration_refuses_too(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # Tracing: meta tensors, torch.compile, torch.export, FLOP counting
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["eager", "cpu", "triton", "cuda"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 def test_meta_tensors(backend):
+    """Shapes and dtypes through the op's fake kernel (the eager step reads offsets' values: not on meta)."""
     tokens, cell, gate_bias, weight_hh, offsets = (t.to("meta") for t in grouped_inputs((2, 0, 3), D=8,
                                                                                         dtype=torch.float16))
     cell = cell.float()
     with torch.no_grad():
-        if backend == "eager":      # the eager step reads offsets' values: the op's fake kernel is for meta
-            pytest.skip("the eager grouped step needs offsets' values")
         hidden, new_cell = ops.grouped_step(tokens, cell, gate_bias, weight_hh, offsets, 1, backend)
     assert hidden.device.type == "meta" and hidden.shape == (5, 3, 8) and hidden.dtype == torch.float16
     assert new_cell.shape == (5, 3, 8) and new_cell.dtype == torch.float32
@@ -421,3 +420,35 @@ def test_gpu_kernels_clamp_any_offsets_and_pass_self_check(backend, selfcheck_al
     assert ops.resolve_grouped_backend(backend, tokens.device, torch.float32, torch.float32, torch.float32, 40, 1,
                                        "contiguous") == backend
     assert backends.unavailable_reason(backend) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton: the configurations real widths select (D = 768: fp32 "fp32_ieee" / "tf32", fp16 / bf16
+# "half" / "half_large"), run by the interpreter at D = 96 (K tail of 96 % 64) with the same table
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def cuda_fp32_precision():
+    before = torch.backends.cuda.matmul.fp32_precision
+    yield
+    torch.backends.cuda.matmul.fp32_precision = before
+
+
+@pytest.mark.parametrize("config, dtype, precision", [("fp32_ieee", torch.float32, "ieee"),
+                                                      ("tf32", torch.float32, "tf32"),
+                                                      ("half", torch.float16, None),
+                                                      ("half_large", torch.float16, None)])
+def test_triton_vit_width_configurations(config, dtype, precision, monkeypatch, cuda_fp32_precision):
+    if HAS_CUDA or not backends.triton_interpreted():
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1, no GPU)")
+    require("triton", dtype)
+    from lspt_kernels import triton_kernels as tk
+    if precision is not None:
+        torch.backends.cuda.matmul.fp32_precision = precision
+    assert tk.gemm_config_name(2048 if config == "half_large" else 6, 768, dtype, tk.dot_precision(dtype)) == config
+    if config == "half_large":   # its 128-row tile at a size the interpreter can afford (real: >= 2048 rows)
+        monkeypatch.setattr(tk, "gemm_config_name", lambda *args: "half_large")
+    D, sizes, n_p = 96, (2, 0, 1), 5
+    assert tk.gemm_config_name(sum(sizes) * n_p, D, dtype, tk.dot_precision(dtype)) == config
+    inputs = grouped_inputs(sizes, n_p=n_p, D=D, dtype=dtype)
+    # the interpreter's fp32 products are exact whatever the tl.dot precision: fp32 tolerances
+    assert_grouped_close(run("triton", inputs, 1), inputs, 1, dtype)
