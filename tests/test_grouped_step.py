@@ -344,20 +344,24 @@ def selfcheck_all(monkeypatch):
 
 
 def _resolve(backend, dtype=torch.float32, D=16):
+    """Resolution on CPU tensors (Triton: its interpreter, as tests/test_selfcheck.py runs the mechanism)."""
+    require(backend, dtype)
+    if backend == "triton" and (HAS_CUDA or not backends.triton_interpreted()):
+        pytest.skip("the self-check on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1, no GPU)")
     return ops.resolve_grouped_backend(backend, torch.device("cpu"), dtype, dtype, dtype, D, 1, "contiguous")
 
 
 @pytest.mark.parametrize("backend, dtype, D", [("cpu", torch.float32, 16), ("cpu", torch.float16, 40),
                                                ("triton", torch.float32, 16), ("triton", torch.float16, 40)])
 def test_real_grouped_kernels_pass_their_self_check(selfcheck_all, backend, dtype, D):
-    require(backend, dtype)
     assert _resolve(backend, dtype, D) == backend
     (key, (ok, reason)), = selfcheck._results.items()
     assert key[0] == backend and key[1].grouped and key[1].per_image_rows and ok, reason
 
 
 def test_wrong_grouped_kernel_falls_back_with_one_warning(selfcheck_all, monkeypatch):
-    require("triton")
+    _resolve("triton")      # skips where Triton cannot run on CPU tensors; loads and checks the real kernel
+    selfcheck.reset()
     from lspt_kernels import triton_kernels
     real = triton_kernels.grouped_forward
     calls = []
