@@ -24,6 +24,21 @@ constexpr const char* kNoDoubleBackward =
     "torch.autograd.grad(..., create_graph=True) then backward again: gradient penalties, Hessians); "
     "use the eager step for that: lspt_step(..., backend='eager'), or LSPTEncoder(..., backend='eager')";
 
+// The message of the Python registration (lspt_kernels/ops.py, GROUPED_INFERENCE_ONLY).
+constexpr const char* kGroupedInferenceOnly =
+    "grouped_step: the grouped (multi-task) step is inference-only and has no backward: run it under "
+    "torch.no_grad() or torch.inference_mode(), or detach its inputs; to train a task, train it alone "
+    "with LSPTEncoder";
+
+const auto& grouped_step_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lspt::grouped_step", "")
+                             .typed<GroupedOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                   const at::Tensor&, const at::Tensor&, c10::SymInt,
+                                                   c10::string_view)>();
+  return op;
+}
+
 const auto& step_fwd_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("lspt::step_fwd", "")
@@ -138,6 +153,16 @@ StepOutputs step_bwd_autograd(const at::Tensor& grad_hidden, const at::Tensor& g
   }
   return as_outputs(StepBackwardFunction::apply(grad_hidden, grad_cell, xhat, cell, gate_bias, weight_hh, gates,
                                                 num_prefix_tokens, num_tokens, std::string(backend)));
+}
+
+GroupedOutputs grouped_step_autograd(const at::Tensor& tokens, const at::Tensor& cell, const at::Tensor& gate_bias,
+                                     const at::Tensor& weight_hh, const at::Tensor& offsets,
+                                     c10::SymInt num_prefix_tokens, c10::string_view backend) {
+  const bool needs_grad = at::GradMode::is_enabled() && (tokens.requires_grad() || cell.requires_grad() ||
+                                                         gate_bias.requires_grad() || weight_hh.requires_grad());
+  TORCH_CHECK(!needs_grad, kGroupedInferenceOnly);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return grouped_step_op().call(tokens, cell, gate_bias, weight_hh, offsets, num_prefix_tokens, backend);
 }
 
 }  // namespace lspt

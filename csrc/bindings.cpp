@@ -1,13 +1,13 @@
-// The extension's registrations: the kernels of lspt::step_fwd / lspt::step_bwd for this build's
-// device and their autograd, in the dispatcher; the build ID for the loader (pybind11).
+// The extension's registrations: the kernels of lspt::step_fwd / lspt::step_bwd / lspt::grouped_step
+// for this build's device and their autograd, in the dispatcher; the build ID for the loader (pybind11).
 //
 // Two extensions are built from these sources: `_lspt_cpu` registers the CPU and AutogradCPU keys,
 // `_lspt_cuda` (-DLSPT_WITH_CUDA) the CUDA and AutogradCUDA keys, so both can load in one process.
 // The op schemas are defined in Python (lspt_kernels/ops.py: the op must exist where no extension can
 // be built); the dispatcher checks these kernels' C++ signatures against them at load time.
 // A device's kernel routes by the op's `backend` argument: its own C++ kernels, or "triton", whose
-// launchers are registered in Python as lspt::triton_step_fwd / triton_step_bwd (Triton launches are
-// Python by nature), reached through the dispatcher as well.
+// launchers are registered in Python as lspt::triton_step_fwd / triton_step_bwd / triton_grouped_step
+// (Triton launches are Python by nature), reached through the dispatcher as well.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <pybind11/pybind11.h>
@@ -46,6 +46,15 @@ StepOutputs triton_backward(const at::Tensor& grad_hidden, const at::Tensor& gra
   return op.call(grad_hidden, grad_cell, xhat, cell, gate_bias, weight_hh, gates, k, num_tokens);
 }
 
+GroupedOutputs triton_grouped(const at::Tensor& tokens, const at::Tensor& cell, const at::Tensor& gate_bias,
+                              const at::Tensor& weight_hh, const at::Tensor& offsets, int64_t k) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lspt::triton_grouped_step", "")
+                             .typed<GroupedOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                   const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(tokens, cell, gate_bias, weight_hh, offsets, k);
+}
+
 // The backend names of lspt_kernels/backends.py (FUSED_BACKENDS); `own` is this build's device's.
 [[noreturn]] void refuse(const char* fn, c10::string_view backend, const char* own, const at::Tensor& t) {
   const bool known = backend == "cpu" || backend == "cuda" || backend == "triton";
@@ -59,10 +68,12 @@ StepOutputs triton_backward(const at::Tensor& grad_hidden, const at::Tensor& gra
 constexpr const char* kOwn = "cuda";
 #define LSPT_FORWARD cuda_forward
 #define LSPT_BACKWARD cuda_backward
+#define LSPT_GROUPED cuda_grouped_forward
 #else
 constexpr const char* kOwn = "cpu";
 #define LSPT_FORWARD cpu_forward
 #define LSPT_BACKWARD cpu_backward
+#define LSPT_GROUPED cpu_grouped_forward
 #endif
 
 StepOutputs step_fwd(const at::Tensor& tokens, const at::Tensor& cell, const at::Tensor& gate_bias,
@@ -86,6 +97,15 @@ StepOutputs step_bwd(const at::Tensor& grad_hidden, const at::Tensor& grad_cell,
   refuse("lspt::step_bwd", backend, kOwn, grad_hidden);
 }
 
+GroupedOutputs grouped_step(const at::Tensor& tokens, const at::Tensor& cell, const at::Tensor& gate_bias,
+                            const at::Tensor& weight_hh, const at::Tensor& offsets, int64_t k,
+                            c10::string_view backend) {
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  if (backend == kOwn) return LSPT_GROUPED(tokens, cell, gate_bias, weight_hh, offsets, k);
+  if (backend == "triton") return triton_grouped(tokens, cell, gate_bias, weight_hh, offsets, k);
+  refuse("lspt::grouped_step", backend, kOwn, tokens);
+}
+
 }  // namespace
 }  // namespace lspt
 
@@ -96,6 +116,7 @@ TORCH_LIBRARY_IMPL(lspt, CPU, m) {
 #endif
   m.impl("step_fwd", TORCH_FN(lspt::step_fwd));
   m.impl("step_bwd", TORCH_FN(lspt::step_bwd));
+  m.impl("grouped_step", TORCH_FN(lspt::grouped_step));
 }
 
 #ifdef LSPT_WITH_CUDA
@@ -105,6 +126,7 @@ TORCH_LIBRARY_IMPL(lspt, AutogradCPU, m) {
 #endif
   m.impl("step_fwd", TORCH_FN(lspt::step_fwd_autograd));
   m.impl("step_bwd", TORCH_FN(lspt::step_bwd_autograd));
+  m.impl("grouped_step", TORCH_FN(lspt::grouped_step_autograd));
 }
 
 // The build ID (lspt_kernels/_build.py passes it as -D flags, from setup.py and from the JIT build):
@@ -113,7 +135,7 @@ TORCH_LIBRARY_IMPL(lspt, AutogradCPU, m) {
 #define LSPT_STR(x) LSPT_STR_(x)
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused LSPT step kernels, registered as lspt::step_fwd / lspt::step_bwd (lspt_kernels/ops.py)";
+  m.doc() = "Fused LSPT step kernels, registered as lspt::step_fwd / step_bwd / grouped_step (lspt_kernels/ops.py)";
 #ifdef LSPT_SOURCE_HASH
   m.attr("source_hash") = LSPT_STR(LSPT_SOURCE_HASH);
 #endif

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
 
 #include <cstdint>
 
@@ -126,6 +127,53 @@ inline StepSizes check_backward(const char* fn, const at::Tensor& grad_hidden, c
                 ") must be ", acc_dtype(grad_hidden.scalar_type()));
   }
   return {B, T, D, Np, per_image};
+}
+
+// The grouped op (lspt::grouped_step): tokens (B, T, D) [stride(-1) == 1], cell (B, Np, D), gate_bias
+// (B, Np, 4D) and weight_hh (G, 4D, D) contiguous, offsets (G + 1,) int64 contiguous on the same device.
+// Offsets' VALUES are not checked here (that needs a device sync): every kernel reads them through
+// group_rows, which keeps any value inside the batch.
+struct GroupedSizes {
+  int64_t B, T, D, Np, G;
+};
+
+inline GroupedSizes check_grouped_forward(const char* fn, const at::Tensor& tokens, const at::Tensor& cell,
+                                          const at::Tensor& gate_bias, const at::Tensor& weight_hh,
+                                          const at::Tensor& offsets, int64_t k) {
+  TORCH_CHECK(tokens.defined(), fn, ": tokens is an undefined tensor");
+  const at::Device device = tokens.device();
+  check_tensor(fn, "tokens", tokens, device);
+  check_tensor(fn, "cell", cell, device);
+  check_tensor(fn, "gate_bias", gate_bias, device);
+  check_tensor(fn, "weight_hh", weight_hh, device);
+  TORCH_CHECK(tokens.dim() == 3, fn, ": tokens must be (B, T, D), got ", tokens.sizes());
+  const int64_t B = tokens.size(0), T = tokens.size(1), D = tokens.size(2);
+  TORCH_CHECK(tokens.stride(2) == 1 || D <= 1, fn, ": tokens must have stride(-1) == 1, got strides ",
+              tokens.strides());
+  TORCH_CHECK(cell.dim() == 3 && cell.size(1) >= 1, fn, ": cell must be (B, Np, D) with Np >= 1, got ", cell.sizes());
+  const int64_t Np = cell.size(1);
+  check_shape(fn, "cell", cell, {B, Np, D});
+  TORCH_CHECK(weight_hh.dim() == 3 && weight_hh.size(0) >= 1, fn, ": weight_hh must be (G, 4D, D) with G >= 1, got ",
+              weight_hh.sizes());
+  const int64_t G = weight_hh.size(0);
+  check_shape(fn, "weight_hh", weight_hh, {G, 4 * D, D});
+  check_shape(fn, "gate_bias", gate_bias, {B, Np, 4 * D});
+  TORCH_CHECK(gate_bias.scalar_type() == weight_hh.scalar_type(), fn, ": gate_bias (", gate_bias.scalar_type(),
+              ") and weight_hh (", weight_hh.scalar_type(), ") must share one dtype");
+  TORCH_CHECK(offsets.defined(), fn, ": offsets is an undefined tensor");
+  TORCH_CHECK(offsets.device() == device, fn, ": offsets is on ", offsets.device(), " but tokens are on ", device);
+  TORCH_CHECK(offsets.scalar_type() == at::kLong, fn, ": offsets must be int64, got ", offsets.scalar_type());
+  check_shape(fn, "offsets", offsets, {G + 1});
+  check_prefix(fn, k, Np, T);
+  check_activation_dtypes(fn, "tokens", tokens.scalar_type(), cell.scalar_type(), weight_hh.scalar_type());
+  return {B, T, D, Np, G};
+}
+
+// Group g's images [lo, hi), clamped to [0, B] whatever offsets hold (host and device code).
+C10_HOST_DEVICE inline void group_rows(const int64_t* offsets, int64_t g, int64_t B, int64_t& lo, int64_t& hi) {
+  const int64_t a = offsets[g], b = offsets[g + 1];
+  lo = a < 0 ? 0 : (a > B ? B : a);
+  hi = b < lo ? lo : (b > B ? B : b);
 }
 
 }  // namespace lspt

@@ -7,12 +7,13 @@
               interpreter, TRITON_INTERPRET=1: a test tool)
     "auto"    the first of AUTO_ORDER[device type] that loads; "eager" (one warning) if none does
 
-How the dispatcher reaches each one (the op is `lspt::step_fwd` / `lspt::step_bwd`, ops.py):
+How the dispatcher reaches each one (the ops are `lspt::step_fwd` / `lspt::step_bwd` and the grouped,
+inference-only `lspt::grouped_step`, ops.py; the same way for all three):
 - cpu / cuda: loading the C++ extension (lspt_kernels/_build.py) registers, for its device's
   dispatch keys, the kernels (which route by the op's `backend` argument) and the autograd
   (AutogradCPU / AutogradCUDA, a torch::autograd::Function): eager mode runs no Python per step.
 - triton: Triton launches are Python by nature. The launchers are registered below as the internal
-  ops `lspt::triton_step_fwd` / `triton_step_bwd`, which the C++ kernels call through the
+  ops `lspt::triton_step_fwd` / `triton_step_bwd` / `triton_grouped_step`, which the C++ kernels call through the
   dispatcher for backend "triton"; the autograd is C++ there too when the extension of the device is
   loaded (on a machine without nvcc the Python registrations of ops.py serve it).
 - Before an extension is loaded, and where none can be built, ops.py's Python registrations serve
@@ -139,6 +140,8 @@ _lib.define("triton_step_fwd(Tensor tokens, Tensor cell, Tensor gate_bias, Tenso
 _lib.define("triton_step_bwd(Tensor grad_hidden, Tensor grad_cell, Tensor xhat, Tensor cell, Tensor gate_bias, "
             "Tensor weight_hh, Tensor gates, int num_prefix_tokens, int num_tokens) "
             "-> (Tensor, Tensor, Tensor, Tensor)")
+_lib.define("triton_grouped_step(Tensor tokens, Tensor cell, Tensor gate_bias, Tensor weight_hh, Tensor offsets, "
+            "int num_prefix_tokens) -> (Tensor, Tensor)")
 
 
 def _triton():
@@ -163,5 +166,13 @@ def triton_backward(grad_hidden, grad_cell, xhat, cell, gate_bias, weight_hh, ga
                                 num_prefix_tokens, num_tokens)
 
 
+def triton_grouped_forward(tokens, cell, gate_bias, weight_hh, offsets, num_prefix_tokens):
+    """The Triton grouped step (ops.grouped_step's contract)."""
+    kernels = _triton()
+    with autocast_off(tokens.device.type):
+        return kernels.grouped_forward(tokens, cell, gate_bias, weight_hh, offsets, num_prefix_tokens)
+
+
 _lib.impl("triton_step_fwd", triton_forward, "CompositeExplicitAutograd")
+_lib.impl("triton_grouped_step", triton_grouped_forward, "CompositeExplicitAutograd")
 _lib.impl("triton_step_bwd", triton_backward, "CompositeExplicitAutograd")

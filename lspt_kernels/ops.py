@@ -35,6 +35,21 @@ Kernel contract (what every backend's forward/backward receives and returns):
         -> grad_tokens (B,T,D) grad_hidden.dtype, grad_cell (cell.dtype), grad_gate_bias (gate_bias's
            shape, W), grad_weight_hh (W)
 
+Grouped step (multi-task inference), `lspt::grouped_step` / `grouped_step`:
+
+    grouped_step(tokens (B,T,D) [stride(-1) == 1], cell (B,Np,D) contiguous, gate_bias (B,Np,4D)
+                 contiguous W (each row's own task's rows, gathered), weight_hh (G,4D,D) contiguous W,
+                 offsets (G+1,) int64 on the tokens' device, k, backend)
+        -> hidden (B,Np,D) tokens.dtype, new_cell (B,Np,D) cell.dtype
+
+Rows offsets[g]:offsets[g+1] use weight_hh[g], 0 = offsets[0] <= ... <= offsets[G] = B (a group may
+be empty): each group's product is one segment of a grouped GEMM (Punica's SGMV). The kernels read
+offsets on the device and clamp every segment to [0, B]; `grouped_step` also checks the values on the
+host outside torch.compile / export (one sync per call). Inference only: there is no backward, and a
+call whose inputs require grad under grad mode raises GROUPED_INFERENCE_ONLY. The dtype rules are the
+single-task op's. The reference is `eager.grouped_step_eager`; `resolve_grouped_backend` resolves a
+backend with the grouped self-check.
+
 dtypes: gate_bias and weight_hh share one dtype W (the GEMM precision). Either every tensor is W, or
 the cell is fp32 (the cell state is carried in fp32), or additionally tokens are fp32 with W
 low-precision (torch.autocast). Means and gate math are always computed in fp32 (fp64 for fp64).
@@ -49,7 +64,7 @@ import torch
 from torch import Tensor
 
 from . import backends, selfcheck
-from .contract import check_step_inputs
+from .contract import check_group_offsets, check_grouped_inputs, check_step_inputs
 from .eager import gate_bias_rows, grouped_step_eager, step_eager
 from .precision import autocast_enabled, autocast_off
 
@@ -59,8 +74,15 @@ _lib.define("step_fwd(Tensor tokens, Tensor cell, Tensor gate_bias, Tensor weigh
 _lib.define("step_bwd(Tensor grad_hidden, Tensor grad_cell, Tensor xhat, Tensor cell, Tensor gate_bias, "
             "Tensor weight_hh, Tensor gates, SymInt num_prefix_tokens, SymInt num_tokens, str backend) "
             "-> (Tensor, Tensor, Tensor, Tensor)")
+_lib.define("grouped_step(Tensor tokens, Tensor cell, Tensor gate_bias, Tensor weight_hh, Tensor offsets, "
+            "SymInt num_prefix_tokens, str backend) -> (Tensor, Tensor)")
 STEP_FWD = torch.ops.lspt.step_fwd.default
 STEP_BWD = torch.ops.lspt.step_bwd.default
+GROUPED_STEP = torch.ops.lspt.grouped_step.default
+GROUPED_INFERENCE_ONLY = (
+    "grouped_step: the grouped (multi-task) step is inference-only and has no backward: run it under "
+    "torch.no_grad() or torch.inference_mode(), or detach its inputs; to train a task, train it alone "
+    "with LSPTEncoder")
 NO_DOUBLE_BACKWARD = (
     "lspt_step: the fused backends have no double backward (a gradient of a gradient, e.g. "
     "torch.autograd.grad(..., create_graph=True) then backward again: gradient penalties, Hessians); "
@@ -111,6 +133,23 @@ def _step_bwd_fake(grad_hidden, grad_cell, xhat, cell, gate_bias, weight_hh, gat
             torch.empty_like(gate_bias), torch.empty_like(weight_hh))
 
 
+@torch.library.register_fake("lspt::grouped_step")
+def _grouped_step_fake(tokens, cell, gate_bias, weight_hh, offsets, num_prefix_tokens, backend):
+    check_op_backend(backend, "lspt::grouped_step")
+    B, T, D = tokens.shape
+    n_p = cell.shape[1]
+    for ok, what in ((cell.shape[0] == B, "cell must be (B, Np, D)"), (cell.shape[2] == D, "cell must be (B, Np, D)"),
+                     (num_prefix_tokens + n_p < T, "tokens leave no patch token (T <= k + Np)"),
+                     (weight_hh.shape[1] == 4 * D, "weight_hh must be (G, 4D, D)"),
+                     (weight_hh.shape[2] == D, "weight_hh must be (G, 4D, D)"),
+                     (offsets.shape[0] == weight_hh.shape[0] + 1, "offsets must be (G + 1,)"),
+                     (gate_bias.shape[0] == B, "gate_bias must be (B, Np, 4D)"),
+                     (gate_bias.shape[1] == n_p, "gate_bias must be (B, Np, 4D)"),
+                     (gate_bias.shape[2] == 4 * D, "gate_bias must be (B, Np, 4D)")):
+        torch._check(ok, lambda what=what: f"lspt::grouped_step: {what}")
+    return tokens.new_empty((B, n_p, D)), cell.new_empty((B, n_p, D))
+
+
 # ----------------------------------------------------------------------------------------------
 # Python kernels: until the C++ extension of the tensors' device is loaded (or where none builds).
 # ----------------------------------------------------------------------------------------------
@@ -142,8 +181,16 @@ def _step_bwd_python(grad_hidden, grad_cell, xhat, cell, gate_bias, weight_hh, g
                     num_tokens, backend)
 
 
+def _grouped_step_python(tokens, cell, gate_bias, weight_hh, offsets, num_prefix_tokens, backend):
+    _load_for(backend, tokens.device, "lspt::grouped_step")
+    if backend == "triton":
+        return backends.triton_grouped_forward(tokens, cell, gate_bias, weight_hh, offsets, num_prefix_tokens)
+    return GROUPED_STEP(tokens, cell, gate_bias, weight_hh, offsets, num_prefix_tokens, backend)
+
+
 _lib.impl("step_fwd", _step_fwd_python, "CompositeExplicitAutograd")
 _lib.impl("step_bwd", _step_bwd_python, "CompositeExplicitAutograd")
+_lib.impl("grouped_step", _grouped_step_python, "CompositeExplicitAutograd")
 
 
 def _setup_context(ctx, inputs, output):
@@ -185,6 +232,19 @@ torch.library.register_autograd("lspt::step_fwd", _backward, setup_context=_setu
 torch.library.register_autograd("lspt::step_bwd", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
+def _grouped_step_autograd(keyset, tokens, cell, gate_bias, weight_hh, offsets, num_prefix_tokens, backend):
+    """The grouped op has no backward: refuse a call that would need one, before any kernel runs
+    (the C++ registration of csrc/autograd.cpp does the same for the devices of a loaded extension)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (tokens, cell, gate_bias, weight_hh)):
+        raise RuntimeError(GROUPED_INFERENCE_ONLY)
+    with torch._C._AutoDispatchBelowAutograd():
+        return GROUPED_STEP.redispatch(keyset & torch._C._after_autograd_keyset, tokens, cell, gate_bias,
+                                       weight_hh, offsets, num_prefix_tokens, backend)
+
+
+_lib.impl("grouped_step", _grouped_step_autograd, "Autograd", with_keyset=True)
+
+
 def _register_flop_formulas() -> None:
     """FlopCounterMode sees the op, not the GEMMs inside it: count them (2 FLOPs per multiply-add).
 
@@ -205,6 +265,11 @@ def _register_flop_formulas() -> None:
         B, n_p, D = xhat_shape
         recompute = 0 if len(gates_shape) == 3 else 1
         return (2 + recompute) * 8 * B * n_p * D * D
+
+    @register_flop_formula(torch.ops.lspt.grouped_step)
+    def _grouped_flops(tokens_shape, cell_shape, *args, out_shape=None, **kwargs) -> int:
+        B, n_p, D = cell_shape      # every row's product with its own group's W_hh
+        return 8 * B * n_p * D * D
 
 
 _register_flop_formulas()
@@ -233,6 +298,18 @@ def _under_func_transform() -> bool:
     return active
 
 
+def _resolve(backend: str, device: torch.device, step, *case_args, grouped: bool = False) -> str:
+    """The one resolution path of both ops: backends.resolve, the eager step inside torch.func
+    transforms, and a fused GPU backend only after `step` passed its self-check in this case."""
+    name = backends.resolve(backend, device)
+    if name == "eager" or device.type == "meta":    # meta: the op's fake kernel, which loads nothing
+        return name
+    if _under_func_transform():
+        return "eager"
+    case = selfcheck.make_case(name, device, *case_args, grouped=grouped)
+    return selfcheck.ensure(name, case, step)
+
+
 @torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device, tokens_dtype: torch.dtype, cell_dtype: torch.dtype,
                     weight_dtype: torch.dtype, width: int, num_prefix_tokens: int, per_image_rows: bool,
@@ -243,14 +320,18 @@ def resolve_backend(backend: str, device: torch.device, tokens_dtype: torch.dtyp
 
     Marked assume_constant_result: under torch.compile, Dynamo runs it as plain Python at trace time
     (loading, building and checking happen there, never inside the graph) and keeps the name."""
-    name = backends.resolve(backend, device)
-    if name == "eager" or device.type == "meta":    # meta: the op's fake kernel, which loads nothing
-        return name
-    if _under_func_transform():
-        return "eager"
-    case = selfcheck.make_case(name, device, tokens_dtype, cell_dtype, weight_dtype, width, num_prefix_tokens,
-                               per_image_rows, layout)
-    return selfcheck.ensure(name, case, fused_step)
+    return _resolve(backend, device, fused_step, tokens_dtype, cell_dtype, weight_dtype, width, num_prefix_tokens,
+                    per_image_rows, layout)
+
+
+@torch.compiler.assume_constant_result
+def resolve_grouped_backend(backend: str, device: torch.device, tokens_dtype: torch.dtype, cell_dtype: torch.dtype,
+                            weight_dtype: torch.dtype, width: int, num_prefix_tokens: int, layout: str) -> str:
+    """`resolve_backend` for the grouped step (multi-task inference): the same resolution, with the
+    self-check of the grouped kernels (several groups, an empty one, odd sizes) in this configuration.
+    Cheap after the first call of a configuration: call it at the start of each forward."""
+    return _resolve(backend, device, fused_grouped_step, tokens_dtype, cell_dtype, weight_dtype, width,
+                    num_prefix_tokens, True, layout, grouped=True)
 
 
 def fused_step(tokens: Tensor, cell: Tensor, gate_bias: Tensor, weight_hh: Tensor, num_prefix_tokens: int,
@@ -297,6 +378,24 @@ def lspt_step(tokens: Tensor, cell: Tensor, prompt: Tensor, weight_ih: Tensor, w
     return fused_step(tokens, cell, gate_bias, weight_hh, num_prefix_tokens, backend, torch.is_grad_enabled())
 
 
+def fused_grouped_step(tokens: Tensor, cell: Tensor, gate_bias: Tensor, weight_hh: Tensor, offsets: Tensor,
+                       num_prefix_tokens: int, backend: str) -> tuple[Tensor, Tensor]:
+    """The grouped step from validated inputs (check_grouped_inputs, check_group_offsets) and a resolved
+    backend: no per-call validation and no device sync (a caller that validated once per forward)."""
+    if backend == "eager":
+        with autocast_off(tokens.device.type):
+            return grouped_step_eager(tokens, cell, gate_bias, weight_hh, offsets, num_prefix_tokens)
+    return GROUPED_STEP(tokens, cell, gate_bias, weight_hh, offsets, num_prefix_tokens, backend)
+
+
+def _tracing(t: Tensor) -> bool:
+    """Whether `t`'s values are unreadable here: under torch.compile / torch.export, or a fake or meta tensor."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(t)
+
+
 def grouped_step(tokens: Tensor, cell: Tensor, gate_bias: Tensor, weight_hh: Tensor, offsets: Tensor,
                  num_prefix_tokens: int, backend: str) -> tuple[Tensor, Tensor]:
     """The step of a batch whose rows are grouped by task (MultiTaskEncoder; inference only): rows
@@ -304,6 +403,18 @@ def grouped_step(tokens: Tensor, cell: Tensor, gate_bias: Tensor, weight_hh: Ten
     task's rows; offsets (G + 1,) int64 on the tokens' device, 0 = offsets[0] <= ... <= offsets[G] = B.
     Returns (hidden (B, Np, D) tokens.dtype, new_cell (B, Np, D) cell.dtype).
 
-    For now every backend runs the eager grouped step (`eager.grouped_step_eager`)."""
-    with autocast_off(tokens.device.type):
-        return grouped_step_eager(tokens, cell, gate_bias, weight_hh, offsets, num_prefix_tokens)
+    backend: a resolved name (`resolve_grouped_backend`), or "auto" / an alias, resolved here.
+    Validates every argument (contract.check_grouped_inputs) and, outside torch.compile / export,
+    the values of offsets, which costs one device sync per call; the kernels clamp every group to
+    [0, B] whatever offsets hold. The fused backends refuse inputs that require grad under grad mode
+    (GROUPED_INFERENCE_ONLY); the eager one is plain PyTorch and differentiable."""
+    device_type = tokens.device.type if isinstance(tokens, Tensor) else "cpu"
+    autocast = isinstance(tokens, Tensor) and autocast_enabled(device_type)
+    check_grouped_inputs(tokens, cell, gate_bias, weight_hh, offsets, num_prefix_tokens, autocast=autocast)
+    if not _tracing(offsets):
+        check_group_offsets(offsets, tokens.shape[0])
+    name = backends.canonical(backend)
+    if name == "auto":
+        name = resolve_grouped_backend(name, tokens.device, tokens.dtype, cell.dtype, weight_hh.dtype,
+                                       tokens.shape[-1], num_prefix_tokens, selfcheck.token_layout(tokens))
+    return fused_grouped_step(tokens, cell, gate_bias, weight_hh, offsets, num_prefix_tokens, name)

@@ -12,7 +12,9 @@ backend, the device, the dtypes of tokens, cell and weights (so torch.autocast's
 16-bit GEMM are their own case), the width D, the number of prefix tokens k, gate-bias rows shared
 (Np, 4D) or per image (B, Np, 4D, prompt dropout), the token layout (contiguous, strided and
 16-byte aligned, or unaligned: the CUDA kernels' scalar path) and the fp32 matmul precision of the
-device (a later switch to TF32 must not run an unchecked Triton configuration).
+device (a later switch to TF32 must not run an unchecked Triton configuration), and whether the
+step is the grouped one (multi-task inference, ops.grouped_step: its own kernels, checked forward
+only on batches of several groups, one of them empty, of odd sizes, against the eager grouped step).
 
 Which backends are checked: the GPU ones ("cuda", "triton") on CUDA tensors by default; with
 LSPT_SELFCHECK=all also the C++ CPU one and Triton's CPU interpreter (a test tool, TRITON_INTERPRET=1),
@@ -48,7 +50,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import backends
-from .eager import step_eager
+from .eager import grouped_step_eager, step_eager
 from .precision import float32_matmul_precision
 
 CHECKED_BY_DEFAULT = ("cuda", "triton")
@@ -60,7 +62,8 @@ LAYOUTS = ("contiguous", "strided", "unaligned")
 OUTPUTS = ("hidden", "new_cell", "grad_tokens", "grad_cell", "grad_gate_bias", "grad_weight_hh")
 
 # A step under check: (tokens, cell, gate_bias, weight_hh, num_prefix_tokens, backend, save_gates)
-# -> (hidden, new_cell), differentiable. ops passes its op.
+# -> (hidden, new_cell), differentiable; for a grouped case (tokens, cell, gate_bias, weight_hh,
+# offsets, num_prefix_tokens, backend) -> (hidden, new_cell), forward only. ops passes its op.
 Step = Callable[..., tuple]
 
 
@@ -75,12 +78,14 @@ class StepCase(NamedTuple):
     per_image_rows: bool
     layout: str
     precision: str
+    grouped: bool = False
 
     def describe(self) -> str:
         dt = lambda d: str(d).replace("torch.", "")  # noqa: E731
         dtypes = dt(self.weight_dtype) if self.tokens_dtype == self.cell_dtype == self.weight_dtype else \
             f"tokens {dt(self.tokens_dtype)}, cell {dt(self.cell_dtype)}, weights {dt(self.weight_dtype)}"
-        return (f"{self.device} with {dtypes} (D={self.width}, k={self.num_prefix_tokens}, "
+        grouped = "grouped step, " if self.grouped else ""
+        return (f"{self.device} with {dtypes} ({grouped}D={self.width}, k={self.num_prefix_tokens}, "
                 f"{'per-image' if self.per_image_rows else 'shared'} gate-bias rows, {self.layout} tokens, "
                 f"fp32 matmul precision {self.precision})")
 
@@ -127,12 +132,12 @@ def token_layout(tokens: torch.Tensor) -> str:
 
 
 def make_case(backend: str, device: torch.device, tokens_dtype, cell_dtype, weight_dtype, width: int,
-              num_prefix_tokens: int, per_image_rows: bool, layout: str) -> StepCase:
+              num_prefix_tokens: int, per_image_rows: bool, layout: str, *, grouped: bool = False) -> StepCase:
     """The case of a call of `backend` on `device`, with the fp32 matmul precision its GEMMs follow
     now (cuBLAS' for the GPU kernels, Triton's interpreter included; oneDNN's for "cpu")."""
     gemm_device = "cuda" if backend in ("cuda", "triton") else device.type
     return StepCase(str(device), tokens_dtype, cell_dtype, weight_dtype, int(width), int(num_prefix_tokens),
-                    bool(per_image_rows), layout, float32_matmul_precision(gemm_device))
+                    bool(per_image_rows or grouped), layout, float32_matmul_precision(gemm_device), bool(grouped))
 
 
 def checked_by_default(backend: str, device: torch.device) -> bool:
@@ -223,6 +228,12 @@ def _run(backend: str, case: StepCase, step: Step) -> str | None:
     with _disable_current_modes(), torch.inference_mode(False), torch.enable_grad(), \
             torch.autocast(torch.device(case.device).type, enabled=False), \
             torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        if case.grouped:
+            for sizes, n_p, N in _grouped_problems(torch.device(case.device)):
+                bad = _compare_grouped(backend, case, step, sizes, n_p, N)
+                if bad is not None:
+                    return f"{bad} (group sizes {sizes}, Np={n_p}, N={N})"
+            return None
         for B, n_p, N in _problems(torch.device(case.device)):
             bad = _compare(backend, case, step, B, n_p, N)
             if bad is not None:
@@ -269,6 +280,50 @@ def _rtol(case: StepCase) -> float:
     return RTOL.get(case.weight_dtype, 5e-2)
 
 
+def _off_by(name: str, g: torch.Tensor, w: torch.Tensor, t: torch.Tensor, rtol: float) -> str | None:
+    """Why output `name` fails (g: the backend, w: eager at the same precision, t: fp64 eager), or None."""
+    if g.shape != t.shape:
+        return f"{name} has shape {tuple(g.shape)}, expected {tuple(t.shape)}"
+    g, w, t = g.detach().double().cpu(), w.detach().double().cpu(), t.detach().cpu()
+    if not torch.isfinite(g).all():
+        return f"{name} is not finite where the eager step is"
+    err = (g - t).abs().max().item() if t.numel() else 0.0
+    ref_err = (w - t).abs().max().item() if t.numel() else 0.0
+    bound = max(rtol * (t.abs().max().item() if t.numel() else 0.0), 2 * ref_err, 1e-12)
+    if err > bound:
+        return (f"{name} is off by {err:.3g} (allowed {bound:.3g}; the eager step at the same "
+                f"precision is off by {ref_err:.3g})")
+    return None
+
+
+def _grouped_problems(device: torch.device) -> list[tuple[tuple[int, ...], int, int]]:
+    """(group sizes, Np, N): four groups, the second empty, odd sizes; on a GPU also 2048 prompt rows."""
+    return [((2, 0, 3, 1), 3, 5)] + ([((5, 0, 3), 256, 4)] if device.type == "cuda" else [])
+
+
+def _compare_grouped(backend: str, case: StepCase, step: Step, sizes, n_p: int, N: int) -> str | None:
+    device, k, D = torch.device(case.device), case.num_prefix_tokens, case.width
+    B, G = sum(sizes), len(sizes)
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64) * scale  # noqa: E731
+    leaves64 = [r(B, k + n_p + N, D).to(device), r(B, n_p, D).to(device), r(B, n_p, 4 * D, scale=0.5).to(device),
+                r(G, 4 * D, D, scale=D ** -0.5).to(device)]
+    offsets = torch.tensor([0, *sizes], device=device).cumsum(0)
+    dtypes = (case.tokens_dtype, case.cell_dtype, case.weight_dtype, case.weight_dtype)
+    leaves = [t.to(dt) for t, dt in zip(leaves64, dtypes)]
+    leaves[0] = _in_layout(leaves[0], case.layout)
+    with torch.no_grad():
+        got = step(*leaves, offsets, k, backend)
+        want = grouped_step_eager(*leaves, offsets, k)
+        truth = grouped_step_eager(*leaves64, offsets, k)
+    rtol = _rtol(case)
+    for name, gt, w, t in zip(("hidden", "new_cell"), got, want, truth):
+        bad = _off_by(name, gt, w, t, rtol)
+        if bad is not None:
+            return bad
+    return None
+
+
 def _compare(backend: str, case: StepCase, step: Step, B: int, n_p: int, N: int) -> str | None:
     device, k = torch.device(case.device), case.num_prefix_tokens
     leaves64, upstream64 = _inputs(case, B, n_p, N)
@@ -286,15 +341,7 @@ def _compare(backend: str, case: StepCase, step: Step, B: int, n_p: int, N: int)
     rtol = _rtol(case)
     for name, g, w, t in zip(OUTPUTS + ("hidden (no grad)", "new_cell (no grad)"), got + list(got_nograd),
                              want + want[:2], truth + truth[:2]):
-        if g.shape != t.shape:
-            return f"{name} has shape {tuple(g.shape)}, expected {tuple(t.shape)}"
-        g, w, t = g.detach().double().cpu(), w.detach().double().cpu(), t.detach().cpu()
-        if not torch.isfinite(g).all():
-            return f"{name} is not finite where the eager step is"
-        err = (g - t).abs().max().item()
-        ref_err = (w - t).abs().max().item()
-        bound = max(rtol * t.abs().max().item(), 2 * ref_err, 1e-12)
-        if err > bound:
-            return (f"{name} is off by {err:.3g} (allowed {bound:.3g}; the eager step at the same "
-                    f"precision is off by {ref_err:.3g})")
+        bad = _off_by(name, g, w, t, rtol)
+        if bad is not None:
+            return bad
     return None

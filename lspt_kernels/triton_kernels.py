@@ -22,6 +22,13 @@ forward (2 launches):
                       w_hh, g = i, f, g, o) over K = D, then the epilogue adds the gate-bias row in
                       fp32, applies the LSTM gate math in fp32 and writes hidden and new_cell.
                       The gates never touch memory.
+grouped forward (ops.grouped_step, multi-task inference: 2 launches, no backward):
+    _xhat_kernel      as above, for the whole batch (the patch mean does not depend on the task)
+    _grouped_lstm_fwd_kernel  grid (G * M_TILES, D/BLOCK_N), M_TILES = B*Np/BLOCK_M (a group may hold
+                      every row): program (g, M-tile, N-tile) reads its group's row range from
+                      offsets on the device, clamped to [0, B]; tiles past it do nothing. The same
+                      GEMM (_gate_preacts, weight_hh[g]) and epilogue (_lstm_cell_store) as above,
+                      with the same configuration table; gate-bias rows are per row (B, Np, 4D).
 backward (5 launches; recomputes the gates from xhat and the incoming cell, the only saved
 activations):
     _lstm_bwd_kernel  the same tiled GEMM as the forward, then the LSTM backward in fp32; writes
@@ -62,7 +69,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .contract import HALF, check_backward_inputs, check_fused_inputs
+from .contract import HALF, check_backward_inputs, check_fused_inputs, check_grouped_inputs
 from .precision import float32_matmul_precision
 
 # The kernels' 32-bit offsets must stay below this (a module constant so tests can lower it).
@@ -146,15 +153,9 @@ def _gate_preacts(xhat_ptr, w_ptr, gb_ptr, rm, rn, M, GB_PERIOD, D,
 
 
 @triton.jit
-def _lstm_fwd_kernel(xhat_ptr, w_ptr, gb_ptr, cell_ptr, hid_ptr, ncell_ptr,
-                     M, GB_PERIOD, D,
-                     ACC: tl.constexpr, PREC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """hidden, new_cell for a BLOCK_M x BLOCK_N tile of the (B*Np, D) outputs."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    gi, gf, gg, go = _gate_preacts(xhat_ptr, w_ptr, gb_ptr, rm, rn, M, GB_PERIOD, D,
-                                   ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+def _lstm_cell_store(gi, gf, gg, go, cell_ptr, hid_ptr, ncell_ptr, rm, rn, M, D, ACC: tl.constexpr):
+    """The forward epilogue of a tile: the LSTM gate math in ACC on the pre-activations, then
+    hidden and new_cell for rows rm < M (of the (rows, D) outputs) and columns rn < D."""
     mmask = rm < M
     nmask = rn < D
     i = tl.sigmoid(gi)
@@ -168,6 +169,45 @@ def _lstm_fwd_kernel(xhat_ptr, w_ptr, gb_ptr, cell_ptr, hid_ptr, ncell_ptr,
     h = o * _tanh(c_new)
     tl.store(hid_ptr + offs, h.to(hid_ptr.dtype.element_ty), mask=mask)
     tl.store(ncell_ptr + offs, c_new.to(ncell_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lstm_fwd_kernel(xhat_ptr, w_ptr, gb_ptr, cell_ptr, hid_ptr, ncell_ptr,
+                     M, GB_PERIOD, D,
+                     ACC: tl.constexpr, PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """hidden, new_cell for a BLOCK_M x BLOCK_N tile of the (B*Np, D) outputs."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    gi, gf, gg, go = _gate_preacts(xhat_ptr, w_ptr, gb_ptr, rm, rn, M, GB_PERIOD, D,
+                                   ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    _lstm_cell_store(gi, gf, gg, go, cell_ptr, hid_ptr, ncell_ptr, rm, rn, M, D, ACC)
+
+
+@triton.jit
+def _grouped_lstm_fwd_kernel(xhat_ptr, w_ptr, gb_ptr, cell_ptr, hid_ptr, ncell_ptr, offsets_ptr,
+                             B, Np, D, M_TILES,
+                             ACC: tl.constexpr, PREC: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The grouped forward (Punica's SGMV shape): program (group * M_TILES + M-tile, N-tile) computes
+    a tile of group `group`'s rows offsets[group]*Np:offsets[group+1]*Np with weight_hh[group] and
+    per-row gate-bias rows. Segment bounds come from offsets on the device, clamped to [0, B] so no
+    value of offsets reaches outside the tensors; a tile past its segment's end does nothing."""
+    pid = tl.program_id(0)
+    grp = pid // M_TILES
+    m_tile = pid - grp * M_TILES
+    lo = tl.minimum(tl.maximum(tl.load(offsets_ptr + grp), 0), B)
+    hi = tl.minimum(tl.maximum(tl.load(offsets_ptr + grp + 1), lo), B)
+    row_end = (hi * Np).to(tl.int32)
+    start = (lo * Np).to(tl.int32) + m_tile * BLOCK_M
+    if start < row_end:
+        rm = start + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_grp = w_ptr + grp.to(tl.int64) * (4 * D * D)
+        # Rows clamp to row_end - 1 (inside the segment) in the K loop; gate-bias row = GEMM row.
+        gi, gf, gg, go = _gate_preacts(xhat_ptr, w_grp, gb_ptr, rm, rn, row_end, B * Np, D,
+                                       ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        _lstm_cell_store(gi, gf, gg, go, cell_ptr, hid_ptr, ncell_ptr, rm, rn, row_end, D, ACC)
 
 
 @triton.jit
@@ -352,13 +392,23 @@ def _check_device(*tensors: Tensor) -> None:
                         "on the CPU, or CUDA tensors")
 
 
-def _check_forward(tokens, cell, gate_bias, w_hh, k) -> None:
-    check_fused_inputs(tokens, cell, gate_bias, w_hh, k, autocast=w_hh.dtype in HALF)
-    _check_device(tokens, cell, gate_bias, w_hh)
+def _check_token_rows(tokens) -> None:
     T = tokens.shape[1]
     if T * max(tokens.stride(1), 1) >= INDEX_LIMIT:
         _fail(ValueError, f"tokens has T * stride(1) = {T * tokens.stride(1)} elements per image: too "
                           "large for the kernels' 32-bit row offsets")
+
+
+def _check_forward(tokens, cell, gate_bias, w_hh, k) -> None:
+    check_fused_inputs(tokens, cell, gate_bias, w_hh, k, autocast=w_hh.dtype in HALF)
+    _check_device(tokens, cell, gate_bias, w_hh)
+    _check_token_rows(tokens)
+
+
+def _check_grouped(tokens, cell, gate_bias, w_hh, offsets, k) -> None:
+    check_grouped_inputs(tokens, cell, gate_bias, w_hh, offsets, k, autocast=w_hh.dtype in HALF)
+    _check_device(tokens, cell, gate_bias, w_hh)
+    _check_token_rows(tokens)
 
 
 def _check_backward(grad_hidden, grad_cell, xhat, cell, gate_bias, w_hh, k, T) -> None:
@@ -438,6 +488,35 @@ def forward(tokens: Tensor, cell: Tensor, gate_bias: Tensor, w_hh: Tensor, k: in
             _lstm_fwd_kernel[grid](xhat[b0:b1], w_hh, gb, cell[b0:b1], hidden[b0:b1], new_cell[b0:b1], M,
                                    M if per_image else n_p, D, **meta)
     return hidden, new_cell, xhat, no_gates
+
+
+def grouped_forward(tokens: Tensor, cell: Tensor, gate_bias: Tensor, w_hh: Tensor, offsets: Tensor,
+                    k: int) -> tuple[Tensor, Tensor]:
+    """The grouped step (ops.grouped_step's contract): hidden (B,Np,D) tokens.dtype, new_cell (B,Np,D)
+    cell.dtype. xhat is task-independent: the single-task pass computes it for the whole batch;
+    then one grouped GEMM + gates launch (per chunk of images, see image_chunks), offsets read on
+    the device only (no host sync)."""
+    _check_grouped(tokens, cell, gate_bias, w_hh, offsets, k)
+    B, T, D = tokens.shape
+    n_p, G = cell.shape[1], w_hh.shape[0]
+    w = w_hh.dtype
+    acc_tl, _ = _acc(w)
+    hidden = tokens.new_empty((B, n_p, D))
+    new_cell = torch.empty_like(cell, memory_format=torch.contiguous_format)
+    if B * D == 0:
+        return hidden, new_cell
+    xhat = tokens.new_empty((B, n_p, D), dtype=w)
+    with _on_device(tokens):
+        _launch_xhat(tokens, xhat, k, n_p, acc_tl)
+        chunks = image_chunks(B, n_p, D)
+        for b0, b1 in chunks:
+            grid, meta = _gemm_launch_args((b1 - b0) * n_p, D, w)
+            # A chunk's own offsets, on the device: each group's rows inside [b0, b1), shifted.
+            offs = offsets if len(chunks) == 1 else (offsets - b0).clamp(0, b1 - b0)
+            _grouped_lstm_fwd_kernel[(G * grid[0], grid[1])](
+                xhat[b0:b1], w_hh, gate_bias[b0:b1], cell[b0:b1], hidden[b0:b1], new_cell[b0:b1], offs,
+                b1 - b0, n_p, D, grid[0], **meta)
+    return hidden, new_cell
 
 
 def backward(grad_hidden: Tensor, grad_cell: Tensor, xhat: Tensor, cell: Tensor, gate_bias: Tensor,

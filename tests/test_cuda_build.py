@@ -25,7 +25,7 @@ from lspt_kernels import _build
 
 SOURCE = _build.CSRC / "cuda" / "lspt_step_cuda.cu"
 ARCH = "9.0"
-KERNELS = ("prologue_kernel", "epilogue_kernel", "bwd_elementwise_kernel", "tail_kernel")
+KERNELS = ("prologue_kernel", "epilogue_kernel", "bwd_elementwise_kernel", "tail_kernel", "grouped_gates_kernel")
 
 
 def _find_nvcc() -> Path | None:
@@ -138,8 +138,11 @@ def test_cuda_source_compiles_with_every_kernel(ptxas_report):
         found = [k for k in ptxas_report if f"{name}<" in k or name in k]
         assert found, f"ptxas reported no {name} instantiation; report: {list(ptxas_report)}"
     # 9 dtype combinations x {vectorised, scalar} for the epilogue and the backward elementwise
-    # kernel; the prologue and tail depend on (tokens, weights) dtypes only: 6 x 2 each.
-    assert len(ptxas_report) >= 60, format_report(ptxas_report)
+    # kernel; the prologue and tail depend on (tokens, weights) dtypes only: 6 x 2 each; the grouped
+    # kernel: the 9 dtype combinations.
+    assert len(ptxas_report) >= 69, format_report(ptxas_report)
+    grouped = [k for k in ptxas_report if "grouped_gates_kernel" in k]
+    assert len(grouped) == 9, format_report(ptxas_report)
 
 
 def test_cuda_kernels_do_not_spill(ptxas_report):

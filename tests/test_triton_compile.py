@@ -35,7 +35,7 @@ _DT = ("fp32", "fp16", "bf16", "fp64")
 # (tokens dtype, cell dtype, weight dtype W): everything in W, plus autocast (fp32 tokens and cell,
 # 16-bit W) for the 16-bit weights.
 DTYPE_COMBOS = [(w, w, w) for w in _DT] + [("fp32", "fp32", w) for w in ("fp16", "bf16")]
-GEMM_KERNELS = ("_lstm_fwd_kernel", "_lstm_bwd_kernel")
+GEMM_KERNELS = ("_lstm_fwd_kernel", "_lstm_bwd_kernel", "_grouped_lstm_fwd_kernel")
 ROW_KERNELS = ("_xhat_kernel", "_grad_tokens_kernel")
 
 
@@ -91,7 +91,7 @@ def _cases() -> list[dict]:
 def _ptr_dtypes(kind, combo):
     tok, cell, w = combo
     if kind == "gemm":
-        return dict(xhat_ptr=w, w_ptr=w, gb_ptr=w, dgates_ptr=w,
+        return dict(xhat_ptr=w, w_ptr=w, gb_ptr=w, dgates_ptr=w, offsets_ptr="i64",
                     cell_ptr=cell, ncell_ptr=cell, gc_ptr=cell, gcell_ptr=cell, hid_ptr=tok, gh_ptr=tok)
     return dict(tok_ptr=tok, xhat_ptr=w, dx_ptr=w, out_ptr=tok)
 

@@ -8,6 +8,8 @@
 //             G = xhat W_hh^T                    (ATen GEMM, the only large product)
 //             hidden, new_cell = LSTM cell(G + gate_bias)   (pass 2, over the block's rows); with
 //             save_gates it also stores the activated gates i, f, g, o (fp32) for backward
+// Grouped forward (multi-task inference, no backward): pass 1 for the whole batch (the patch mean
+//           is task-independent), then the same blocks per group, each group's rows with its W_hh.
 // Backward: with saved gates no GEMM is recomputed (without them: G again, one GEMM); one fused
 //           pass producing dgates, dcell_prev and d gate_bias (the batch sum of dgates, or dgates
 //           itself for per-image rows), the two GEMMs (dxhat, dW_hh), and one pass writing
@@ -391,6 +393,43 @@ int64_t images_per_gemm_block(int64_t B, int64_t Np) {
   return std::clamp<int64_t>(kBlockRows / std::max<int64_t>(Np, 1), 1, std::max<int64_t>(B, 1));
 }
 
+// What the forward's GEMM + cell-update blocks read and write (the whole batch's tensors).
+template <typename tok_t, typename cell_t, typename w_t>
+struct StepBuffers {
+  Tensor xhat2d;                 // (B*Np, D) in W
+  const w_t* gb;                 // gate-bias rows: (Np, 4D), or (B*Np, 4D) when per_image
+  bool per_image;
+  const cell_t* cell;            // (B*Np, D)
+  tok_t* hidden;
+  cell_t* new_cell;
+  acc_type<tok_t>* act;          // (B*Np, 4D) activated gates, or null (not saved)
+  int64_t Np, D, images;         // images: per GEMM block (images_per_gemm_block)
+};
+
+// Images [b_begin, b_end) with one weight_hh (4D, D): per block of whole images, the GEMM into the
+// block-sized `gates` buffer, then pass 2 while the block is still hot. A fresh B*Np*4D buffer
+// (79 MB at B=64, Np=100) would cost more in first-touch page faults than the cell update itself.
+template <typename tok_t, typename cell_t, typename w_t>
+void gemm_and_cell_update(const StepBuffers<tok_t, cell_t, w_t>& s, const Tensor& weight_hh, Tensor& gates,
+                          int64_t b_begin, int64_t b_end) {
+  const int64_t Np = s.Np, D = s.D;
+  for (int64_t b0 = b_begin; b0 < b_end; b0 += s.images) {
+    const int64_t rows = std::min(s.images, b_end - b0) * Np;
+    Tensor block = gates.narrow(0, 0, rows);
+    at::mm_out(block, s.xhat2d.narrow(0, b0 * Np, rows), weight_hh.t());
+    const w_t* gb_block = s.per_image ? s.gb + b0 * Np * 4 * D : s.gb;
+    const int64_t period = s.per_image ? rows : Np;
+    const int64_t off = b0 * Np * D;
+    if (s.act != nullptr) {
+      cell_update<true, tok_t, cell_t, w_t>(block.data_ptr<w_t>(), gb_block, period, s.cell + off, s.hidden + off,
+                                            s.new_cell + off, s.act + 4 * off, rows, D);
+    } else {
+      cell_update<false, tok_t, cell_t, w_t>(block.data_ptr<w_t>(), gb_block, period, s.cell + off,
+                                             s.hidden + off, s.new_cell + off, nullptr, rows, D);
+    }
+  }
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(const Tensor& tokens, const Tensor& cell,
@@ -416,31 +455,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(const Tensor& tokens, con
     using acc_t = acc_type<tok_t>;
     mean_add_prompts<tok_t, w_t>(tokens.data_ptr<tok_t>(), tokens.stride(0), tokens.stride(1), B,
                                  Np, N, D, k, xhat.data_ptr<w_t>());
-    // The gates go through one block-sized buffer, whole images at a time: a fresh B*Np*4D
-    // buffer (79 MB at B=64, Np=100) costs more in first-touch page faults than the cell update
-    // itself, and the block is still hot when the cell update reads it.
     const int64_t images = images_per_gemm_block(B, Np);
     Tensor gates = at::empty({std::min(B, images) * Np, 4 * D}, weight_hh.options());
-    const Tensor xhat2d = xhat.view({B * Np, D});
-    const w_t* gb = gate_bias.data_ptr<w_t>();
-    acc_t* act_ptr = save_gates ? act.data_ptr<acc_t>() : nullptr;
-    for (int64_t b0 = 0; b0 < B; b0 += images) {
-      const int64_t rows = std::min(images, B - b0) * Np;
-      Tensor block = gates.narrow(0, 0, rows);
-      at::mm_out(block, xhat2d.narrow(0, b0 * Np, rows), weight_hh.t());
-      const w_t* gb_block = per_image ? gb + b0 * Np * 4 * D : gb;
-      const int64_t period = per_image ? rows : Np;
-      const int64_t off = b0 * Np * D;
-      if (save_gates) {
-        cell_update<true, tok_t, cell_t, w_t>(
-            block.data_ptr<w_t>(), gb_block, period, cell.data_ptr<cell_t>() + off,
-            hidden.data_ptr<tok_t>() + off, new_cell.data_ptr<cell_t>() + off, act_ptr + 4 * off, rows, D);
-      } else {
-        cell_update<false, tok_t, cell_t, w_t>(
-            block.data_ptr<w_t>(), gb_block, period, cell.data_ptr<cell_t>() + off,
-            hidden.data_ptr<tok_t>() + off, new_cell.data_ptr<cell_t>() + off, nullptr, rows, D);
-      }
-    }
+    const StepBuffers<tok_t, cell_t, w_t> buf{xhat.view({B * Np, D}), gate_bias.data_ptr<w_t>(), per_image,
+                                              cell.data_ptr<cell_t>(), hidden.data_ptr<tok_t>(),
+                                              new_cell.data_ptr<cell_t>(),
+                                              save_gates ? act.data_ptr<acc_t>() : nullptr, Np, D, images};
+    gemm_and_cell_update(buf, weight_hh, gates, 0, B);
   });
   return {hidden, new_cell, xhat, act};
 }
@@ -492,6 +513,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_backward(
   // Per-image rows: their gradient is dgates itself; shared rows: the batch sum (in the acc dtype).
   Tensor grad_gate_bias = per_image ? dgates.view({B, Np, 4 * D}) : dpg.to(w);
   return {grad_tokens, grad_cell_prev, grad_gate_bias, grad_weight_hh};
+}
+
+std::tuple<Tensor, Tensor> cpu_grouped_forward(const Tensor& tokens, const Tensor& cell, const Tensor& gate_bias,
+                                               const Tensor& weight_hh, const Tensor& offsets, int64_t k) {
+  const GroupedSizes sz = check_grouped_forward("lspt cpu_grouped_forward", tokens, cell, gate_bias, weight_hh,
+                                                offsets, k);
+  const int64_t B = sz.B, T = sz.T, D = sz.D, Np = sz.Np, G = sz.G;
+  TORCH_CHECK(tokens.is_cpu(), "lspt cpu_grouped_forward: tokens must be a CPU tensor, got one on ", tokens.device());
+  const int64_t N = T - k - Np;
+  Tensor xhat = at::empty({B, Np, D}, weight_hh.options());
+  Tensor hidden = at::empty({B, Np, D}, tokens.options());
+  Tensor new_cell = at::empty({B, Np, D}, cell.options());
+  const int64_t* off = offsets.data_ptr<int64_t>();
+
+  dispatch_dtypes(weight_hh.scalar_type(), tokens.scalar_type(), cell.scalar_type(), [&](auto wt, auto tt, auto ct) {
+    using w_t = typename decltype(wt)::type;
+    using tok_t = typename decltype(tt)::type;
+    using cell_t = typename decltype(ct)::type;
+    mean_add_prompts<tok_t, w_t>(tokens.data_ptr<tok_t>(), tokens.stride(0), tokens.stride(1), B,
+                                 Np, N, D, k, xhat.data_ptr<w_t>());
+    const int64_t images = images_per_gemm_block(B, Np);
+    Tensor gates = at::empty({std::min(B, images) * Np, 4 * D}, weight_hh.options());
+    const StepBuffers<tok_t, cell_t, w_t> buf{xhat.view({B * Np, D}), gate_bias.data_ptr<w_t>(), /*per_image=*/true,
+                                              cell.data_ptr<cell_t>(), hidden.data_ptr<tok_t>(),
+                                              new_cell.data_ptr<cell_t>(), nullptr, Np, D, images};
+    for (int64_t g = 0; g < G; ++g) {
+      int64_t lo, hi;
+      group_rows(off, g, B, lo, hi);
+      if (hi > lo) gemm_and_cell_update(buf, weight_hh[g], gates, lo, hi);
+    }
+  });
+  return {hidden, new_cell};
 }
 
 }  // namespace lspt

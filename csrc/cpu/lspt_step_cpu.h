@@ -23,4 +23,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
     const at::Tensor& cell, const at::Tensor& gate_bias, const at::Tensor& weight_hh,
     const at::Tensor& gates, int64_t k, int64_t num_tokens);
 
+// The grouped step (multi-task inference, no backward): rows offsets[g]:offsets[g+1] use weight_hh[g]
+// (G, 4D, D), gate_bias is (B, Np, 4D). -> (hidden (B,Np,D) tokens.dtype, new_cell (B,Np,D) cell.dtype)
+std::tuple<at::Tensor, at::Tensor> cpu_grouped_forward(
+    const at::Tensor& tokens, const at::Tensor& cell, const at::Tensor& gate_bias,
+    const at::Tensor& weight_hh, const at::Tensor& offsets, int64_t k);
+
 }  // namespace lspt

@@ -206,6 +206,20 @@ prologue_kernel(const PrologueArgs<T, W, A> p) {
 // ------------------------------------------------------------------------------------------------
 // 3. Forward epilogue: gates = G + gate bias, cell update
 // ------------------------------------------------------------------------------------------------
+// The LSTM cell update of VEC columns (the forward's gate math, shared by the single-task epilogue and
+// the grouped kernel): z holds the four pre-activations (i, f, g, o; gate bias added) in A; the
+// incoming cell c becomes the new cell, h the hidden.
+template <typename A, int VEC>
+__device__ __forceinline__ void lstm_cell(const A (&z)[4][VEC], A (&c)[VEC], A (&h)[VEC]) {
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    const A i = sigmoid_acc(z[0][v]), f = sigmoid_acc(z[1][v]);
+    const A gg = tanh_acc(z[2][v]), o = sigmoid_acc(z[3][v]);
+    c[v] = f * c[v] + i * gg;
+    h[v] = o * tanh_acc(c[v]);
+  }
+}
+
 template <typename T, typename C, typename W, typename A>
 struct EpilogueArgs {
   const W* gates;  // (B*Np, 4D)
@@ -248,15 +262,99 @@ epilogue_kernel(const EpilogueArgs<T, C, W, A> p) {
     }
     load_vec<VEC>(p.cell + row * p.D + d0, c);
     A h[VEC];
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      const A i = sigmoid_acc(z[0][v]), f = sigmoid_acc(z[1][v]);
-      const A gg = tanh_acc(z[2][v]), o = sigmoid_acc(z[3][v]);
-      c[v] = f * c[v] + i * gg;
-      h[v] = o * tanh_acc(c[v]);
-    }
+    lstm_cell<A, VEC>(z, c, h);
     store_vec<VEC>(p.new_cell + row * p.D + d0, c);
     store_vec<VEC>(p.hidden + row * p.D + d0, h);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Grouped forward (multi-task inference; no backward): rows grouped by task, each group's product
+// with its own weight_hh[g] as one segment of a grouped GEMM (Punica's SGMV), gate math fused.
+// Grid (group * m_tiles + M-tile, N-tile): a block reads its group's images from offsets on the device
+// (group_rows clamps them to [0, B], so any offsets stay in bounds) and exits when its M-tile lies past
+// the segment's end. A block computes kGM rows x kGN columns of all four gates: 256 threads as
+// kGN column lanes x 8 row lanes, kGM / 8 rows each, K in kGK-wide shared-memory tiles, accumulating
+// in A. A plain FMA GEMM (not tensor cores): correct everywhere, not tuned.
+// ------------------------------------------------------------------------------------------------
+constexpr int kGM = 32, kGN = 32, kGK = 16, kGRowLanes = kThreads / kGN, kGRows = kGM / kGRowLanes;
+
+template <typename T, typename C, typename W, typename A>
+struct GroupedArgs {
+  const W* xhat;     // (B*Np, D)
+  const W* weight;   // (G, 4D, D)
+  const W* gb;       // (B*Np, 4D): each row's own gate-bias row
+  const C* cell;     // (B*Np, D)
+  const int64_t* offsets;  // (G + 1,)
+  T* hidden;
+  C* new_cell;
+  int B, Np, D, m_tiles;
+};
+
+template <typename T, typename C, typename W, typename A>
+__global__ void __launch_bounds__(kThreads)
+grouped_gates_kernel(const GroupedArgs<T, C, W, A> p) {
+  __shared__ A xs[kGM][kGK + 1];
+  __shared__ A ws[4][kGK][kGN + 1];
+  const int group = int(blockIdx.x) / p.m_tiles, m_tile = int(blockIdx.x) - group * p.m_tiles;
+  int64_t lo, hi;
+  group_rows(p.offsets, group, p.B, lo, hi);
+  const int row_end = int(hi) * p.Np;
+  const int row0 = int(lo) * p.Np + m_tile * kGM;
+  if (row0 >= row_end) return;  // the whole block: past its segment (or an empty group)
+  const int n0 = int(blockIdx.y) * kGN;
+  const int tid = threadIdx.x, tx = tid % kGN, ty = tid / kGN;
+  const int64_t D = p.D, D4 = 4 * D;
+  const W* w = p.weight + int64_t(group) * D4 * D;
+
+  A acc[4][kGRows];
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+#pragma unroll
+    for (int r = 0; r < kGRows; ++r) acc[s][r] = A(0);
+
+  for (int k0 = 0; k0 < p.D; k0 += kGK) {
+    // xhat tile: kGM x kGK (consecutive threads read consecutive k: coalesced)
+    for (int e = tid; e < kGM * kGK; e += kThreads) {
+      const int r = e / kGK, kk = e - r * kGK;
+      const int row = row0 + r, col = k0 + kk;
+      xs[r][kk] = (row < row_end && col < p.D) ? load_cast<A>(p.xhat[int64_t(row) * D + col]) : A(0);
+    }
+    // the four gates' weight tiles: ws[s][kk][n] = weight_hh[g][s*D + n0 + n][k0 + kk]
+    for (int e = tid; e < 4 * kGN * kGK; e += kThreads) {
+      const int kk = e % kGK, n = (e / kGK) % kGN, s = e / (kGK * kGN);
+      const int col = k0 + kk, out = n0 + n;
+      ws[s][kk][n] = (out < p.D && col < p.D) ? load_cast<A>(w[(s * D + out) * D + col]) : A(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kGK; ++kk) {
+      A b[4];
+#pragma unroll
+      for (int s = 0; s < 4; ++s) b[s] = ws[s][kk][tx];
+#pragma unroll
+      for (int r = 0; r < kGRows; ++r) {
+        const A a = xs[ty + r * kGRowLanes][kk];
+#pragma unroll
+        for (int s = 0; s < 4; ++s) acc[s][r] += a * b[s];
+      }
+    }
+    __syncthreads();
+  }
+
+  const int n = n0 + tx;
+  if (n >= p.D) return;
+#pragma unroll
+  for (int r = 0; r < kGRows; ++r) {
+    const int row = row0 + ty + r * kGRowLanes;
+    if (row >= row_end) break;
+    A z[4][1], c[1], h[1];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) z[s][0] = acc[s][r] + load_cast<A>(p.gb[int64_t(row) * D4 + s * D + n]);
+    c[0] = load_cast<A>(p.cell[int64_t(row) * D + n]);
+    lstm_cell<A, 1>(z, c, h);
+    p.new_cell[int64_t(row) * D + n] = store_cast<C>(c[0]);
+    p.hidden[int64_t(row) * D + n] = store_cast<T>(h[0]);
   }
 }
 
@@ -516,6 +614,22 @@ void launch_prologue(PrologueArgs<T, W, A> p, int vec, int64_t B, int sms, cudaS
   else launch(std::integral_constant<int, 1>{});
 }
 
+// xhat (B, Np, D) of tokens (B, T, D): the prologue, vectorised when D, the pointers and strides allow.
+template <typename Tt, typename Wt, typename At>
+void write_xhat(const at::Tensor& tokens, at::Tensor& xhat, int64_t Np, int64_t k, int sms, cudaStream_t stream) {
+  const int64_t B = tokens.size(0), T = tokens.size(1), D = tokens.size(2);
+  PrologueArgs<Tt, Wt, At> pa{};
+  pa.B = int(B); pa.Np = int(Np); pa.N = int(T - k - Np); pa.D = int(D); pa.k = int(k);
+  pa.tokens = tokens.data_ptr<Tt>();
+  pa.tok_sb = tokens.stride(0);
+  pa.tok_st = tokens.stride(1);
+  pa.xhat = xhat.data_ptr<Wt>();
+  constexpr int kVecT = 16 / sizeof(Tt);
+  const bool vec_t = D % kVecT == 0 && aligned(pa.tokens, 16) && pa.tok_sb % kVecT == 0 &&
+                     pa.tok_st % kVecT == 0 && aligned(pa.xhat, kVecT * sizeof(Wt));
+  launch_prologue(pa, vec_t ? kVecT : 1, B, sms, stream);
+}
+
 template <typename A>
 at::ScalarType acc_type() { return std::is_same<A, double>::value ? at::kDouble : at::kFloat; }
 
@@ -532,7 +646,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_forward(
   const at::Device device = tokens.device();
   TORCH_CHECK(device.is_cuda(), fn, ": tokens must be a CUDA tensor, got one on ", device);
   check_int32_limits(fn, B, Np, T, D);
-  const int64_t N = T - k - Np;
 
   c10::cuda::CUDAGuard guard(device);
   auto xhat = at::empty({B, Np, D}, weight_hh.options());
@@ -552,16 +665,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_forward(
     using At = typename std::conditional<std::is_same<Tt, double>::value, double, float>::type;
 
     // 1. prologue: xhat
-    PrologueArgs<Tt, Wt, At> pa{};
-    pa.B = int(B); pa.Np = int(Np); pa.N = int(N); pa.D = int(D); pa.k = int(k);
-    pa.tokens = tokens.data_ptr<Tt>();
-    pa.tok_sb = tokens.stride(0);
-    pa.tok_st = tokens.stride(1);
-    pa.xhat = xhat.data_ptr<Wt>();
-    constexpr int kVecT = 16 / sizeof(Tt);
-    const bool vec_t = D % kVecT == 0 && aligned(pa.tokens, 16) && pa.tok_sb % kVecT == 0 &&
-                       pa.tok_st % kVecT == 0 && aligned(pa.xhat, kVecT * sizeof(Wt));
-    launch_prologue(pa, vec_t ? kVecT : 1, B, sms, stream);
+    write_xhat<Tt, Wt, At>(tokens, xhat, Np, k, sms, stream);
 
     // 2. G = xhat @ weight_hh^T (cuBLAS)
     at::Tensor gates = at::mm(xhat.view({B * Np, D}), weight_hh.t());
@@ -697,6 +801,52 @@ cuda_backward(const at::Tensor& grad_hidden, const at::Tensor& grad_cell, const 
     else launch(std::integral_constant<int, 1>{});
   });
   return {grad_tokens, grad_cell_prev, grad_gate_bias, grad_weight_hh};
+}
+
+// ------------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> cuda_grouped_forward(const at::Tensor& tokens, const at::Tensor& cell,
+                                                        const at::Tensor& gate_bias, const at::Tensor& weight_hh,
+                                                        const at::Tensor& offsets, int64_t k) {
+  constexpr const char* fn = "lspt cuda_grouped_forward";
+  const GroupedSizes sz = check_grouped_forward(fn, tokens, cell, gate_bias, weight_hh, offsets, k);
+  const int64_t B = sz.B, T = sz.T, D = sz.D, Np = sz.Np, G = sz.G;
+  const at::Device device = tokens.device();
+  TORCH_CHECK(device.is_cuda(), fn, ": tokens must be a CUDA tensor, got one on ", device);
+  check_int32_limits(fn, B, Np, T, D);
+
+  c10::cuda::CUDAGuard guard(device);
+  auto xhat = at::empty({B, Np, D}, weight_hh.options());
+  auto hidden = at::empty({B, Np, D}, tokens.options());
+  auto new_cell = at::empty({B, Np, D}, cell.options());
+  if (B == 0) return {hidden, new_cell};
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count();
+  // Every group may hold every row: m_tiles M-tiles per group, most of them exit at once.
+  const int64_t m_tiles = ceil_div(B * Np, kGM), n_tiles = ceil_div(D, kGN);
+  TORCH_CHECK(G * m_tiles <= INT_MAX && n_tiles <= 65535, fn, ": problem too large (G = ", G, ", B * Np = ",
+              B * Np, ", D = ", D, ")");
+
+  dispatch_dtypes(tokens.scalar_type(), cell.scalar_type(), weight_hh.scalar_type(),
+                  [&](auto t_tag, auto c_tag, auto w_tag) {
+    using Tt = typename decltype(t_tag)::type;
+    using Ct = typename decltype(c_tag)::type;
+    using Wt = typename decltype(w_tag)::type;
+    using At = typename std::conditional<std::is_same<Tt, double>::value, double, float>::type;
+    write_xhat<Tt, Wt, At>(tokens, xhat, Np, k, sms, stream);   // task-independent: the whole batch
+    GroupedArgs<Tt, Ct, Wt, At> ga{};
+    ga.xhat = xhat.data_ptr<Wt>();
+    ga.weight = weight_hh.data_ptr<Wt>();
+    ga.gb = gate_bias.data_ptr<Wt>();
+    ga.cell = cell.data_ptr<Ct>();
+    ga.offsets = offsets.data_ptr<int64_t>();
+    ga.hidden = hidden.data_ptr<Tt>();
+    ga.new_cell = new_cell.data_ptr<Ct>();
+    ga.B = int(B); ga.Np = int(Np); ga.D = int(D); ga.m_tiles = int(m_tiles);
+    const dim3 grid{unsigned(G * m_tiles), unsigned(n_tiles)};
+    grouped_gates_kernel<Tt, Ct, Wt, At><<<grid, kThreads, 0, stream>>>(ga);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {hidden, new_cell};
 }
 
 }  // namespace lspt
