@@ -91,6 +91,22 @@ def test_task_ids_as_names_ints_and_int32_give_the_same_logits():
     assert all(torch.isfinite(p).all() for p in parts)
 
 
+@pytest.mark.parametrize("method", ["lspt-cpu", "gapt"])
+def test_autocast_rows_follow_the_single_task_encoder(method):
+    """Under bf16 autocast, as the single-task encoder: the GEMMs in bf16, LSPT's cell in fp32 (one bf16
+    rounding of the logits apart)."""
+    vit = make_vit()
+    encoders, backend = _tasks(vit, method)
+    mt = MultiTaskEncoder.from_encoders(encoders, backend=backend)
+    images, ids = vit_images(vit, 4), [2, 0, 1, 2]
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        out = mt(images, ids)
+        single = [encoders[g](images[i:i + 1])[0] for i, g in enumerate(ids)]
+    assert out.dtype == torch.bfloat16
+    for i, expected in enumerate(single):
+        torch.testing.assert_close(out[i, :expected.shape[0]], expected, atol=2e-2, rtol=2e-2)
+
+
 def test_inference_only_no_graph_is_recorded():
     vit = make_vit()
     mt = MultiTaskEncoder.from_encoders(_tasks(vit, "vpt-deep")[0])
@@ -248,6 +264,9 @@ def test_compile_with_task_ids_as_an_input(method):
     images = vit_images(vit, 5)
     for ids in (torch.tensor([2, 0, 2, 1, 0]), torch.tensor([1, 1, 0, 0, 1])):    # same graph, other ids
         torch.testing.assert_close(compiled(images, ids), mt(images, ids), atol=1e-5, rtol=1e-5)
+    mt.add_task(encoders[0], name="again")          # new stacked buffers: the compiled model follows
+    ids = torch.tensor([3, 0, 3, 1, 2])
+    torch.testing.assert_close(compiled(images, ids), mt(images, ids), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["gapt", "vpt-deep", "lspt-cpu"])
