@@ -267,9 +267,8 @@ class MultiTaskEncoder(PromptEncoder):
                             f"names, got {type(task_ids).__name__}")
         if batch is not None and ids.shape[0] != batch:
             raise ValueError(f"task_ids must have one entry per image: {batch} images, {ids.shape[0]} task ids")
-        ids = ids.to(device=device, dtype=torch.int64)
-        self._check_range(ids)
-        return ids
+        self._check_range(ids)          # where the ids are: no device sync for a list or a CPU tensor
+        return ids.to(device=device, dtype=torch.int64)
 
     def _ids_from_list(self, items: list) -> Tensor:
         if items and all(isinstance(t, str) for t in items):
@@ -283,6 +282,7 @@ class MultiTaskEncoder(PromptEncoder):
         return torch.tensor(items, dtype=torch.int64)
 
     def _check_range(self, ids: Tensor) -> None:
+        """Every id in [0, G): a ValueError listing the bad ones (one device sync for ids on a GPU)."""
         G = self.num_tasks
         if torch.compiler.is_compiling():
             # No host sync inside a graph: a device-side assertion instead of the clear error.
@@ -300,6 +300,9 @@ class MultiTaskEncoder(PromptEncoder):
 
     def split_logits(self, logits: Tensor, task_ids) -> list[Tensor]:
         """Each row's valid logits (its task's width), from `forward`'s padded (B, C_max) logits."""
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] < max(self._widths):
+            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"logits must be forward's (B, C_max={max(self._widths)}) tensor, got {got}")
         ids = self.task_indices(task_ids, logits.shape[0], device="cpu").tolist()
         return [logits[i, :self._widths[g]] for i, g in enumerate(ids)]
 
@@ -310,17 +313,25 @@ class MultiTaskEncoder(PromptEncoder):
     @torch.no_grad()
     def forward(self, images: Tensor, task_ids) -> Tensor:
         """(B, C_max) logits, row i from task task_ids[i]'s head; -inf past that task's class count."""
+        features, ids, order = self._sorted_features(images, task_ids)
+        return _unsort(self._logits(features, ids), order)
+
+    @torch.no_grad()
+    def forward_features(self, images: Tensor, task_ids) -> Tensor:
+        """(B, D) features (the pooling of the last block's tokens), row i with task task_ids[i]'s prompts."""
+        features, _, order = self._sorted_features(images, task_ids)
+        return _unsort(features, order)
+
+    def _sorted_features(self, images: Tensor, task_ids) -> tuple[Tensor, Tensor, Tensor]:
+        """The features of the batch sorted by task (stable), the sorted task ids, and the order."""
         self.check_images(images)
         ids = self.task_indices(task_ids, images.shape[0], images.device)
         order = torch.argsort(ids, stable=True)
         ids = ids.index_select(0, order)
+        # offsets[g]: the first sorted row of task g (rows of tasks < g before it); offsets[G] = B.
         offsets = torch.searchsorted(ids, torch.arange(self.num_tasks + 1, device=ids.device))
         x, _ = self._run_blocks(images.index_select(0, order), rows=dict(ids=ids, offsets=offsets))
-        logits = self._logits(self._pool(x), ids)
-        return torch.empty_like(logits).index_copy_(0, order, logits)
-
-    def forward_features(self, images: Tensor, task_ids) -> Tensor:
-        raise NotImplementedError("MultiTaskEncoder: call it as mt(images, task_ids) for the logits")
+        return self._pool(x), ids, order
 
     def forward_intermediates(self, *args, **kwargs):
         raise NotImplementedError("MultiTaskEncoder serves logits only; for dense features run a single-task "
@@ -395,6 +406,11 @@ class MultiTaskEncoder(PromptEncoder):
             else:
                 hidden, state["cell"] = grouped_step(*args, state["backend"])
             slot.copy_(hidden)
+
+
+def _unsort(rows: Tensor, order: Tensor) -> Tensor:
+    """Rows of the task-sorted batch back in the caller's order (row order[i] of the caller is row i)."""
+    return torch.empty_like(rows).index_copy_(0, order, rows)
 
 
 def _check_file(path, vit, reference: dict | None, fingerprint: list) -> dict:

@@ -107,6 +107,19 @@ def test_autocast_rows_follow_the_single_task_encoder(method):
         torch.testing.assert_close(out[i, :expected.shape[0]], expected, atol=2e-2, rtol=2e-2)
 
 
+def test_features_are_each_rows_own_tasks():
+    vit = make_vit()
+    encoders, _ = _tasks(vit, "vpt-deep")
+    mt = MultiTaskEncoder.from_encoders(encoders)
+    images, ids = vit_images(vit, 3), [2, 0, 2]
+    features = mt.forward_features(images, ids)
+    with torch.no_grad():
+        for i, g in enumerate(ids):
+            torch.testing.assert_close(features[i], encoders[g].forward_features(images)[i], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"logits must be forward's \(B, C_max=7\)"):
+        mt.split_logits(features[:, :3], ids)
+
+
 def test_inference_only_no_graph_is_recorded():
     vit = make_vit()
     mt = MultiTaskEncoder.from_encoders(_tasks(vit, "vpt-deep")[0])
