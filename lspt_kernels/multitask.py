@@ -24,10 +24,11 @@ from torch import Tensor
 from . import backends
 from .backbones import run_block, run_block_with
 from .cli_helpers import TRAIN_RECORD, backbone_fingerprint, load_tuned_encoder, train_record
-from .eager import grouped_step_eager
+from .contract import check_grouped_inputs
 from .encoders import TRAINING_ONLY_OPTIONS, GaPTEncoder, PromptEncoder
-from .ops import grouped_step
-from .precision import autocast_enabled, autocast_off
+from .ops import fused_grouped_step, resolve_grouped_backend
+from .precision import autocast_enabled
+from .selfcheck import token_layout
 
 __all__ = ["MultiTaskEncoder", "MULTITASK_METHODS"]
 
@@ -40,12 +41,6 @@ _PER_TASK_OPTIONS = ("num_classes",) + TRAINING_ONLY_OPTIONS
 # block l's (G, ...) stack, one index_select per row gather). GaPT's prompts (Np, D) have no block axis.
 _TASK_AXIS = dict(prompts=1, gate_logits=1, temperatures=1, weight_ih=1, weight_hh=1, bias_ih=1, bias_hh=1,
                   head_weight=0, head_bias=0)
-
-
-@torch.compiler.assume_constant_result
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    # Plain Python at trace time under torch.compile: the name is a constant of the graph.
-    return backends.resolve(backend, device)
 
 
 def _lspt_unsupported(encoder) -> str | None:
@@ -382,8 +377,14 @@ class MultiTaskEncoder(PromptEncoder):
             + cast(self.bias_hh).unsqueeze(-2)                               # (L-1, G, Np, 4D)
         cell = torch.zeros(B, self.num_prompts, self.embed_dim, dtype=torch.float32 if autocast else x.dtype,
                            device=dev)
-        return dict(cell=cell, gate_bias=every.index_select(1, rows["ids"]), w_hh=w_hh, offsets=rows["offsets"],
-                    backend=_resolve_backend(self.backend, dev))
+        gate_bias = every.index_select(1, rows["ids"])
+        # Once per forward: every block's step has these signatures, and offsets come from searchsorted
+        # over sorted ids (valid by construction: no host read of their values).
+        check_grouped_inputs(x, cell, gate_bias[0], w_hh[0], rows["offsets"], self.num_prefix_tokens,
+                             autocast=autocast)
+        backend = resolve_grouped_backend(self.backend, dev, x.dtype, cell.dtype, w_hh.dtype, self.embed_dim,
+                                          self.num_prefix_tokens, token_layout(x))
+        return dict(cell=cell, gate_bias=gate_bias, w_hh=w_hh, offsets=rows["offsets"], backend=backend)
 
     def _run_block(self, l, block, x, rope, state):
         if self.method == "gapt":
@@ -399,12 +400,8 @@ class MultiTaskEncoder(PromptEncoder):
             slot.copy_(slot_in + state["gates"][l] * (slot - slot_in))
         else:
             w_hh = state["w_hh"][0 if state["w_hh"].shape[0] == 1 else l]
-            args = (x, state["cell"], state["gate_bias"][l], w_hh, state["offsets"], self.num_prefix_tokens)
-            if state["backend"] == "eager":
-                with autocast_off(x.device.type):
-                    hidden, state["cell"] = grouped_step_eager(*args)
-            else:
-                hidden, state["cell"] = grouped_step(*args, state["backend"])
+            hidden, state["cell"] = fused_grouped_step(x, state["cell"], state["gate_bias"][l], w_hh,
+                                                       state["offsets"], self.num_prefix_tokens, state["backend"])
             slot.copy_(hidden)
 
 
