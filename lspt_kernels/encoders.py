@@ -264,25 +264,27 @@ class PromptEncoder(nn.Module):
         `backbones.block_ropes` turns the rope into each block's, for a buffer with or without prompts."""
         return embed(self.vit, _images_in_model_dtype(images, self.vit.patch_embed.proj.weight))
 
-    def _first_prompts(self) -> Tensor | None:
-        """(Np, D) prompts for the slot before block 1; None for no prompts."""
+    def _first_prompts(self, rows=None) -> Tensor | None:
+        """(Np, D) prompts for the slot before block 1, or (B, Np, D) already one per image; None for no
+        prompts. `rows`: what `_run_blocks` was given (a multi-task batch's rows; None otherwise)."""
         return None
 
-    def _init_state(self, x: Tensor):
+    def _init_state(self, x: Tensor, rows=None):
+        """What the hooks carry through one forward, from the token buffer x and `_run_blocks`'s `rows`."""
         return None
 
-    def _run_block(self, l: int, block: nn.Module, x: Tensor, rope: Tensor | None) -> Tensor:
+    def _run_block(self, l: int, block: nn.Module, x: Tensor, rope: Tensor | None, state) -> Tensor:
         """Block l on the buffer x; `rope`: the block's rotary embedding of the prompts and patches (None
-        without RoPE)."""
+        without RoPE); `state`: `_init_state`'s."""
         return run_block(block, x, rope)
 
     def _after_block(self, l: int, x_in: Tensor, x: Tensor, state) -> None:
         """Write the prompts for block l + 1 into x's prompt slot (in place). l is 0-based."""
 
     def _batch_prompts(self, P: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
-        """(Np, D) prompts -> (B, Np, D) for one batch. Dropout comes after the expansion, so every
-        image gets its own mask, as in the official VPT/GaPT code; without dropout the result is a
-        stride-0 view (no copy)."""
+        """(Np, D) prompts (or (B, Np, D), one per image) -> (B, Np, D) for one batch. Dropout comes after
+        the expansion, so every image gets its own mask, as in the official VPT/GaPT code; without dropout
+        the result is a stride-0 view (no copy)."""
         P = P.to(dtype).expand(batch, -1, -1)
         return self.prompt_dropout(P) if self.training and self.prompt_dropout.p > 0 else P
 
@@ -326,7 +328,7 @@ class PromptEncoder(nn.Module):
 
         def unit(x: Tensor, *carried: Tensor):
             own = self._with_carried(state, carried)
-            x_in, x = x, self._run_block(l, block, x, rope)
+            x_in, x = x, self._run_block(l, block, x, rope, own)
             if l < self.depth - 1:
                 self._after_block(l, x_in, x, own)
             return (x, *self._carried(own))
@@ -340,21 +342,23 @@ class PromptEncoder(nn.Module):
         return x[:, k:k + self.num_prompts]
 
     def _run_blocks(self, images: Tensor, take: frozenset[int] = frozenset(),
-                    stop: int | None = None) -> tuple[Tensor, list[Tensor]]:
+                    stop: int | None = None, rows=None) -> tuple[Tensor, list[Tensor]]:
         """The one block loop (forward_features and forward_intermediates both run it): the token
         buffer, then blocks 0..stop (all when None), each followed by the method's step unless it is
         the model's last block. Returns the last block's tokens (B, T, D) and, in block order, the
         patch tokens (B, N, D) after every block l in `take` (read once the step has written the
-        prompt slot: the patches are the block's own, and no later in-place write touches their base)."""
+        prompt slot: the patches are the block's own, and no later in-place write touches their base).
+        `rows` goes to `_first_prompts` and `_init_state` as it is: MultiTaskEncoder's row-to-task map (None
+        for a single-task encoder)."""
         self.check_images(images)
         x, rope = self.embed(images)                                        # (B, k + N, D)
         ropes = block_ropes(self.vit, rope, self.num_prompts)              # prompts: identity rotation
-        first = self._first_prompts()
+        first = self._first_prompts(rows)
         if first is not None:
             k = self.num_prefix_tokens
             first = self._batch_prompts(first, x.shape[0], x.dtype)
             x = torch.cat([x[:, :k], first, x[:, k:]], dim=1)             # the one token buffer
-        state = self._init_state(x)
+        state = self._init_state(x, rows)
         checkpointed = self.depth if self.checkpoint_blocks is None else self.checkpoint_blocks
         if not (self.grad_checkpointing and torch.is_grad_enabled()):
             checkpointed = 0
@@ -364,7 +368,7 @@ class PromptEncoder(nn.Module):
             if l < checkpointed:
                 x, state = self._checkpointed_block(l, block, x, ropes[l], state)
             else:
-                x_in, x = x, self._run_block(l, block, x, ropes[l])
+                x_in, x = x, self._run_block(l, block, x, ropes[l], state)
                 if l < self.depth - 1:
                     self._after_block(l, x_in, x, state)
             if l in take:
@@ -443,7 +447,7 @@ class VPTEncoder(PromptEncoder):
         self.prompts = self._init_prompts((self.depth, num_prompts, D) if deep else (num_prompts, D))
         self._follow_backbone()
 
-    def _first_prompts(self):
+    def _first_prompts(self, rows=None):
         return self.prompts[0] if self.deep else self.prompts
 
     def _after_block(self, l, x_in, x, state):
@@ -491,10 +495,10 @@ class GaPTEncoder(PromptEncoder):
         self.project_temperatures()
         return super()._run_blocks(images, take, stop)
 
-    def _first_prompts(self):
+    def _first_prompts(self, rows=None):
         return self.prompts
 
-    def _run_block(self, l, block, x, rope):
+    def _run_block(self, l, block, x, rope, state):
         return run_block_with(block, x, rope, temperature=self.temperatures[l])
 
     def _after_block(self, l, x_in, x, state):
@@ -596,14 +600,14 @@ class LSPTEncoder(PromptEncoder):
                                "torch.compile (both supported), or build the encoder with backend='eager' to trace it")
         return super()._run_blocks(images, take, stop)
 
-    def _first_prompts(self):
+    def _first_prompts(self, rows=None):
         return self.prompts[0]
 
     def _lpc_module(self, attr: str, l: int):
         m = getattr(self, attr)
         return m[0 if self.shared_lstm else l] if isinstance(m, nn.ModuleList) else m
 
-    def _init_state(self, x):
+    def _init_state(self, x, rows=None):
         B, D, n = x.shape[0], self.embed_dim, self.num_prompts
         autocast = autocast_enabled(x.device.type)
         # The cell state is carried in fp32 under autocast (it accumulates over L - 1 steps).
@@ -775,7 +779,7 @@ class AdapterEncoder(PromptEncoder):
         self.adapters = nn.ModuleList(Adapter(self.embed_dim, hidden, act(b), adapter_init) for b in vit.blocks)
         self._follow_backbone()
 
-    def _run_block(self, l, block, x, rope):
+    def _run_block(self, l, block, x, rope, state):
         return run_block_with(block, x, rope, adapter=self.adapters[l])
 
 
