@@ -2,7 +2,8 @@
 images run task by task through the single-task encoders.
 
     lspt-bench serve                                           # the defaults of the device (DEFAULTS)
-    lspt-bench serve --device cpu --tasks 16 --batch-sizes 64  # 16 tasks x 4 images vs 16 batches of 4
+    lspt-bench serve --device cpu --tasks 16 --batch-sizes 64 --methods lspt-fused,vpt-deep --repeats 5
+                                   # the CPU target: ViT-B/16, 16 tasks x 4 images vs 16 batches of 4
 
 A setting is (dtype, K tasks, batch): "batch" is the number of images per batch, each of the K tasks gets
 batch / K of them, so a batch must be a multiple of K (other combinations are skipped and listed). Per
@@ -67,6 +68,8 @@ TOLERANCES = {"ieee": 1e-4, "tf32": 5e-3, "bf16": 5e-2, "fp16": 5e-2}
 # Mixed no slower than the loop (K > 1; at K = 1 the ratio is the multi-task machinery's own overhead).
 MIXED_OVER_LOOP_LIMIT = 1.0
 FILES = ("serve.json", "serve.csv")
+CPU_TARGET_COMMAND = ("lspt-bench serve --device cpu --tasks 16 --batch-sizes 64 --methods lspt-fused,vpt-deep "
+                      "--repeats 5 --output serve-cpu")
 
 
 def task_widths(num_classes: int, tasks: int) -> list[int]:
@@ -91,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     cpu, gpu = DEFAULTS["cpu"], DEFAULTS["cuda"]
 
     def default(key):
-        return f"(default: {gpu[key]} on a GPU, {cpu[key]} on the CPU)"
+        same = gpu[key] == cpu[key]
+        return f"(default: {cpu[key]})" if same else f"(default: {gpu[key]} on a GPU, {cpu[key]} on the CPU)"
 
     p = argparse.ArgumentParser(
         prog="lspt-bench serve",
@@ -99,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "images task by task through the single-task encoders; per-batch latency and images/s "
                     "(median and quartiles over interleaved rounds), the per-round ratio mixed / loop, and "
                     "LSPT's mixed batch over VPT-deep's against the cost-model floor. The logits of both are "
-                    "checked to match before anything is timed.")
+                    "checked to match before anything is timed.",
+        epilog=f"The issue's CPU target (ViT-B/16, 16 tasks x 4 images in one batch vs 16 batches of 4; about 5 "
+               f"minutes on a quiet 2-core machine): {CPU_TARGET_COMMAND}")
     p.add_argument("--model", default=DEFAULT_MODEL, help="any timm VisionTransformer or Eva name "
                                                           "(default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
