@@ -54,8 +54,8 @@ from .targets import TARGET_TIME_SLACK, floor_extra, get_summary, put_summary
 
 # The bench methods a MultiTaskEncoder serves (lspt-reference: its grouped step in plain PyTorch).
 SERVE_METHODS = ("lspt-fused", "lspt-reference", "gapt", "vpt-deep")
-# CPU: sized to finish in a few minutes on a quiet 2-core machine with ViT-B/16 (a batch of 16 there is
-# about 3 s per forward; K = 64 needs a batch of 64: pass --batch-sizes 64 for it).
+# CPU: sized to finish in about 5 minutes on a quiet 2-core machine with ViT-B/16 (5 settings, 6 callables
+# each called 4 times; a batch of 16 there is about 3-4 s per forward; K = 64 needs --batch-sizes 64).
 DEFAULTS = {
     "cpu": dict(tasks="1,4,16,64", batch_sizes="4,16", dtype="fp32", repeats=3, warmup=1),
     "cuda": dict(tasks="1,4,16,64", batch_sizes="1,4,16,64", dtype="bf16", repeats=10, warmup=3),
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(median and quartiles over interleaved rounds), the per-round ratio mixed / loop, and "
                     "LSPT's mixed batch over VPT-deep's against the cost-model floor. The logits of both are "
                     "checked to match before anything is timed.",
-        epilog=f"The issue's CPU target (ViT-B/16, 16 tasks x 4 images in one batch vs 16 batches of 4; about 5 "
+        epilog=f"The issue's CPU target (ViT-B/16, 16 tasks x 4 images in one batch vs 16 batches of 4; about 5-6 "
                f"minutes on a quiet 2-core machine): {CPU_TARGET_COMMAND}")
     p.add_argument("--model", default=DEFAULT_MODEL, help="any timm VisionTransformer or Eva name "
                                                           "(default: %(default)s)")
@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (autocast), comma-separated "
                    + default("dtype"))
     p.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds " + default("repeats"))
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls of each callable first "
-                   + default("warmup"))
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls of each callable first, the logits "
+                   "check being the first " + default("warmup"))
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
     add_model_kwargs_option(p)
@@ -319,7 +319,8 @@ def measure_setting(models: dict, spec: dict, dtype: str, tasks: int, batch: int
         if pair is not None:
             fns[f"{m}:mixed"], fns[f"{m}:loop"] = pair
     if fns:
-        times, errors = interleaved_rounds(fns, spec["repeats"], spec["warmup"], Timer(spec["device"]),
+        # The check ran every callable once already: it is the first of the warm-up calls.
+        times, errors = interleaved_rounds(fns, spec["repeats"], spec["warmup"] - 1, Timer(spec["device"]),
                                            progress=progress)
         for m, row in rows.items():
             failed = [f"{kind}: {errors[f'{m}:{kind}']}" for kind in ("mixed", "loop") if f"{m}:{kind}" in errors]
