@@ -3,6 +3,8 @@
 - cli: the `lspt-bench` command (the paper's table C.4 for every method; `--task segmentation` for the
   segmentation step) and its subcommands
 - step: `lspt-bench step`, the fused-step microbenchmark
+- serve: `lspt-bench serve`, K tasks in one mixed batch (MultiTaskEncoder) vs task by task
+- options: the options the commands share (lists, dtypes, the model's shape)
 - gpu_suite: `lspt-bench gpu-suite`, everything only a GPU can show, in one command
 - measure: the one timer and sync, interleaved rounds, spreads and verdicts, memory probes
 - methods: bench method names -> encoders (through lspt_kernels.encoders.build_encoder)

@@ -3,6 +3,7 @@
     lspt-bench                                  # the embedded default (DEFAULTS below)
     lspt-bench --model vit_small_patch16_224 --batch-size 8 --num-prompts 10,100 --output out/
     lspt-bench step [...]                       # the fused-step microbenchmark (lspt_kernels.bench.step)
+    lspt-bench serve [...]                      # K tasks in one mixed batch vs task by task (bench.serve)
     lspt-bench gpu-suite --output DIR           # everything only a GPU can show (gpu_suite)
     python -m lspt_kernels.bench --help
 
@@ -31,20 +32,18 @@ from pathlib import Path
 from ..cli_helpers import (
     UsageError,
     add_model_kwargs_option,
-    build_backbone,
     check_output_dir,
     model_kwargs_from_args,
     resolve_device,
 )
 from . import methods as M
 from .env import environment, load_line, load_warning, loadavg
+from .options import DEFAULT_MODEL, DTYPES, check_model, parse_list
 from .report import format_table, row_label, write_results
 from .runner import measure_isolated, measure_memory, time_interleaved, worker
 from .targets import add_comparisons, evaluate_targets, format_targets, put_summary
 
-DTYPES = ("fp32", "bf16", "fp16")
 TASKS = ("classification", "segmentation")
-DEFAULT_MODEL = "vit_base_patch16_224"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # The embedded default runs, per task and device (img_size None: the model's own).
@@ -78,44 +77,6 @@ def _default_help(key: str) -> str:
     return f"(default: {text})"
 
 
-def parse_list(text: str, kind, name: str) -> list:
-    out = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            out.append(kind(part))
-        except ValueError:
-            raise UsageError(f"--{name}: {part!r} is not a valid {kind.__name__}") from None
-    if not out:
-        raise UsageError(f"--{name}: give at least one value")
-    return out
-
-
-def check_model(name: str, img_size: int | None = None, model_kwargs: dict | None = None,
-                task: str = "classification") -> dict:
-    """The shape facts of a timm ViT (built on the meta device: no memory, no time); a UsageError for an
-    unknown or non-ViT model, or (task "segmentation") one too shallow for the heads' feature blocks."""
-    try:
-        vit = build_backbone(name, img_size, model_kwargs, device="meta")
-    except UsageError:         # some timm releases cannot init a model on meta (e.g. older Evas): build it
-        vit = build_backbone(name, img_size, model_kwargs)
-    img = vit.patch_embed.img_size
-    shape = dict(num_patches=vit.patch_embed.num_patches, prefix=vit.num_prefix_tokens,
-                 embed_dim=vit.embed_dim, depth=len(vit.blocks),
-                 img_size=img[0] if isinstance(img, (tuple, list)) else img)
-    if task == "segmentation":
-        from ..seg import default_feature_blocks
-        try:
-            shape["feature_blocks"] = list(default_feature_blocks(shape["depth"]))
-        except ValueError:
-            raise UsageError(f"--task segmentation needs a ViT of at least 3 blocks (SETR-PUP's heads read three, "
-                             f"scaled from blocks 5, 9 and 12 of ViT-B); --model {name!r} has {shape['depth']} "
-                             "(--model-kwargs depth=N)") from None
-    return shape
-
-
 def build_parser() -> argparse.ArgumentParser:
     cpu = DEFAULTS["classification"]["cpu"]
     p = argparse.ArgumentParser(
@@ -127,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                     f"batch {cpu['batch_size']}, Np {cpu['num_prompts']}, fp32. --task segmentation: the "
                     "segmentation step (SETR-PUP heads) at 512 px and Np 100 for VPT-deep, GaPT and LSPT-fused.",
         epilog="Subcommands: 'lspt-bench step --help' (the fused-step microbenchmark), "
+               "'lspt-bench serve --help' (multi-task serving: K tasks in one mixed batch vs task by task), "
                "'lspt-bench gpu-suite --help' (the one-command GPU suite).")
     p.add_argument("--task", default="classification", choices=TASKS,
                    help="classification: the encoder with a linear head (table C.4); segmentation: SETR-PUP and "
@@ -188,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     if args_list[:1] == ["step"]:
         from .step import main as step_main
         return step_main(args_list[1:])
+    if args_list[:1] == ["serve"]:
+        from .serve import main as serve_main
+        return serve_main(args_list[1:])
     if args_list[:1] == ["gpu-suite"]:
         from .gpu_suite import main as suite_main
         return suite_main(args_list[1:])

@@ -21,7 +21,11 @@ still runs):
 5. table: the paper's setting (`lspt-bench --device cuda`: ViT-B/16, batch 64, Np 10 and 100, fp32 and
    bf16 autocast) for every method of the encoder table. The lspt-compile row is left out unless
    --with-compile: compiling ViT-B/16 for four settings alone takes most of the budget;
-6. a summary of every target with its verdict (met / missed / inconclusive) and of the tests.
+6. segmentation: the segmentation step in the paper's appendix A.1 setting (its files in DIR/segmentation/);
+7. serve: `lspt-bench serve --device cuda`: K = 64, 16, 4, 1 tasks mixed in one batch of 1 to 64 images
+   against the same images task by task, for LSPT-fused, GaPT and VPT-deep in bf16 (its files in DIR/serve/;
+   the K = 64 and 16 settings first, where small per-task batches show what mixing buys);
+8. a summary of every target with its verdict (met / missed / inconclusive) and of the tests.
 
 --parts runs a subset (e.g. two commands of a few minutes each); a later run into the same DIR
 keeps what the earlier one measured and summarises everything in DIR. Files in DIR (8):
@@ -54,9 +58,9 @@ FILES = ("gpu-suite.log", "bench.json", "bench.csv", "bench.png", "step.json", "
 GPU_TEST_FILES = ("tests/test_cuda_gpu.py", "tests/test_step.py")
 GPU_TEST_FILTER = "(cuda or triton) and not compute_sanitizer"
 SANITIZER_FILTER = "compute_sanitizer and memcheck"
-PARTS = ("tests", "sanitizer", "step", "compiled", "table", "segmentation")
+PARTS = ("tests", "sanitizer", "step", "compiled", "table", "segmentation", "serve")
 # Share of the budget each part may use at most (seconds); what a part leaves goes to the next.
-PART_CAPS = dict(tests=150, sanitizer=120, step=120, compiled=180, table=300, segmentation=120)
+PART_CAPS = dict(tests=150, sanitizer=120, step=120, compiled=180, table=300, segmentation=120, serve=150)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +120,12 @@ def plan(out: Path, with_compile: bool = False, parts=PARTS) -> list[dict]:
             ["--task", "segmentation", "--device", "cuda", "--batch-size", "16", "--num-prompts", "100",
              "--img-size", "512", "--dtype", "fp32,bf16", "--methods", "vpt-deep,gapt,lspt-fused", "--repeats", "5",
              "--output", str(out / "segmentation")])),
+        # Multi-task serving: 10 (K, batch) settings x 3 methods, mixed and loop, 10 rounds each (about a
+        # minute on an H100-class GPU); every setting is written as it is measured, so a cut keeps the rest.
+        serve=lambda: dict(name="serve", files=["serve/serve.json", "serve/serve.csv"], argv=child_command(
+            ["serve", "--device", "cuda", "--tasks", "64,16,4,1", "--batch-sizes", "1,4,16,64", "--dtype", "bf16",
+             "--methods", "lspt-fused,gapt,vpt-deep", "--repeats", "10", "--warmup", "3",
+             "--output", str(out / "serve")])),
     )
     return [plans[name]() for name in parts]
 
@@ -157,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lspt-bench gpu-suite would run, within {args.budget_s:.0f} s, writing {len(FILES)} files into "
               f"{out} ({', '.join(FILES)}):")
         print(_describe(parts))
-        print("- summary: every target of bench.json and step.json with its verdict, the compiled encoders and the "
-              "test counts -> summary.json; everything printed -> gpu-suite.log")
+        print("- summary: every target of bench.json, step.json and serve/serve.json with its verdict, the compiled "
+              "encoders and the test counts -> summary.json; everything printed -> gpu-suite.log")
         return 0
     import torch
     if not torch.cuda.is_available():
@@ -294,8 +304,8 @@ def _junit_counts(path: Path) -> dict | None:
 
 
 def summarize_dir(out: Path, status: dict, command: str) -> dict:
-    """Every target of DIR/bench.json and DIR/step.json, the compiled encoders' LSPT / GaPT ratios, and
-    the counts of the GPU tests and the sanitizer runs."""
+    """Every target of DIR/bench.json, DIR/step.json and DIR/serve/serve.json, the compiled encoders' LSPT /
+    GaPT ratios, and the counts of the GPU tests and the sanitizer runs."""
     summary = dict(command=command, parts=status, targets=[], compiled=[],
                    tests=_junit_counts(out / "gpu-tests.xml"), sanitizer=_junit_counts(out / "sanitizer.xml"))
     try:
@@ -315,6 +325,11 @@ def summarize_dir(out: Path, status: dict, command: str) -> dict:
                     summary["compiled"].append({k: r.get(k) for k in ("mode", "train_ms_over_gapt",
                                                                        "train_ms_over_gapt_q1", "train_ms_over_gapt_q3",
                                                                        "infer_ms_over_gapt")})
+    except (OSError, ValueError):
+        pass
+    try:
+        for t in json.loads((out / "serve" / "serve.json").read_text()).get("targets", []):
+            summary["targets"].append(dict(source="serve", **t))
     except (OSError, ValueError):
         pass
     return summary
@@ -337,6 +352,8 @@ def format_summary(summary: dict) -> str:
         counts[t["verdict"]] = counts.get(t["verdict"], 0) + 1
         if t["source"] == "table":
             where = f"B{t.get('batch_size')} Np{t.get('num_prompts')} {t.get('dtype')}"
+        elif t["source"] == "serve":
+            where = f"{t.get('method')}, K{t.get('tasks')} B{t.get('batch_size')} {t.get('dtype')}"
         elif "batch" in t:
             where = f"{t.get('backend')}, B{t.get('batch')} Np{t.get('num_prompts')} {t.get('dtype')}"
         else:

@@ -22,6 +22,16 @@ SEG_FLOOR_NOTE = " (the backbone's floor: the heads' time lowers the whole step'
 STATS = ("q1", "q3", "min", "max", "n")
 
 
+def floor_extra(num_prompts: int, tokens: int, kind: str = "train") -> float:
+    """docs/method.md's cost model: LSPT's least extra time over VPT-deep at the same Np, as a share of the
+    backbone's, T = k + Np + N tokens. "train": Np / (2T) (the W_hh product forward and backward over a
+    frozen block's forward and backward); "infer": Np / (3T) (forward only: 8 B Np D^2 over a block's
+    24 B T D^2)."""
+    if kind not in ("train", "infer"):
+        raise ValueError(f"kind must be 'train' or 'infer', got {kind!r}")
+    return num_prompts / ((2 if kind == "train" else 3) * tokens)
+
+
 def put_summary(row: dict, key: str, s: dict | None, scale: float = 1.0) -> None:
     """row[key] = median, row[key_q1] ... row[key_n] (flat, for the CSV); `scale` converts the values'
     unit (e.g. 1e3 for seconds to milliseconds), not the count."""
@@ -109,8 +119,8 @@ def add_comparisons(rows: list[dict]) -> None:
                     put_summary(r, f"{key}_vs_gapt", _ratio_summary(r, gapt, key))
             if r["method"].startswith("lspt") and r.get("tokens"):
                 T, n_p = r["tokens"], r["num_prompts"]
-                r["floor_train_extra"] = n_p / (2 * T)          # docs/method.md cost model: Np / (2T) of the backbone
-                r["floor_infer_extra"] = n_p / (3 * T)          # forward only: 8 Np D^2 / 24 T D^2
+                r["floor_train_extra"] = floor_extra(n_p, T, "train")
+                r["floor_infer_extra"] = floor_extra(n_p, T, "infer")
                 if _ok(vpt):
                     for key in ("train_s", "infer_s"):
                         s = _ratio_summary(r, vpt, key)
