@@ -55,7 +55,7 @@ from .env import child_command, package_root
 
 FILES = ("gpu-suite.log", "bench.json", "bench.csv", "bench.png", "step.json", "gpu-tests.xml", "sanitizer.xml",
          "summary.json")
-GPU_TEST_FILES = ("tests/test_cuda_gpu.py", "tests/test_step.py")
+GPU_TEST_FILES = ("tests/test_cuda_gpu.py", "tests/test_step.py", "tests/test_grouped_step.py")
 GPU_TEST_FILTER = "(cuda or triton) and not compute_sanitizer"
 SANITIZER_FILTER = "compute_sanitizer and memcheck"
 PARTS = ("tests", "sanitizer", "step", "compiled", "table", "segmentation", "serve")
