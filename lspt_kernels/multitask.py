@@ -373,7 +373,7 @@ class MultiTaskEncoder(PromptEncoder):
         cast = (lambda t: t) if gemm is None else (lambda t: t.to(gemm))  # noqa: E731
         w_hh = cast(self.weight_hh)                                          # (1 or L-1, G, 4D, D)
         P = cast(self.prompts[1:]).to(w_hh.dtype)                            # (L-1, G, Np, D)
-        every = torch.matmul(P, cast(self.weight_ih).transpose(-1, -2)) + cast(self.bias_ih).unsqueeze(-2) \
+        every = _prompt_gates(P, cast(self.weight_ih)) + cast(self.bias_ih).unsqueeze(-2) \
             + cast(self.bias_hh).unsqueeze(-2)                               # (L-1, G, Np, 4D)
         cell = torch.zeros(B, self.num_prompts, self.embed_dim, dtype=torch.float32 if autocast else x.dtype,
                            device=dev)
@@ -403,6 +403,17 @@ class MultiTaskEncoder(PromptEncoder):
             hidden, state["cell"] = fused_grouped_step(x, state["cell"], state["gate_bias"][l], w_hh,
                                                        state["offsets"], self.num_prefix_tokens, state["backend"])
             slot.copy_(hidden)
+
+
+def _prompt_gates(P: Tensor, weight_ih: Tensor) -> Tensor:
+    """P[l] W_ih^T of every task: P (L-1, G, Np, D), weight_ih (S, G, 4D, D) with S = 1 (a shared cell) or
+    L-1 -> (L-1, G, Np, 4D). A shared cell is one bmm over the tasks with the L-1 steps' prompts as rows:
+    broadcasting its weight over the steps in a matmul would copy it L-1 times first."""
+    steps, G, n_p, D = P.shape
+    if weight_ih.shape[0] == steps:
+        return torch.matmul(P, weight_ih.transpose(-1, -2))
+    rows = P.transpose(0, 1).reshape(G, steps * n_p, D)
+    return torch.bmm(rows, weight_ih[0].transpose(1, 2)).view(G, steps, n_p, -1).transpose(0, 1)
 
 
 def _unsort(rows: Tensor, order: Tensor) -> Tensor:
