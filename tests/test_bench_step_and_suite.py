@@ -121,7 +121,8 @@ def test_gpu_suite_dry_run_prints_the_plan(tmp_path, capsys):
     assert rc == 0
     for part in gpu_suite.PARTS:
         assert f"- {part} (at most" in text
-    assert "pytest tests/test_cuda_gpu.py tests/test_step.py tests/test_grouped_step.py -k '(cuda or triton) and not compute_sanitizer'" in text
+    assert ("pytest tests/test_cuda_gpu.py tests/test_step.py tests/test_grouped_step.py "
+            "-k '(cuda or triton) and not compute_sanitizer'") in text
     assert "pytest tests/test_cuda_gpu.py -k 'compute_sanitizer and memcheck'" in text
     assert "--tables compiled --batch 64 --num-prompts 10" in text
     assert "--batch-size 64 --num-prompts 10,100 --dtype fp32,bf16" in text and "--dtype bfloat16" in text
