@@ -7,6 +7,8 @@
 // the op schema's (tokens, cell, gate_bias, weight_hh, xhat, grad_hidden, grad_cell, gates).
 #pragma once
 
+#include <array>
+
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
 
@@ -78,8 +80,9 @@ inline void check_prefix(const char* fn, int64_t k, int64_t Np, int64_t T) {
               " leaves no patch token");
 }
 
-inline StepSizes check_forward(const char* fn, const at::Tensor& tokens, const at::Tensor& cell,
-                               const at::Tensor& gate_bias, const at::Tensor& weight_hh, int64_t k) {
+// tokens (B, T, D) with stride(-1) == 1 and cell (B, Np, D), Np >= 1, both on tokens' device: (B, T, D, Np).
+inline std::array<int64_t, 4> check_tokens_and_cell(const char* fn, const at::Tensor& tokens,
+                                                   const at::Tensor& cell) {
   TORCH_CHECK(tokens.defined(), fn, ": tokens is an undefined tensor");
   const at::Device device = tokens.device();
   check_tensor(fn, "tokens", tokens, device);
@@ -91,6 +94,13 @@ inline StepSizes check_forward(const char* fn, const at::Tensor& tokens, const a
   TORCH_CHECK(cell.dim() == 3 && cell.size(1) >= 1, fn, ": cell must be (B, Np, D) with Np >= 1, got ", cell.sizes());
   const int64_t Np = cell.size(1);
   check_shape(fn, "cell", cell, {B, Np, D});
+  return {B, T, D, Np};
+}
+
+inline StepSizes check_forward(const char* fn, const at::Tensor& tokens, const at::Tensor& cell,
+                               const at::Tensor& gate_bias, const at::Tensor& weight_hh, int64_t k) {
+  const auto [B, T, D, Np] = check_tokens_and_cell(fn, tokens, cell);
+  const at::Device device = tokens.device();
   const bool per_image = check_params(fn, gate_bias, weight_hh, device, B, Np, D);
   check_prefix(fn, k, Np, T);
   check_activation_dtypes(fn, "tokens", tokens.scalar_type(), cell.scalar_type(), weight_hh.scalar_type());
@@ -140,19 +150,10 @@ struct GroupedSizes {
 inline GroupedSizes check_grouped_forward(const char* fn, const at::Tensor& tokens, const at::Tensor& cell,
                                           const at::Tensor& gate_bias, const at::Tensor& weight_hh,
                                           const at::Tensor& offsets, int64_t k) {
-  TORCH_CHECK(tokens.defined(), fn, ": tokens is an undefined tensor");
+  const auto [B, T, D, Np] = check_tokens_and_cell(fn, tokens, cell);
   const at::Device device = tokens.device();
-  check_tensor(fn, "tokens", tokens, device);
-  check_tensor(fn, "cell", cell, device);
   check_tensor(fn, "gate_bias", gate_bias, device);
   check_tensor(fn, "weight_hh", weight_hh, device);
-  TORCH_CHECK(tokens.dim() == 3, fn, ": tokens must be (B, T, D), got ", tokens.sizes());
-  const int64_t B = tokens.size(0), T = tokens.size(1), D = tokens.size(2);
-  TORCH_CHECK(tokens.stride(2) == 1 || D <= 1, fn, ": tokens must have stride(-1) == 1, got strides ",
-              tokens.strides());
-  TORCH_CHECK(cell.dim() == 3 && cell.size(1) >= 1, fn, ": cell must be (B, Np, D) with Np >= 1, got ", cell.sizes());
-  const int64_t Np = cell.size(1);
-  check_shape(fn, "cell", cell, {B, Np, D});
   TORCH_CHECK(weight_hh.dim() == 3 && weight_hh.size(0) >= 1, fn, ": weight_hh must be (G, 4D, D) with G >= 1, got ",
               weight_hh.sizes());
   const int64_t G = weight_hh.size(0);
