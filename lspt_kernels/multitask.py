@@ -65,11 +65,11 @@ def _task_tensors(encoder) -> dict[str, Tensor]:
     return out
 
 
-def _same_weights(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(
-        sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k].to(sa[k].device))
-        for k in sa if not k.startswith("head."))
+def _same_backbone(a: nn.Module, b: nn.Module) -> bool:
+    """Two backbone objects with equal weights (their heads aside): equal fingerprints; a meta backbone
+    (no weights to compare) is never equal."""
+    fingerprint = backbone_fingerprint(a)
+    return fingerprint is not None and fingerprint == backbone_fingerprint(b)
 
 
 class MultiTaskEncoder(PromptEncoder):
@@ -161,7 +161,7 @@ class MultiTaskEncoder(PromptEncoder):
                  if k not in _PER_TASK_OPTIONS and own.get(k) != other.get(k)]
         if diffs:
             raise ValueError(f"{label} has other {method!r} options than the first task: " + "; ".join(diffs))
-        if encoder.vit is not self.vit and not _same_weights(self.vit, encoder.vit):
+        if encoder.vit is not self.vit and not _same_backbone(self.vit, encoder.vit):
             raise ValueError(f"{label} is built on another backbone (different weights) than the first task; "
                              "every task must share the backbone it was tuned on")
 
