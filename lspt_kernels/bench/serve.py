@@ -50,7 +50,7 @@ from .env import environment, load_line, load_warning, loadavg
 from .measure import Timer, fmt_spread, interleaved_rounds, per_round_ratios, short_error, summarize, verdict
 from .options import DEFAULT_MODEL, DTYPES, check_model, parse_list
 from .runner import build_vit, is_oom, make_encoder
-from .targets import floor_extra, get_summary, put_summary
+from .targets import floor_extra, get_summary, put_summary, spread_text
 
 # The bench methods a MultiTaskEncoder serves (lspt-reference: its grouped step in plain PyTorch).
 SERVE_METHODS = ("lspt-fused", "lspt-reference", "gapt", "vpt-deep")
@@ -362,11 +362,6 @@ def _target(name: str, r: dict, s: dict | None, limit: float, detail: str) -> di
     return out
 
 
-def _pct(s: dict) -> str:
-    text = f"{100 * (s['median'] - 1):+.1f}%"
-    return text if s["n"] == 1 else text + f" [{100 * (s['q1'] - 1):+.1f}% .. {100 * (s['q3'] - 1):+.1f}%]"
-
-
 def serve_targets(rows: list[dict]) -> list[dict]:
     """The issue's targets, per row and setting: the mixed batch no slower than the loop (K > 1), and
     LSPT-fused's mixed batch over VPT-deep's within the inference floor Np / (3T) + 2 %."""
@@ -382,9 +377,11 @@ def serve_targets(rows: list[dict]) -> list[dict]:
         s = get_summary(r, "mixed_vs_vpt_deep")
         if r["method"] == "lspt-fused" and s is not None:
             limit = 1 + r["floor_infer_extra"] + SERVE_SLACK
-            out.append(_target("LSPT-fused mixed batch <= VPT-deep mixed x (1 + Np/(3T) + 2%)", r, s, limit,
-                               f"{_pct(s)} over VPT-deep; floor {100 * r['floor_infer_extra']:.1f}% + "
-                               f"{100 * SERVE_SLACK:.0f}% = {100 * (limit - 1):.1f}%"))
+            out.append(_target(f"LSPT-fused mixed batch <= VPT-deep mixed x (1 + Np/(3T) + {100 * SERVE_SLACK:g}%)",
+                               r, s, limit,
+                               f"{spread_text(s, pct=True, rounds=False)} over VPT-deep; floor "
+                               f"{100 * r['floor_infer_extra']:.1f}% + {100 * SERVE_SLACK:.0f}% = "
+                               f"{100 * (limit - 1):.1f}%"))
     return out
 
 
@@ -414,7 +411,7 @@ def format_table(rows: list[dict], meta: dict) -> str:
             lines.append(pre + f"{r['status'].upper()}: {r['error']}")
             continue
         vs = get_summary(r, "mixed_vs_vpt_deep")
-        over = f"{_pct(vs)} (floor {100 * r['floor_infer_extra']:.1f}%)" if vs else ""
+        over = f"{spread_text(vs, pct=True, rounds=False)} (floor {100 * r['floor_infer_extra']:.1f}%)" if vs else ""
         spread = {key: fmt_spread(get_summary(r, key), digits) for key, digits in
                   (("mixed_ms", 2), ("loop_ms", 2), ("mixed_over_loop", 3))}
         lines.append(pre + f"{spread['mixed_ms']:>24} {spread['loop_ms']:>24} | {r['mixed_images_per_s']:>11.1f} "

@@ -139,11 +139,14 @@ def _target(name: str, setting: tuple, s: dict | None, limit: float, detail: str
     return out
 
 
-def _spread_text(s: dict | None, pct: bool = False) -> str:
+def spread_text(s: dict | None, pct: bool = False, rounds: bool = True) -> str:
+    """A ratio's median [quartiles], as x (1.012x) or, pct, as a change (+1.2%); rounds: with its count."""
     if not s:
         return "n/a"
     f = (lambda v: f"{100 * (v - 1):+.1f}%") if pct else (lambda v: f"{v:.3f}x")  # noqa: E731
-    return f(s["median"]) + ("" if s["n"] == 1 else f" [{f(s['q1'])} .. {f(s['q3'])}] over {s['n']} rounds")
+    if s["n"] == 1:
+        return f(s["median"])
+    return f(s["median"]) + f" [{f(s['q1'])} .. {f(s['q3'])}]" + (f" over {s['n']} rounds" if rounds else "")
 
 
 def evaluate_targets(rows: list[dict]) -> list[dict]:
@@ -164,7 +167,7 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
             s = _ratio_summary(fused, vpt, "train_s")
             limit = 1 + fused["floor_train_extra"] + TARGET_TIME_SLACK
             out.append(_target(FLOOR_TARGET, setting, s, limit,
-                               f"{_spread_text(s, pct=True)} over VPT-deep; "
+                               f"{spread_text(s, pct=True)} over VPT-deep; "
                                f"floor {100 * fused['floor_train_extra']:.1f}%"
                                f" + {100 * TARGET_TIME_SLACK:g}% = {100 * (limit - 1):.1f}%"
                                + (SEG_FLOOR_NOTE if seg else "") + note,
@@ -172,7 +175,7 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
         if _ok(ref):
             s = _ratio_summary(fused, ref, "train_s")
             out.append(_target("LSPT-fused train step <= LSPT-reference", setting, s, 1.0,
-                               f"fused / reference {_spread_text(s)}" + note, **extra))
+                               f"fused / reference {spread_text(s)}" + note, **extra))
         if not _ok(gapt):
             continue
         paper = not seg and all(setting[i] == GPU_SETTING[k] for i, k in ((2, "num_prompts"), (3, "dtype")))
@@ -181,7 +184,7 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
                 s = _ratio_summary(fused, gapt, key)
                 what = {"train_s": "train time", "peak_memory_gb": "peak memory", "infer_s": "inference time"}[key]
                 out.append(_target(f"GPU: LSPT-fused / GaPT {what} <= {limit:g}", setting, s, limit,
-                                   f"{_spread_text(s)} (paper: "
+                                   f"{spread_text(s)} (paper: "
                                    f"{dict(train_s=1.009, peak_memory_gb=1.010, infer_s=1.001)[key]})" + note,
                                    min_rounds=1 if key == "peak_memory_gb" else None, **extra))
         elif not on_gpu:
@@ -189,7 +192,7 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
             if s is not None:
                 out.append(_target(f"LSPT-fused peak memory <= GaPT x {TARGET_MEMORY_CPU:g}", setting, s,
                                    TARGET_MEMORY_CPU, f"{fused['peak_memory_gb']:.3f} GB vs GaPT "
-                                   f"{gapt['peak_memory_gb']:.3f} GB ({_spread_text(s, pct=True)}; one "
+                                   f"{gapt['peak_memory_gb']:.3f} GB ({spread_text(s, pct=True)}; one "
                                    "measurement each)" + note, min_rounds=1, **extra))
     # Gradient checkpointing, classification: the same setting measured with and without it. (A
     # segmentation step's memory is mostly its heads', which checkpointing the blocks does not touch: its
@@ -206,7 +209,7 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
         s = get_summary(on, "train_s_vs_plain")
         if s is not None:
             out.append(_target(f"grad checkpointing: lspt-fused train time <= {CKPT_TIME:g}x of the plain run",
-                               setting, s, CKPT_TIME, f"{_spread_text(s)} (separate timing passes)"))
+                               setting, s, CKPT_TIME, f"{spread_text(s)} (separate timing passes)"))
     return out
 
 
